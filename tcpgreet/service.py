@@ -1,0 +1,137 @@
+"""
+Running the greeting service: listening on every endpoint, reloading the
+greeting on SIGHUP, and failing at start with one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcpgreet import __version__, greeting
+from tcpgreet.server import GreetFactory
+
+log = Logger()
+
+
+def fail(message: str) -> SystemExit:
+    """
+    Report a start-up failure the operator caused: one line on standard error
+    and a non-zero exit status, no traceback.  (Standard error itself, not
+    twistd's redirected C{sys.stderr}, which would bury it in the log.)
+    """
+    print(f"tcpgreet: {message}", file=sys.__stderr__, flush=True)
+    return SystemExit(1)
+
+
+class GreetService(service.Service):
+    """
+    Listen on every endpoint with one factory, re-read the greeting file on
+    SIGHUP, and stop listening on stop.
+
+    @ivar ports: the listening ports, once listening.
+    """
+
+    def __init__(self, factory: GreetFactory,
+                 endpoints: list[tuple[str, IStreamServerEndpoint]],
+                 greeting_file: str | None = None, reactor=None) -> None:
+        self.factory = factory
+        self.endpoints = endpoints
+        self.greeting_file = greeting_file
+        self.ports: list[IListeningPort] = []
+        self._reactor = reactor
+        self._previous_sighup = None
+
+    def privilegedStartService(self) -> None:
+        # Listening happens here so that a privileged port can be bound
+        # before twistd drops privileges, as strports services do.
+        super().privilegedStartService()
+        for description, endpoint in self.endpoints:
+            outcome: list = []
+            endpoint.listen(self.factory).addBoth(outcome.append)
+            if not outcome:  # pragma: no cover - no built-in endpoint does this
+                raise fail(f"listen endpoint {description!r} did not start at once")
+            if isinstance(outcome[0], Failure):
+                message = f"cannot listen on {description!r}: {_listen_reason(outcome[0])}"
+                log.critical("{message}", message=message)
+                raise fail(message)
+            self.ports.append(outcome[0])
+
+    def startService(self) -> None:
+        if not self.ports:
+            self.privilegedStartService()
+        super().startService()
+        # SIGHUP's default action ends the process; a server asked to reload
+        # must never die of it, whether or not it has a file to re-read.
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        factory = self.factory
+        log.info(
+            "tcpgreet {version} listening on {listeners}; greeting from {source} "
+            "({size} bytes{template})",
+            version=__version__,
+            listeners=", ".join(
+                f"{description} ({_address(port)})"
+                for (description, _), port in zip(self.endpoints, self.ports, strict=True)),
+            source=self.greeting_file or "--greeting",
+            size=len(factory.greeting),
+            template="" if factory.greeting.static is not None else ", template",
+        )
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        ports, self.ports = self.ports, []
+        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+
+    def _sighup(self, signum, frame) -> None:
+        # A signal handler runs between two bytecodes of whatever the reactor
+        # was doing; hand the work to the reactor instead of doing it here.
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """
+        Re-read the greeting file.  On success the new greeting replaces the
+        old in one step; on failure the old one stays and the log says why.
+        """
+        if self.greeting_file is None:
+            log.info("SIGHUP: nothing to reload, the greeting was given with --greeting")
+            return False
+        try:
+            fresh = greeting.from_file(self.greeting_file)
+        except greeting.GreetingError as e:
+            log.error("reload failed, keeping the previous greeting: {error}",
+                      error=str(e))
+            return False
+        self.factory.greeting = fresh
+        log.info("reloaded greeting from {path}: {size} bytes",
+                 path=self.greeting_file, size=len(fresh))
+        return True
+
+
+def _listen_reason(failure: Failure) -> str:
+    e = failure.value
+    socket_error = getattr(e, "socketError", None)
+    if socket_error is not None:
+        e = socket_error
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[:1].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__
+
+
+def _address(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}" if ":" not in host.host else \
+            f"[{host.host}]:{host.port}"
+    return str(getattr(host, "name", host))

@@ -1,0 +1,136 @@
+"""
+Options parsing, the help text, and what makeService builds.
+"""
+
+import io
+import os
+import signal
+import sys
+import tempfile
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcpgreet import tap
+from tcpgreet.server import GreetFactory
+from tcpgreet.service import GreetService
+
+
+def parse(*args):
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self):
+        options = parse()
+        self.assertEqual(dict(options), {
+            "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
+            "quiet": 0,
+        })
+        self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
+
+    def test_everything_given(self):
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.remove, path)
+        os.write(fd, b"motd\n")
+        os.close(fd)
+        options = parse("-l", "tcp:1", "--listen", "tcp6:2", "-f", path, "-q")
+        self.assertEqual(dict(options), {
+            "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
+            "quiet": 1,
+        })
+        self.assertEqual(options.greeting.static, b"motd\r\n")
+
+    def test_greeting_text(self):
+        self.assertEqual(parse("-g", "hello").greeting.static, b"hello\r\n")
+
+    def test_greeting_and_file_exclude_each_other(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("-g", "x", "-f", "/etc/motd")
+        self.assertIn("--greeting and --greeting-file", str(caught.exception))
+
+    def test_bad_template_names_the_placeholder(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--greeting", "{peer_host.__class__}")
+        self.assertIn("{peer_host.__class__}", str(caught.exception))
+
+    def test_unreadable_file_names_the_file(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--greeting-file", "/nonexistent/motd")
+        self.assertIn("/nonexistent/motd", str(caught.exception))
+
+    def test_unknown_option(self):
+        with self.assertRaises(usage.UsageError):
+            parse("--bogus")
+
+    def test_under_twistd_a_usage_error_is_one_line(self):
+        options = tap.Options()
+        options.parent = object()
+        with self.assertRaises(SystemExit) as caught:
+            options.parseOptions(["--greeting", "{nope}"])
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("tcpgreet: --greeting: unknown placeholder {nope}"))
+
+    def test_help_shows_every_option(self):
+        text = " ".join(str(tap.Options()).split())
+        for option in ("--listen", "-l", "--greeting", "-g", "--greeting-file", "-f",
+                       "--quiet", "-q", "tcp:27679", "Thank you for connecting",
+                       "{peer_host}", "SIGHUP"):
+            self.assertIn(option, text)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def make(self, *args):
+        reactor = MemoryReactorClock()
+        service = tap.makeService(parse(*args), reactor=reactor)
+        return reactor, service
+
+    def start(self, service):
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+
+    def test_default_listens_on_27679_with_a_large_backlog(self):
+        reactor, service = self.make()
+        self.assertIsInstance(service, GreetService)
+        self.assertIsInstance(service.factory, GreetFactory)
+        self.start(service)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, backlog, interface), (27679, 1024, ""))
+        self.assertIs(factory, service.factory)
+
+    def test_every_listener_shares_one_factory(self):
+        reactor, service = self.make("-l", "tcp:1:interface=127.0.0.1",
+                                     "-l", r"tcp6:2:interface=\:\:1:backlog=7")
+        self.start(service)
+        self.assertEqual([(p, b, i) for p, _, b, i in reactor.tcpServers],
+                         [(1, 1024, "127.0.0.1"), (2, 7, "::1")])
+        self.assertEqual({id(f) for _, f, _, _ in reactor.tcpServers},
+                         {id(service.factory)})
+
+    def test_quiet_reaches_the_factory(self):
+        self.assertTrue(self.make("--quiet")[1].factory.quiet)
+        self.assertFalse(self.make()[1].factory.quiet)
+
+    def test_bad_endpoint_is_one_line_naming_it(self):
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            self.make("--listen", "tcp:http")
+        self.assertEqual(caught.exception.code, 1)
+        self.assertEqual(stderr.getvalue(),
+                         "tcpgreet: listen endpoint 'tcp:http': "
+                         "invalid literal for int() with base 10: 'http'\n")
+
+    def test_stop_restores_sighup(self):
+        before = signal.getsignal(signal.SIGHUP)
+        _, service = self.make()
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), service._sighup)
+        service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
