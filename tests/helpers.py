@@ -1,0 +1,221 @@
+"""
+Helpers for end-to-end tests: the real twistd and the real client as
+subprocesses on loopback, and raw sockets where exact bytes matter.
+
+Every wait has a timeout and every process is stopped by the test's cleanup.
+Servers listen on port 0 and the tests learn the port from the start-up log
+line, so no test races another process for a "free" port.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+# Subprocesses run outside the source tree, so they use tcpgreet as
+# installed (twistd puts its working directory on sys.path).
+NEUTRAL_CWD = tempfile.mkdtemp(prefix="tcpgreet-tests-")
+TWISTD = str(BIN / "twistd") if (BIN / "twistd").exists() else "twistd"
+
+# "listening on tcp:0:interface=127.0.0.1 (127.0.0.1:40321)" -> 40321
+_LISTENING = re.compile(r"listening on .*?\((?:\[([^\]]+)\]|([^():\s]+)):(\d+)\)")
+
+
+def twistd_command(*args: str) -> list[str]:
+    return [TWISTD, "-n", "--pidfile=", "tcpgreet", *args]
+
+
+class Server:
+    """
+    One C{twistd -n tcpgreet} subprocess.  Its log (standard output) is read
+    by a thread into a queue, so a test can wait for a line with a timeout
+    while keeping everything it has seen in L{lines}.
+    """
+
+    def __init__(self, *args: str, env: dict | None = None, preexec_fn=None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.process = subprocess.Popen(
+            twistd_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, text=True, env=_env(env), preexec_fn=preexec_fn,
+            cwd=NEUTRAL_CWD)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port: int | None = None
+        self.host: str | None = None
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        """Wait for a log line matching C{pattern}; fail after C{timeout}."""
+        regex = re.compile(pattern)
+        for line in self.lines:
+            match = regex.search(line)
+            if match:
+                return match
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no log line matching {pattern!r} within {timeout}s; log:\n"
+                    + "\n".join(self.lines[-40:]) + self._stderr_if_dead())
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(
+                    f"server exited (status {self.process.wait()}) before a line "
+                    f"matching {pattern!r}; log:\n" + "\n".join(self.lines[-40:])
+                    + self._stderr_if_dead())
+            self.lines.append(line)
+            match = regex.search(line)
+            if match:
+                return match
+
+    def _stderr_if_dead(self) -> str:
+        if self.process.poll() is None:
+            return ""
+        return "\nstderr:\n" + self.process.stderr.read()
+
+    def listening(self, timeout: float = 15.0) -> Server:
+        """Wait until the server says where it listens; return self."""
+        match = _LISTENING.search(self.wait_for(r"listening on ", timeout).string)
+        assert match, "start-up line without an address"
+        self.host = match.group(1) or match.group(2)
+        if self.host in ("0.0.0.0", "::"):
+            self.host = "127.0.0.1" if self.host == "0.0.0.0" else "::1"
+        self.port = int(match.group(3))
+        return self
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; the status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self._reader.join(timeout)
+        self._drain()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream and not stream.closed:
+                stream.close()
+        return self.process.returncode
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if line is not None:
+                self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        self._drain()
+        return "\n".join(self.lines)
+
+
+def start_server(testcase, *args: str, env: dict | None = None, preexec_fn=None) -> Server:
+    """Start a server, have the test stop it, and wait until it listens."""
+    server = Server(*args, env=env, preexec_fn=preexec_fn)
+    testcase.addCleanup(server.stop)
+    return server.listening()
+
+
+def run_twistd(*args: str, timeout: float = 30.0,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run C{twistd -n --pidfile= tcpgreet ARGS} to completion (start-up errors)."""
+    return twistd(*twistd_command(*args)[1:], timeout=timeout, env=env)
+
+
+def twistd(*args: str, timeout: float = 30.0,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run C{twistd ARGS} to completion."""
+    return subprocess.run([TWISTD, *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=_env(env),
+                          cwd=NEUTRAL_CWD)
+
+
+def run_client(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run C{python -m tcpgreet.client} to completion."""
+    return subprocess.run([sys.executable, "-m", "tcpgreet.client", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=_env(None), cwd=NEUTRAL_CWD)
+
+
+def fetch(host: str, port: int, timeout: float = 5.0, send: bytes = b"",
+          source: str | None = None) -> bytes:
+    """Connect with a raw socket, optionally send, read to EOF."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        if source:
+            s.bind((source, 0))
+        s.connect((host, port))
+        if send:
+            s.sendall(send)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def _env(extra: dict | None) -> dict:
+    env = dict(os.environ)
+    env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_PID", None)
+    env.pop("LISTEN_FDNAMES", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def require_tool(testcase, program: str) -> str:
+    """
+    The path of a system program the test needs.  Missing, the test is
+    skipped, except under TCPGREET_REQUIRE_SYSTEM_TOOLS=1 (CI), where a
+    missing program is a failure: CI must not pass by skipping.
+    """
+    import shutil
+
+    from twisted.trial.unittest import SkipTest
+
+    path = shutil.which(program)
+    if path:
+        return path
+    if os.environ.get("TCPGREET_REQUIRE_SYSTEM_TOOLS") == "1":
+        testcase.fail(f"{program} is required (TCPGREET_REQUIRE_SYSTEM_TOOLS=1) but missing")
+    raise SkipTest(f"{program} not installed")

@@ -1,0 +1,188 @@
+"""
+End to end: the real twistd, the real client, raw sockets, on loopback.
+"""
+
+import os
+import re
+import signal
+import socket
+import tempfile
+from unittest import skipUnless
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .helpers import fetch, has_ipv6_loopback, run_client, run_twistd, start_server, twistd
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+DEFAULT = b"Thank you for connecting\r\n"
+
+
+class GreetingTests(SynchronousTestCase):
+    def test_default_greeting_exact_bytes_then_eof(self):
+        server = start_server(self, "--listen", LOCAL)
+        self.assertEqual(fetch(server.host, server.port), DEFAULT)
+        server.wait_for(r"127\.0\.0\.1 port \d+: greeted, 26 bytes")
+
+    def test_client_prints_the_greeting(self):
+        server = start_server(self, "--listen", LOCAL)
+        result = run_client(server.host, str(server.port))
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "Thank you for connecting\n", ""))
+        result = run_client(f"{server.host}:{server.port}")
+        self.assertEqual((result.returncode, result.stdout), (0, "Thank you for connecting\n"))
+
+    def test_client_against_a_closed_port(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # bound, not listening: connections are refused
+            result = run_client("127.0.0.1", str(port))
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr,
+                         f"tcpgreet-client: 127.0.0.1 port {port}: connection refused\n")
+
+    def test_template_greeting(self):
+        server = start_server(self, "--listen", LOCAL,
+                              "--greeting", "hi {peer_host}:{peer_port} #{connection}")
+        for number in (1, 2):
+            with socket.create_connection((server.host, server.port), timeout=5) as s:
+                local_port = s.getsockname()[1]
+                data = b"".join(iter(lambda s=s: s.recv(4096), b""))
+            self.assertEqual(data, f"hi 127.0.0.1:{local_port} #{number}\r\n".encode())
+
+    def test_greeting_file_and_sighup_reload(self):
+        path = self.greeting_file(b"first\nline two\n")
+        server = start_server(self, "--listen", LOCAL, "--greeting-file", path)
+        self.assertEqual(fetch(server.host, server.port), b"first\r\nline two\r\n")
+        with open(path, "wb") as f:
+            f.write(b"second\n")
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"reloaded greeting from .*: 8 bytes")
+        self.assertEqual(fetch(server.host, server.port), b"second\r\n")
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe broken\n")
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"reload failed, keeping the previous greeting: .*not UTF-8")
+        self.assertEqual(fetch(server.host, server.port), b"second\r\n")
+
+    def test_sighup_without_a_file_does_not_kill(self):
+        server = start_server(self, "--listen", LOCAL)
+        server.signal(signal.SIGHUP)
+        server.wait_for("SIGHUP: nothing to reload")
+        self.assertEqual(fetch(server.host, server.port), DEFAULT)
+
+    def test_client_data_is_discarded(self):
+        server = start_server(self, "--listen", LOCAL)
+        self.assertEqual(fetch(server.host, server.port, send=b"HELLO?\r\n" * 10), DEFAULT)
+
+    def test_several_listeners(self):
+        server = start_server(self, "--listen", LOCAL, "--listen", LOCAL, "--quiet")
+        ports = [int(p) for p in re.findall(r"\(127\.0\.0\.1:(\d+)\)", server.log)]
+        self.assertEqual(len(set(ports)), 2)
+        for port in ports:
+            self.assertEqual(fetch("127.0.0.1", port), DEFAULT)
+
+    def test_quiet_logs_no_connection_lines(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        fetch(server.host, server.port)
+        server.stop()
+        self.assertNotIn("greeted", server.log)
+
+    @skipUnless(has_ipv6_loopback(), "no IPv6 loopback")
+    def test_ipv6(self):
+        server = start_server(self, "--listen", r"tcp6:0:interface=\:\:1",
+                              "--greeting", "[{peer_host}]")
+        self.assertEqual(server.host, "::1")
+        self.assertEqual(fetch("::1", server.port), b"[::1]\r\n")
+        result = run_client(f"[::1]:{server.port}")
+        self.assertEqual((result.returncode, result.stdout), (0, "[::1]\n"))
+        result = run_client("::1", str(server.port))
+        self.assertEqual((result.returncode, result.stdout), (0, "[::1]\n"))
+
+    def test_default_port_is_27679(self):
+        server = start_server(self)
+        self.assertEqual(server.port, 27679)
+        self.assertEqual(fetch("127.0.0.1", 27679), DEFAULT)
+
+    def greeting_file(self, data):
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.remove, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+
+class StartupErrorTests(SynchronousTestCase):
+    """Each mistake: non-zero exit, one line naming the culprit, no traceback."""
+
+    def assertFails(self, args, expected):
+        result = run_twistd(*args)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertRegex(lines[0], expected)
+        return lines[0]
+
+    def test_port_in_use(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            port = s.getsockname()[1]
+            self.assertFails(["--listen", f"tcp:{port}:interface=127.0.0.1"],
+                             rf"^tcpgreet: cannot listen on 'tcp:{port}:interface=127\.0\.0\.1': "
+                             r"address already in use$")
+
+    def test_invalid_endpoint(self):
+        self.assertFails(["--listen", "tpc:80"],
+                         r"^tcpgreet: listen endpoint 'tpc:80': Unknown endpoint type: 'tpc'$")
+
+    def test_missing_greeting_file(self):
+        self.assertFails(["--greeting-file", "/nonexistent/motd"],
+                         r"^tcpgreet: greeting file /nonexistent/motd: No such file or directory")
+
+    def test_unreadable_greeting_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, directory)
+        self.assertFails(["--greeting-file", directory],
+                         rf"^tcpgreet: greeting file {directory}: Is a directory")
+
+    def test_non_utf8_greeting_file(self):
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.remove, path)
+        os.write(fd, b"\x80abc\n")
+        os.close(fd)
+        self.assertFails(["--greeting-file", path],
+                         rf"^tcpgreet: greeting file {path}: not UTF-8 \(invalid byte 0x80")
+
+    def test_bad_templates(self):
+        for template, what in [("{peer_host.__class__}", "attribute or index access"),
+                               ("{x[0]}", "attribute or index access"),
+                               ("{user}", "unknown placeholder"),
+                               ("{peer_port:08}", "format spec")]:
+            self.assertFails(["--greeting", template],
+                             rf"^tcpgreet: --greeting: (placeholder|unknown placeholder) "
+                             rf"{re.escape(template)}.*{what}|{what} {re.escape(template)}")
+
+    def test_greeting_and_greeting_file(self):
+        self.assertFails(["--greeting", "a", "--greeting-file", "/etc/hostname"],
+                         r"--greeting and --greeting-file exclude each other")
+
+    def test_unknown_option(self):
+        self.assertFails(["--greting", "a"], r"^tcpgreet: option --greting not recognized")
+
+    def test_missing_option_value(self):
+        self.assertFails(["--listen"], r"^tcpgreet: option --listen requires argument")
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_lists_the_plugin(self):
+        result = twistd("--help")
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout, r"\n\s+tcpgreet\s+A TCP greeting")
+
+    def test_plugin_help_shows_every_option(self):
+        result = twistd("tcpgreet", "--help")
+        self.assertEqual(result.returncode, 0)
+        for option in ("--listen=", "--greeting=", "--greeting-file=", "--quiet"):
+            self.assertIn(option, result.stdout)
