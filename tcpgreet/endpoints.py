@@ -11,8 +11,13 @@ least L{DEFAULT_BACKLOG} unless its string sets one.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.posixbase import PosixReactorBase
+
+from tcpgreet import port
 
 DEFAULT_BACKLOG = 1024
 
@@ -61,11 +66,47 @@ def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> st
     return f"{description}:backlog={backlog}"
 
 
+class GreetReactor:
+    """
+    The reactor as endpoints see it: the same, except that TCP listeners
+    (plain, TLS, or inherited from systemd) are L{port.GreetPort}s.  Every
+    endpoint type keeps working; the ones that listen on TCP get the port
+    that serves greetings within the accept pass and survives running out
+    of descriptors.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, portNumber: int, factory, backlog: int = 50, interface: str = ""):
+        return port.listen(self._reactor, portNumber, factory, backlog, interface)
+
+    def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
+                  interface: str = ""):
+        # What the reactor's own listenSSL does, on our port.
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        listening = self.listenTCP(portNumber, TLSMemoryBIOFactory(contextFactory, False, factory),
+                                   backlog, interface)
+        listening._type = "TLS"
+        return listening
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
+        if addressFamily in (socket.AF_INET, socket.AF_INET6):
+            return port.adopt(self._reactor, fileDescriptor, addressFamily, factory)
+        return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
+
+
 def server_endpoint(reactor, description: str) -> IStreamServerEndpoint:
     """
     Parse C{description} into an endpoint, raising L{EndpointError} with one
     line that names the string and what is wrong with it.
     """
+    if isinstance(reactor, PosixReactorBase):  # not a test's fake reactor
+        reactor = GreetReactor(reactor)
     try:
         return serverFromString(reactor, with_default_backlog(description))
     except (ValueError, TypeError, KeyError, IndexError, OSError) as e:

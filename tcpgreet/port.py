@@ -1,0 +1,382 @@
+"""
+A TCP listening port for servers that speak first and leave.
+
+Stock Twisted gives every accepted connection a full reactor transport:
+non-blocking and close-on-exec flags set with four fcntl calls, a log prefix
+formatted, the socket registered with epoll for reading, modified for
+writing, unregistered, and a second reactor pass to write and close.  A
+greeting that fits in the socket's send buffer needs none of that, so
+L{GreetPort} hands such connections a L{DirectTransport} that writes at once
+and closes at once, inside the accept pass.  The moment a connection needs
+the reactor after all (a short write, a client that has spoken, a protocol
+that registers a producer or stays open), the direct transport hands the
+socket to an ordinary L{tcp.Server} and steps aside, so protocols see normal
+Twisted semantics either way.
+
+L{GreetPort} also owns the accept loop, so accept errors cannot turn into a
+busy loop or a log flood: running out of descriptors sheds the waiting
+connections through a reserve descriptor (as Twisted does) and pauses
+accepting briefly; each kind of error is logged at most once a second, with
+a count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+
+from twisted.internet import error, tcp
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcpgreet.logs import RateLimitedLog
+
+log = Logger()
+
+# Retry accepting after this long when the system is out of descriptors or
+# buffers and shedding did not help: long enough not to spin, short enough
+# that nobody notices once resources are back.
+ACCEPT_PAUSE = 0.1
+
+_DONTWAIT = socket.MSG_DONTWAIT
+_ABORTED = Failure(error.ConnectionAborted())
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_FIONREAD = termios.FIONREAD
+
+
+def _unread(skt: socket.socket) -> int:
+    """How many bytes the client has sent that nobody has read yet."""
+    return struct.unpack("i", fcntl.ioctl(skt.fileno(), _FIONREAD, b"\0\0\0\0"))[0]
+
+
+class DirectTransport:
+    """
+    The transport of a connection served within the accept pass.
+
+    Writes go straight to the socket (it is in blocking mode, so each send
+    says C{MSG_DONTWAIT}); closing closes the socket at once.  Anything that
+    needs the reactor calls L{upgrade}, which moves the socket, the protocol
+    and whatever is left to an ordinary L{tcp.Server}.
+
+    @ivar server: the L{tcp.Server} this connection was upgraded to, if any.
+    """
+
+    __slots__ = ("_addr", "_halfClosed", "_port", "connected", "disconnected",
+                 "disconnecting", "protocol", "server", "socket")
+
+    def __init__(self, skt: socket.socket, protocol, addr: tuple, port: GreetPort) -> None:
+        self.socket = skt
+        self.protocol = protocol
+        self._addr = addr
+        self._port = port
+        self.server: tcp.Server | None = None
+        self._halfClosed = False
+        self.connected = True
+        self.disconnecting = False
+        self.disconnected = False
+
+    # -- the fast path --------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.server is not None:
+            return self.server.write(data)
+        if not self.connected or not data:
+            return None
+        try:
+            sent = self.socket.send(data, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            return self._lost(e)
+        if sent < len(data):
+            self.upgrade().write(data[sent:])
+        return None
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        """
+        Half-close.  With everything written and nothing unread from the
+        client, the FIN can follow the greeting straight away and the
+        protocol hears of it at once; otherwise the reactor takes over.
+        """
+        if self.server is not None:
+            return self.server.loseWriteConnection()
+        if not self.connected:
+            return None
+        try:
+            if _unread(self.socket):
+                return self._handOver().loseWriteConnection()
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            return self._lost(e)
+        self._halfClosed = True
+        writeConnectionLost = getattr(self.protocol, "writeConnectionLost", None)
+        if writeConnectionLost is not None:
+            writeConnectionLost()
+        return None
+
+    def loseConnection(self) -> None:
+        if self.server is not None:
+            return self.server.loseConnection()
+        if not self.connected:
+            return None
+        try:
+            if not self._halfClosed and _unread(self.socket):
+                # Closing now would answer the unread bytes with a reset,
+                # which can destroy the greeting on its way.
+                return self._handOver().loseConnection()
+        except OSError as e:
+            return self._lost(e)
+        return self._close(connectionDone)
+
+    def abortConnection(self) -> None:
+        if self.server is not None:
+            return self.server.abortConnection()
+        if not self.connected:
+            return None
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        return self._close(_ABORTED)
+
+    def _lost(self, e: OSError) -> None:
+        self._close(Failure(error.ConnectionLost(e.strerror or str(e))))
+
+    def _close(self, reason: Failure) -> None:
+        self.connected = False
+        self.disconnecting = True
+        self.disconnected = True
+        self.socket.close()
+        protocol, self.protocol = self.protocol, None
+        protocol.connectionLost(reason)
+
+    # -- handing over to the reactor --------------------------------------
+
+    def _handOver(self) -> tcp.Server:
+        """
+        The client has spoken: deliver what it said, as any transport would,
+        and let the reactor take the connection from here.
+        """
+        data = self.socket.recv(65536, _DONTWAIT)
+        if data:
+            self.protocol.dataReceived(data)
+        return self.upgrade()
+
+    def upgrade(self) -> tcp.Server:
+        """Move this connection to an ordinary reactor-driven transport."""
+        if self.server is None:
+            port = self._port
+            port.sessionno += 1
+            self.server = server = port.transport(
+                self.socket, self.protocol, self._addr, port, port.sessionno, port.reactor)
+            self.protocol.transport = server
+        return self.server
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.upgrade().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.upgrade().unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.upgrade().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.upgrade().resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.upgrade().stopProducing()
+
+    # -- what a connection is -------------------------------------------
+
+    def getPeer(self):
+        return self._port._buildAddr(self._addr)
+
+    def getHost(self):
+        return self._port.getHost()
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, enabled)
+
+    def logPrefix(self) -> str:
+        return self._port.logPrefix()
+
+
+class _ReserveDescriptor:
+    """
+    One descriptor kept open so that, when the process runs out, it can be
+    given up to accept (and at once close) the connections that are
+    waiting, instead of leaving them to time out in the backlog.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def take(self) -> bool:
+        """Hold the reserve; False if even that is not possible now."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def release(self) -> bool:
+        """Give the reserve up; False if it was not held."""
+        if self._fd is None:
+            return False
+        os.close(self._fd)
+        self._fd = None
+        return True
+
+
+_reserve = _ReserveDescriptor()
+
+_PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
+_accept_errors = RateLimitedLog(
+    log, "accept failed: {error} ({count} in the last {interval:g} s); {action}")
+
+
+class GreetPort(tcp.Port):
+    """
+    A L{tcp.Port} that serves connections of a direct-capable factory within
+    the accept pass and keeps accepting through resource exhaustion.
+
+    A factory opts in with a true C{directTransport} attribute: its
+    protocols must write, close, and otherwise treat the transport as any
+    C{ITCPTransport}; anything they do that needs the reactor upgrades the
+    connection.  Other factories (TLS, PROXY wrappers) get the stock
+    transport.
+    """
+
+    _direct = False
+    _paused = None
+
+    def startListening(self) -> None:
+        _reserve.take()
+        super().startListening()
+        self._direct = bool(getattr(self.factory, "directTransport", False))
+
+    def _logConnectionLostMsg(self) -> None:
+        """The service logs what it listens on and when it stops."""
+
+    def doRead(self) -> None:
+        accept = self.socket.accept
+        factory = self.factory
+        direct = self._direct
+        buildAddr = self._buildAddr
+        accepted = 0
+        for _ in range(self.numberAccepts):
+            try:
+                skt, addr = accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _SKIP_ERRORS:
+                    continue
+                self._acceptFailed(e)
+                break
+            accepted += 1
+            if len(addr) == 4 and addr[3]:
+                # An IPv6 link-local peer: keep its scope in the host.
+                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                addr = (host[0], *addr[1:])
+            try:
+                protocol = factory.buildProtocol(buildAddr(addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                if direct:
+                    transport = DirectTransport(skt, protocol, addr, self)
+                    protocol.makeConnection(transport)
+                    if transport.connected and transport.server is None:
+                        transport.upgrade()
+                else:
+                    self.sessionno += 1
+                    protocol.makeConnection(self.transport(
+                        skt, protocol, addr, self, self.sessionno, self.reactor))
+            except Exception:
+                # One connection's failure must not cost the others theirs.
+                log.failure("error setting up a connection from {peer}", peer=addr[0])
+                skt.close()
+        # Twisted's heuristic: accept more per pass while the backlog keeps
+        # filling them, fewer when it does not.
+        if accepted == self.numberAccepts:
+            self.numberAccepts += 20
+        else:
+            self.numberAccepts = max(1, accepted)
+
+    def _acceptFailed(self, e: OSError) -> None:
+        if e.errno not in _PAUSE_ERRORS:
+            _accept_errors.note(error=os.strerror(e.errno or 0),
+                                action="continuing", key=e.errno)
+            return
+        shed = 0
+        if e.errno in (errno.EMFILE, errno.ENFILE) and _reserve.release():
+            # Accept and close what is waiting, so those clients learn now
+            # instead of timing out in the backlog.
+            try:
+                for _ in range(self.numberAccepts):
+                    skt, _addr = self.socket.accept()
+                    skt.close()
+                    shed += 1
+            except OSError:
+                pass
+            _reserve.take()
+        _accept_errors.note(
+            error=os.strerror(e.errno or 0), key=e.errno,
+            action=(f"closed {shed} waiting connection(s), " if shed else "")
+            + f"pausing accepts for {ACCEPT_PAUSE:g} s")
+        self.stopReading()
+        self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self.connected and not self.disconnecting:
+            self.startReading()
+
+    def loseConnection(self, connDone=None):
+        if self._paused is not None and self._paused.active():
+            self._paused.cancel()
+            self._paused = None
+        if connDone is None:
+            return super().loseConnection()
+        return super().loseConnection(connDone)
+
+    stopListening = loseConnection
+
+
+def listen(reactor, port: int, factory: IProtocolFactory, backlog: int = 50,
+           interface: str = "") -> GreetPort:
+    """Like C{reactor.listenTCP}, with a L{GreetPort}."""
+    p = GreetPort(port, factory, backlog, interface, reactor)
+    p.startListening()
+    return p
+
+
+def adopt(reactor, fileno: int, family: int, factory: IProtocolFactory) -> GreetPort:
+    """Like C{reactor.adoptStreamPort}, for an inherited TCP socket."""
+    p = GreetPort._fromListeningDescriptor(reactor, fileno, family, factory)
+    p.startListening()
+    return p
