@@ -1,6 +1,12 @@
 """
 The greeting service itself: a protocol that speaks first and leaves, and the
 factory that holds what every connection shares.
+
+The protocol half-closes once its greeting is written: the client reads the
+greeting followed by EOF, and the connection is closed fully as soon as the
+client has nothing more to say (at once, for a client that never spoke).
+Closing outright while the client's bytes lie unread would answer them with
+a reset, which can destroy the greeting before the client reads it.
 """
 
 from __future__ import annotations
@@ -8,14 +14,34 @@ from __future__ import annotations
 import time
 
 from twisted.internet import error
-from twisted.internet.interfaces import IAddress
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPullProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcpgreet.greeting import Clock, Greeting
+from tcpgreet.limits import ConnectionLimits
+from tcpgreet.logs import RateLimitedLog
+from tcpgreet.stats import Stats
 
 log = Logger()
+
+DEFAULT_TIMEOUT = 10.0
+
+# Greetings longer than this are fed to the transport a chunk at a time, so a
+# client that reads slowly holds one chunk of server memory, not a copy of
+# the whole greeting.
+CHUNK = 65536
+
+# How long a connection whose greeting is written may wait for the client
+# to close its side before the server closes anyway (see writeConnectionLost).
+LINGER = 2.0
+
+# Why the server cut a connection short.
+TIMEOUT = "timeout"
+DRAIN = "drain"
 
 
 def peer_host_port(address: IAddress) -> tuple[str, int]:
@@ -32,49 +58,164 @@ def peer_host_port(address: IAddress) -> tuple[str, int]:
     return name or "unix", 0
 
 
+@implementer(IPullProducer)
+class _ChunkedGreeting:
+    """Write a long greeting one chunk per request of the transport."""
+
+    def __init__(self, protocol: GreetProtocol, greeting: bytes) -> None:
+        self._protocol = protocol
+        self._greeting = memoryview(greeting)
+        self._offset = 0
+
+    def resumeProducing(self) -> None:
+        chunk = self._greeting[self._offset:self._offset + CHUNK]
+        self._offset += len(chunk)
+        protocol = self._protocol
+        protocol.transport.write(bytes(chunk))
+        protocol.written = self._offset
+        if self._offset >= len(self._greeting):
+            protocol.transport.unregisterProducer()
+            protocol.greetingWritten()
+
+    def stopProducing(self) -> None:
+        self._greeting = memoryview(b"")
+
+
+@implementer(IHalfCloseableProtocol)
 class GreetProtocol(Protocol):
     """
-    Send the greeting as soon as the connection is made and close once it is
-    written; anything the client sends is dropped unread.
+    Send the greeting as soon as the connection is made, then close; what
+    the client sends is dropped unread.
+
+    @ivar peer: the client's address, as the factory admitted it.
+    @ivar written: greeting bytes handed to the transport so far.
     """
 
-    _started = 0.0
-    _greeting = b""
+    peer: IAddress | None = None
+    started = 0.0
+    written = 0
+    length = 0
+    heard = False
+    readDone = False
+    writeDone = False
+    cutShort: str | None = None
+    _timer = None
 
     def connectionMade(self) -> None:
         factory = self.factory
-        if not factory.quiet:
-            self._started = time.monotonic()
-        self._greeting = factory.greetingFor(self.transport.getPeer())
-        self.transport.write(self._greeting)
-        self.transport.loseConnection()
+        self.started = time.monotonic()
+        if self.peer is None:
+            self.peer = self.transport.getPeer()
+        greeting = factory.greetingFor(self.peer)
+        self.length = len(greeting)
+        if self.length > CHUNK:
+            self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
+        else:
+            self.transport.write(greeting)
+            self.written = self.length
+            self.greetingWritten()
+        if self.connected:
+            # Still open: the transport could not finish within this call.
+            factory.connectionWaiting(self)
+
+    def greetingWritten(self) -> None:
+        """Everything is handed to the transport: close our side after it."""
+        if hasattr(self.transport, "loseWriteConnection"):
+            self.transport.loseWriteConnection()
+        else:
+            # A transport that cannot half-close (TLS) closes outright.
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         """A greeting port has nothing to hear: drop it, buffer nothing."""
+        self.heard = True
+
+    def writeConnectionLost(self) -> None:
+        # The greeting is out, followed by our FIN.  Closing now is safe
+        # only if the client cannot have anything in flight: it said
+        # nothing, and we were not away long enough for it to start (the
+        # connection was served within the accept pass).  Otherwise wait for
+        # its EOF, briefly: a close that meets the client's bytes is answered
+        # with a reset, and a reset can destroy a greeting not yet read.
+        self.writeDone = True
+        if self.readDone or (not self.heard and self._timer is None):
+            self.transport.loseConnection()
+        elif self._timer is not None and self._timer.active():
+            self._timer.reset(min(LINGER, self.factory.timeout))
+
+    def readConnectionLost(self) -> None:
+        # The client has finished sending; its greeting may still be going.
+        self.readDone = True
+        if self.writeDone:
+            self.transport.loseConnection()
+
+    def cut(self, why: str) -> None:
+        """
+        End the connection for C{why} (L{TIMEOUT}, L{DRAIN}): abort it if
+        its greeting is not out yet; if it is, the client has had its time
+        to read it, so simply close.
+        """
+        if not self.connected:
+            return
+        if self.writeDone:
+            self.transport.loseConnection()
+        else:
+            self.cutShort = why
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         self.factory.connectionFinished(self, reason)
 
 
 class GreetFactory(Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,
-    the connection counter behind C{{connection}}, and the log switch.
+    limits, counters, and the connections still in progress.
 
     @ivar greeting: the L{Greeting} sent now; replacing it (on reload) is a
         single reference swap, so every connection gets one greeting whole.
-    @ivar connections: connections greeted so far (the last C{{connection}}).
+    @ivar connections: the number of the latest connection (C{{connection}}).
+    @ivar waiting: connections that outlived the accept pass, each with a
+        timer that aborts it after C{timeout} seconds.
     """
 
     protocol = GreetProtocol
     noisy = False  # one line per connection is ours to write, not Factory's
+    directTransport = True  # see tcpgreet.port: our protocol can be served in the accept pass
 
     def __init__(self, greeting: Greeting, quiet: bool = False,
-                 clock: Clock | None = None) -> None:
+                 limits: ConnectionLimits | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, clock: Clock | None = None,
+                 reactor=None) -> None:
         self.greeting = greeting
         self.quiet = quiet
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.timeout = timeout
         self.connections = 0
+        self.stats = Stats()
+        self.waiting: set[GreetProtocol] = set()
+        self._idle: list[Deferred] = []
         self._clock = clock if clock is not None else Clock()
+        self._reactor = reactor
+        self._rejections = RateLimitedLog(
+            log, "refused {count} connection(s) in {interval:g} s by {limit} "
+            "(latest from {peer})", clock=reactor)
+
+    def buildProtocol(self, addr: IAddress) -> GreetProtocol | None:
+        host = getattr(addr, "host", None)
+        refused = self.limits.admit(host)
+        if refused is not None:
+            self.stats.count(self.stats.rejected, refused)
+            self._rejections.note(key=refused, limit=f"--{refused}", peer=host or "unix")
+            return None
+        self.stats.accepted += 1
+        protocol = GreetProtocol()
+        protocol.factory = self
+        protocol.peer = addr
+        return protocol
 
     def greetingFor(self, peer: IAddress) -> bytes:
         """
@@ -98,19 +239,64 @@ class GreetFactory(Factory):
             return self._clock.utc_iso()
         return self._clock.hostname
 
+    def whenIdle(self) -> Deferred:
+        """A Deferred that fires when no connection is in progress."""
+        if not self.waiting:
+            return succeed(None)
+        d = Deferred()
+        self._idle.append(d)
+        return d
+
+    def connectionWaiting(self, protocol: GreetProtocol) -> None:
+        """A connection needs the reactor: give it a deadline."""
+        self.waiting.add(protocol)
+        protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
+
     def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
-        """Log how one connection ended: the one line per connection."""
+        """Count, release and log one connection: the one line per connection."""
+        stats = self.stats
+        waiting = self.waiting
+        if protocol in waiting:
+            waiting.discard(protocol)
+            if not waiting and self._idle:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+        self.limits.release(getattr(protocol.peer, "host", None))
+        if protocol.writeDone or (protocol.written == protocol.length and
+                                  protocol.cutShort is None and
+                                  reason.check(error.ConnectionDone)):
+            outcome, why = "greeted", None
+            stats.greeted += 1
+            stats.bytes_sent += protocol.length
+            duration = time.monotonic() - protocol.started
+            stats.durations.observe(duration)
+        else:
+            duration = time.monotonic() - protocol.started
+            if protocol.cutShort is not None:
+                outcome = "aborted"
+                why = protocol.cutShort
+                stats.count(stats.aborted, why)
+            else:
+                outcome = "lost"
+                why = reason.getErrorMessage()
+                stats.lost += 1
         if self.quiet:
             return
-        greeted = reason.check(error.ConnectionDone) is not None
-        host, port = peer_host_port(protocol.transport.getPeer())
-        log.info(
-            "{peer} port {port}: {outcome}, {bytes} bytes in {duration_ms} ms"
-            "{reason_text}",
-            peer=host, port=port,
-            outcome="greeted" if greeted else "lost",
-            bytes=len(protocol._greeting) if greeted else 0,
-            duration_ms=round((time.monotonic() - protocol._started) * 1000, 3),
-            reason=None if greeted else reason.getErrorMessage(),
-            reason_text="" if greeted else f" ({reason.getErrorMessage()})",
-        )
+        host, port = peer_host_port(protocol.peer)
+        if why is None:
+            log.info("{peer} port {port}: {outcome}, {bytes} bytes in {duration_ms} ms",
+                     peer=host, port=port, outcome=outcome, bytes=protocol.written,
+                     duration_ms=round(duration * 1000, 3), reason=why)
+        else:
+            log.info("{peer} port {port}: {outcome} ({reason}) after {bytes} of "
+                     "{length} bytes, {duration_ms} ms",
+                     peer=host, port=port, outcome=outcome, bytes=protocol.written,
+                     length=protocol.length, duration_ms=round(duration * 1000, 3),
+                     reason=why)
+
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+            self._reactor = reactor
+        return self._reactor

@@ -5,19 +5,22 @@ greeting on SIGHUP, and failing at start with one line instead of a traceback.
 
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
-from tcpgreet.server import GreetFactory
+from tcpgreet.server import DRAIN, GreetFactory
 
 log = Logger()
+
+DEFAULT_DRAIN_TIMEOUT = 5.0
 
 
 def fail(message: str) -> SystemExit:
@@ -30,21 +33,41 @@ def fail(message: str) -> SystemExit:
     return SystemExit(1)
 
 
+def raise_descriptor_limit() -> int:
+    """
+    Raise the soft limit on open descriptors to the hard limit, so that
+    C{--max-connections} can be reached; return the limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log.warn("cannot raise the descriptor limit from {soft} to {hard}: {error}",
+                     soft=soft, hard=hard, error=str(e))
+    return soft
+
+
 class GreetService(service.Service):
     """
     Listen on every endpoint with one factory, re-read the greeting file on
-    SIGHUP, and stop listening on stop.
+    SIGHUP, and on stop, stop accepting everywhere at once and let the
+    greetings in progress finish (for up to C{drain_timeout} seconds).
 
     @ivar ports: the listening ports, once listening.
     """
 
     def __init__(self, factory: GreetFactory,
                  endpoints: list[tuple[str, IStreamServerEndpoint]],
-                 greeting_file: str | None = None, reactor=None) -> None:
+                 greeting_file: str | None = None, reactor=None,
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
         self.factory = factory
         self.endpoints = endpoints
         self.greeting_file = greeting_file
+        self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
+        self.descriptors: int | None = None
         self._reactor = reactor
         self._previous_sighup = None
 
@@ -52,6 +75,7 @@ class GreetService(service.Service):
         # Listening happens here so that a privileged port can be bound
         # before twistd drops privileges, as strports services do.
         super().privilegedStartService()
+        self.descriptors = raise_descriptor_limit()
         for description, endpoint in self.endpoints:
             outcome: list = []
             endpoint.listen(self.factory).addBoth(outcome.append)
@@ -71,9 +95,13 @@ class GreetService(service.Service):
         # must never die of it, whether or not it has a file to re-read.
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         factory = self.factory
+        limits = factory.limits
+        rate = limits.rate
         log.info(
             "tcpgreet {version} listening on {listeners}; greeting from {source} "
-            "({size} bytes{template})",
+            "({size} bytes{template}); max-connections {max_connections}, "
+            "max-per-ip {max_per_ip}, rate-per-ip {rate_per_ip}, timeout {timeout:g} s, "
+            "drain-timeout {drain_timeout:g} s, {descriptors} descriptors",
             version=__version__,
             listeners=", ".join(
                 f"{description} ({_address(port)})"
@@ -81,6 +109,12 @@ class GreetService(service.Service):
             source=self.greeting_file or "--greeting",
             size=len(factory.greeting),
             template="" if factory.greeting.static is not None else ", template",
+            max_connections=limits.max_connections,
+            max_per_ip=limits.max_per_ip or "off",
+            rate_per_ip=f"{rate.rate:g}/{rate.burst:g}" if rate else "off",
+            timeout=factory.timeout,
+            drain_timeout=self.drain_timeout,
+            descriptors=self.descriptors,
         )
 
     def stopService(self) -> Deferred:
@@ -88,16 +122,52 @@ class GreetService(service.Service):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        # Every listener stops accepting now, in this same call, before any
+        # of them has finished closing.
         ports, self.ports = self.ports, []
-        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        closed = DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        return gatherResults([closed, self._drain()])
+
+    def _drain(self) -> Deferred:
+        """
+        Let the greetings in progress finish; abort what is left after
+        C{drain_timeout} seconds.
+        """
+        factory = self.factory
+        if not factory.waiting:
+            return succeed(None)
+        count = len(factory.waiting)
+        log.info("draining {count} connection(s) for up to {timeout:g} s",
+                 count=count, timeout=self.drain_timeout)
+        idle = factory.whenIdle()
+        reactor = self._reactor_()
+        timer = reactor.callLater(self.drain_timeout, self._abortRemaining)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+                log.info("drained {count} connection(s)", count=count)
+            return result
+
+        return idle.addCallback(done)
+
+    def _abortRemaining(self) -> None:
+        remaining = list(self.factory.waiting)
+        log.warn("drain timeout: aborting {count} connection(s) still in progress",
+                 count=len(remaining))
+        for protocol in remaining:
+            protocol.cut(DRAIN)
+
+    def _reactor_(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+            self._reactor = reactor
+        return self._reactor
 
     def _sighup(self, signum, frame) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
         # was doing; hand the work to the reactor instead of doing it here.
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        reactor.callFromThread(self.reload)
+        self._reactor_().callFromThread(self.reload)
 
     def reload(self) -> bool:
         """
@@ -107,12 +177,15 @@ class GreetService(service.Service):
         if self.greeting_file is None:
             log.info("SIGHUP: nothing to reload, the greeting was given with --greeting")
             return False
+        stats = self.factory.stats
         try:
             fresh = greeting.from_file(self.greeting_file)
         except greeting.GreetingError as e:
+            stats.reload_failures += 1
             log.error("reload failed, keeping the previous greeting: {error}",
                       error=str(e))
             return False
+        stats.reloads += 1
         self.factory.greeting = fresh
         log.info("reloaded greeting from {path}: {size} bytes",
                  path=self.greeting_file, size=len(fresh))

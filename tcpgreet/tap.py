@@ -8,16 +8,51 @@ here touches a socket.
 
 from __future__ import annotations
 
+import math
+
 from twisted.application.service import IService
 from twisted.python import usage
 
 from tcpgreet import greeting
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, server_endpoint
-from tcpgreet.server import GreetFactory
-from tcpgreet.service import GreetService, fail
+from tcpgreet.limits import ConnectionLimits, TokenBuckets
+from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, fail
 
 DEFAULT_LISTEN = "tcp:27679"
 DEFAULT_GREETING = "Thank you for connecting"
+DEFAULT_MAX_CONNECTIONS = 10000
+
+
+def _number(option: str, text: str, kind=int, minimum: float = 0):
+    """C{text} as a number of C{kind} no smaller than C{minimum}, or a
+    UsageError naming the option."""
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "a whole number" if kind is int else "a number"
+        raise usage.UsageError(f"{option}: {text!r} is not {noun}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise usage.UsageError(f"{option}: {text!r} must be at least {minimum:g}")
+    return value
+
+
+def parse_rate(text: str) -> tuple[float, int]:
+    """C{R[/BURST]}: R new connections a second, bursts of BURST (default: R, at least 1)."""
+    rate_text, _, burst_text = text.partition("/")
+    rate = _number("--rate-per-ip", rate_text, float)
+    if rate <= 0:
+        raise usage.UsageError(f"--rate-per-ip: {rate_text!r} must be more than 0")
+    burst = (_number("--rate-per-ip", burst_text, int, 1) if burst_text
+             else max(1, math.ceil(rate)))
+    return rate, burst
+
+
+def _help(method):
+    """Fold an option method's docstring into one paragraph: usage.Options
+    wraps the text but keeps the source's indentation inside it."""
+    method.__doc__ = " ".join(method.__doc__.split())
+    return method
 
 
 class Options(usage.Options):
@@ -53,13 +88,49 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["max-connections"] = DEFAULT_MAX_CONNECTIONS
+        self["max-per-ip"] = 0
+        self["rate-per-ip"] = None
+        self["timeout"] = DEFAULT_TIMEOUT
+        self["drain-timeout"] = DEFAULT_DRAIN_TIMEOUT
         self.greeting: greeting.Greeting | None = None
 
+    @_help
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted server endpoint; repeatable. [default: tcp:27679]"""
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    @_help
+    def opt_max_connections(self, value: str) -> None:
+        """Most connections open at once, over all listeners; a connection
+        beyond it is closed at once, without a greeting. [default: 10000]"""
+        self["max-connections"] = _number("--max-connections", value, int, 1)
+
+    @_help
+    def opt_max_per_ip(self, value: str) -> None:
+        """Most connections open at once from one client address; 0 is no
+        limit. [default: 0]"""
+        self["max-per-ip"] = _number("--max-per-ip", value, int, 0)
+
+    @_help
+    def opt_rate_per_ip(self, value: str) -> None:
+        """R[/BURST]: at most R new connections a second from one client
+        address, in bursts of up to BURST (default R). [default: off]"""
+        self["rate-per-ip"] = parse_rate(value)
+
+    @_help
+    def opt_timeout(self, value: str) -> None:
+        """Seconds a connection may take to receive its greeting before it
+        is aborted. [default: 10]"""
+        self["timeout"] = _number("--timeout", value, float, 0.001)
+
+    @_help
+    def opt_drain_timeout(self, value: str) -> None:
+        """On SIGTERM or SIGINT, seconds to let greetings in progress finish
+        before aborting them. [default: 5]"""
+        self["drain-timeout"] = _number("--drain-timeout", value, float, 0)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -102,9 +173,14 @@ def makeService(options: Options, reactor=None) -> IService:
                      for description in options["listen"]]
     except EndpointError as e:
         raise fail(str(e)) from None
-    factory = GreetFactory(options.greeting, quiet=options["quiet"])
+    rate = options["rate-per-ip"]
+    limits = ConnectionLimits(
+        max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
+        rate=TokenBuckets(*rate) if rate else None)
+    factory = GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
+                           timeout=options["timeout"], reactor=reactor)
     return GreetService(factory, endpoints, greeting_file=options["greeting-file"],
-                        reactor=reactor)
+                        reactor=reactor, drain_timeout=options["drain-timeout"])
 
 
 __all__ = ["DEFAULT_BACKLOG", "Options", "makeService"]

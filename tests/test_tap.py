@@ -28,7 +28,8 @@ class OptionsTests(SynchronousTestCase):
         options = parse()
         self.assertEqual(dict(options), {
             "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
-            "quiet": 0,
+            "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
+            "timeout": 10.0, "drain-timeout": 5.0,
         })
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
 
@@ -37,12 +38,35 @@ class OptionsTests(SynchronousTestCase):
         self.addCleanup(os.remove, path)
         os.write(fd, b"motd\n")
         os.close(fd)
-        options = parse("-l", "tcp:1", "--listen", "tcp6:2", "-f", path, "-q")
+        options = parse("-l", "tcp:1", "--listen", "tcp6:2", "-f", path, "-q",
+                        "--max-connections", "5", "--max-per-ip", "2", "--rate-per-ip",
+                        "0.5/3", "--timeout", "2.5", "--drain-timeout", "0")
         self.assertEqual(dict(options), {
             "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
-            "quiet": 1,
+            "quiet": 1, "max-connections": 5, "max-per-ip": 2, "rate-per-ip": (0.5, 3),
+            "timeout": 2.5, "drain-timeout": 0.0,
         })
         self.assertEqual(options.greeting.static, b"motd\r\n")
+
+    def test_rate_burst_defaults_to_the_rate(self):
+        self.assertEqual(parse("--rate-per-ip", "5")["rate-per-ip"], (5.0, 5))
+        self.assertEqual(parse("--rate-per-ip", "0.2")["rate-per-ip"], (0.2, 1))
+
+    def test_bad_numbers_name_the_option(self):
+        for args, message in [
+            (["--max-connections", "many"], "--max-connections: 'many' is not a whole number"),
+            (["--max-connections", "0"], "--max-connections: '0' must be at least 1"),
+            (["--max-per-ip", "-1"], "--max-per-ip: '-1' must be at least 0"),
+            (["--rate-per-ip", "0"], "--rate-per-ip: '0' must be more than 0"),
+            (["--rate-per-ip", "5/0"], "--rate-per-ip: '0' must be at least 1"),
+            (["--rate-per-ip", "fast"], "--rate-per-ip: 'fast' is not a number"),
+            (["--timeout", "nan"], "--timeout: 'nan' must be at least 0.001"),
+            (["--timeout", "0"], "--timeout: '0' must be at least 0.001"),
+            (["--drain-timeout", "inf"], "--drain-timeout: 'inf' must be at least 0"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertEqual(str(caught.exception), message)
 
     def test_greeting_text(self):
         self.assertEqual(parse("-g", "hello").greeting.static, b"hello\r\n")
@@ -79,7 +103,9 @@ class OptionsTests(SynchronousTestCase):
         text = " ".join(str(tap.Options()).split())
         for option in ("--listen", "-l", "--greeting", "-g", "--greeting-file", "-f",
                        "--quiet", "-q", "tcp:27679", "Thank you for connecting",
-                       "{peer_host}", "SIGHUP"):
+                       "{peer_host}", "SIGHUP", "--max-connections", "[default: 10000]",
+                       "--max-per-ip", "--rate-per-ip", "R[/BURST]", "--timeout",
+                       "[default: 10]", "--drain-timeout", "[default: 5]"):
             self.assertIn(option, text)
 
 
@@ -111,6 +137,21 @@ class MakeServiceTests(SynchronousTestCase):
                          [(1, 1024, "127.0.0.1"), (2, 7, "::1")])
         self.assertEqual({id(f) for _, f, _, _ in reactor.tcpServers},
                          {id(service.factory)})
+
+    def test_limits_reach_the_factory_and_service(self):
+        _, service = self.make("--max-connections", "7", "--max-per-ip", "3",
+                               "--rate-per-ip", "2/4", "--timeout", "1.5",
+                               "--drain-timeout", "0.5")
+        limits = service.factory.limits
+        self.assertEqual((limits.max_connections, limits.max_per_ip,
+                          limits.rate.rate, limits.rate.burst),
+                         (7, 3, 2.0, 4))
+        self.assertEqual((service.factory.timeout, service.drain_timeout), (1.5, 0.5))
+
+    def test_no_rate_limit_by_default(self):
+        limits = self.make()[1].factory.limits
+        self.assertEqual((limits.max_connections, limits.max_per_ip, limits.rate),
+                         (10000, 0, None))
 
     def test_quiet_reaches_the_factory(self):
         self.assertTrue(self.make("--quiet")[1].factory.quiet)
