@@ -230,14 +230,14 @@ class Program(Server):
     """
 
     def __init__(self, command: list[str], env: dict | None = None,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), preexec_fn=None) -> None:
         self.args = tuple(command)
         self.lines = []
         self._queue = queue.Queue()
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, text=True, env=_env(env), pass_fds=pass_fds,
-            cwd=NEUTRAL_CWD)
+            preexec_fn=preexec_fn, cwd=NEUTRAL_CWD)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = None

@@ -10,8 +10,6 @@ warning.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +17,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from . import tlscerts
+from . import confine, tlscerts
 from .helpers import (
     assert_fails_in_one_line,
     fetch,
@@ -122,22 +120,6 @@ class TLSGreetingTests(SynchronousTestCase):
         "the per-connection log line does not say the connection used TLS yet")
 
 
-def _drop_file_access_override() -> None:
-    """
-    In the child, as root: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from
-    the capability bounding set, so twistd (exec'd next) runs as a root that
-    file permissions apply to, like the service under the hardened unit
-    (C{CapabilityBoundingSet=}).  As any other user, permissions apply anyway.
-    """
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
-    for capability in (cap_dac_override, cap_dac_read_search):
-        if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 class TLSStartupErrorTests(SynchronousTestCase):
     """
     A TLS file that cannot be used ends twistd with one line that names the
@@ -190,9 +172,11 @@ class TLSStartupErrorTests(SynchronousTestCase):
                            "/nonexistent/chain.pem", r"No such file or directory")
 
     def test_unreadable_key(self):
+        # Root reads any file; the child runs as a root that cannot, like the
+        # service under the hardened unit (CapabilityBoundingSet=).
         self.files.key.chmod(0)
         self.assertRefused(self.listener(), self.files.key, r"Permission denied",
-                           preexec_fn=_drop_file_access_override)
+                           preexec_fn=confine.respect_file_permissions)
 
     def test_key_is_a_directory(self):
         self.assertRefused(self.listener(key=self.directory), self.directory,
