@@ -14,11 +14,28 @@ socket activation.
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
 from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import Program, fetch, has_ipv6_loopback, require_tool, twistd_command, unused_port
+from . import confine
+from .helpers import (
+    TWISTD,
+    Program,
+    fetch,
+    has_ipv6_loopback,
+    require_tool,
+    twistd_command,
+    unused_port,
+)
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 DEFAULT = b"Thank you for connecting\r\n"
 ATTEMPTS = 5
@@ -31,30 +48,35 @@ def bracketed(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def socket_activate(testcase, command: list[str], fdnames: list[str] | None = None,
+                    sockets: int = 1, host: str = "127.0.0.1",
+                    preexec_fn=None) -> tuple[Program, list[int]]:
+    """
+    Run C{systemd-socket-activate [--fdname=...] --listen=HOST:PORT... COMMAND}
+    and wait until it listens; the program and its ports.
+    """
+    tool = require_tool(testcase, "systemd-socket-activate")
+    options = [f"--fdname={':'.join(fdnames)}"] if fdnames else []
+    for _ in range(ATTEMPTS):
+        ports = [unused_port(host) for _ in range(sockets)]
+        addresses = [bracketed(host, port) for port in ports]
+        program = Program([tool, *options, *(f"--listen={address}" for address in addresses),
+                           *command], preexec_fn=preexec_fn)
+        testcase.addCleanup(program.stop)
+        try:
+            for fd, address in enumerate(addresses, start=3):
+                program.wait_for(rf"Listening on {re.escape(address)} as {fd}\.")
+            return program, ports
+        except AssertionError:
+            if "Address already in use" not in program.log:
+                raise
+    testcase.fail(f"no free port for systemd-socket-activate in {ATTEMPTS} attempts")
+
+
 class SocketActivationTests(SynchronousTestCase):
-    def activate(self, *twistd_args: str, fdnames: list[str] | None = None,
-                 sockets: int = 1, host: str = "127.0.0.1") -> tuple[Program, list[int]]:
-        """
-        Run C{systemd-socket-activate [--fdname=...] -l HOST:PORT... twistd ...}
-        and wait until it listens; the program and its ports.
-        """
-        tool = require_tool(self, "systemd-socket-activate")
-        options = [f"--fdname={':'.join(fdnames)}"] if fdnames else []
-        for _ in range(ATTEMPTS):
-            ports = [unused_port(host) for _ in range(sockets)]
-            addresses = [bracketed(host, port) for port in ports]
-            program = Program([tool, *options,
-                               *(f"--listen={address}" for address in addresses),
-                               *twistd_command(*twistd_args)])
-            self.addCleanup(program.stop)
-            try:
-                for fd, address in enumerate(addresses, start=3):
-                    program.wait_for(rf"Listening on {re.escape(address)} as {fd}\.")
-                return program, ports
-            except AssertionError:
-                if "Address already in use" not in program.log:
-                    raise
-        self.fail(f"no free port for systemd-socket-activate in {ATTEMPTS} attempts")
+    def activate(self, *twistd_args: str, **options) -> tuple[Program, list[int]]:
+        """Socket-activate C{twistd -n --pidfile= tcpgreet TWISTD_ARGS}."""
+        return socket_activate(self, twistd_command(*twistd_args), **options)
 
     def test_index(self):
         program, [port] = self.activate("--listen", "systemd:domain=INET:index=0",
@@ -136,3 +158,100 @@ class SocketActivationTests(SynchronousTestCase):
     test_domain_must_match_the_socket.todo = (
         "an IPv6 socket adopted with domain=INET is accepted, and every address "
         "read from it (the listening address, each peer) is garbage")
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """
+    A unit file's settings as C{"Section.Key"} -> its values in order, read
+    the way systemd reads them: comments skipped, a line ending in a
+    backslash continued on the next.
+    """
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in re.sub(r"\\\n", " ", path.read_text()).splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return settings
+
+
+class UnitFileTests(SynchronousTestCase):
+    """
+    deploy/tcpgreet.socket and deploy/tcpgreet.service.  Without systemd
+    running as PID 1, the units cannot be started here; instead systemd's
+    own tools check them, and the service's command line runs under
+    C{systemd-socket-activate} with the socket unit's descriptor name and
+    part of the unit's confinement.
+    """
+
+    def setUp(self):
+        self.socket = unit_settings(DEPLOY / "tcpgreet.socket")
+        self.service = unit_settings(DEPLOY / "tcpgreet.service")
+        self.command = shlex.split(self.service["Service.ExecStart"][0])
+        directory = tempfile.mkdtemp(prefix="tcpgreet-units-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        self.directory = Path(directory)
+
+    def local_units(self) -> list[Path]:
+        """
+        Copies of the units that run the twistd under test instead of the
+        one the unit expects in /opt (which systemd-analyze requires to exist).
+        """
+        service = (DEPLOY / "tcpgreet.service").read_text()
+        self.assertIn(self.command[0], service)
+        copies = [self.directory / "tcpgreet.socket", self.directory / "tcpgreet.service"]
+        shutil.copy(DEPLOY / "tcpgreet.socket", copies[0])
+        copies[1].write_text(service.replace(self.command[0], TWISTD))
+        return copies
+
+    def test_systemd_analyze_verify(self):
+        analyze = require_tool(self, "systemd-analyze")
+        result = subprocess.run([analyze, "verify", *map(str, self.local_units())],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+    def test_service_exposure_is_safe(self):
+        # systemd's own score of the hardening: 0 (confined) to 10 (exposed).
+        analyze = require_tool(self, "systemd-analyze")
+        service = self.local_units()[1]
+        result = subprocess.run([analyze, "security", "--offline=yes", str(service)],
+                                capture_output=True, text=True, timeout=60)
+        match = re.search(r"Overall exposure level for tcpgreet\.service: ([\d.]+) (\w+)",
+                          result.stdout)
+        self.assertIsNotNone(match, result.stdout + result.stderr)
+        self.assertEqual(match.group(2), "SAFE", result.stdout)
+
+    def test_socket_is_what_the_service_adopts(self):
+        # ExecStart adopts an IPv4 socket by name: the socket unit must bind
+        # IPv4 (a bare port is a dual-stack IPv6 socket) under that name.
+        self.assertEqual(self.socket["Socket.ListenStream"], ["0.0.0.0:27679"])
+        [name] = self.socket["Socket.FileDescriptorName"]
+        self.assertIn(f"systemd:domain=INET:name={name}", self.command)
+        self.assertEqual(self.service["Unit.Requires"], ["tcpgreet.socket"])
+
+    def test_service_command_greets_and_reloads(self):
+        greeting = self.directory / "greeting.txt"
+        greeting.write_text("first\n")
+        command = [TWISTD, *self.command[1:]]
+        where = command.index("--greeting-file") + 1
+        self.assertTrue(command[where].startswith("/etc/"), command[where])
+        command[where] = str(greeting)
+        [name] = self.socket["Socket.FileDescriptorName"]
+        program, [port] = socket_activate(self, command, fdnames=[name],
+                                          preexec_fn=confine.like_the_unit)
+        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT),
+                         b"first\r\n")
+
+        # What "systemctl reload tcpgreet" runs.
+        self.assertEqual(self.service["Service.ExecReload"], ["/bin/kill -HUP $MAINPID"])
+        greeting.write_text("second\n")
+        program.signal(signal.SIGHUP)
+        program.wait_for(r"reloaded greeting from .*greeting\.txt")
+        self.assertEqual(fetch("127.0.0.1", port), b"second\r\n")
+        program.stop()
+        self.assertNotIn("Traceback", program.log)
