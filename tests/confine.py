@@ -51,13 +51,18 @@ def respect_file_permissions() -> None:
     drop_capabilities((CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH))
 
 
-def like_the_unit() -> None:
-    """
-    C{NoNewPrivileges=yes}, C{CapabilityBoundingSet=} (empty) and, where
-    the kernel has the switch (Linux 6.3 and later), C{MemoryDenyWriteExecute=yes}.
-    """
+def without_privileges() -> None:
+    """C{NoNewPrivileges=yes} and C{CapabilityBoundingSet=} (empty)."""
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
     drop_capabilities(all_capabilities())
+
+
+def like_the_unit() -> None:
+    """
+    L{without_privileges} and, where the kernel has the switch (Linux 6.3
+    and later), C{MemoryDenyWriteExecute=yes}.
+    """
+    without_privileges()
     refused = _libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0
     # EINVAL: a kernel without the switch, which is left alone.
     if refused and ctypes.get_errno() != errno.EINVAL:

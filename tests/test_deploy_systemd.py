@@ -24,7 +24,7 @@ from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from . import confine
+from . import confine, tls
 from .helpers import (
     TWISTD,
     Program,
@@ -197,28 +197,37 @@ class UnitFileTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         self.directory = Path(directory)
 
-    def local_units(self) -> list[Path]:
+    def local_units(self, drop_ins: bool = False) -> list[Path]:
         """
-        Copies of the units that run the twistd under test instead of the
-        one the unit expects in /opt (which systemd-analyze requires to exist).
+        Copies of the units (and, with C{drop_ins}, of their drop-ins) that
+        run the twistd under test instead of the one the units expect in
+        /opt, which systemd-analyze requires to exist.
         """
-        service = (DEPLOY / "tcpgreet.service").read_text()
-        self.assertIn(self.command[0], service)
-        copies = [self.directory / "tcpgreet.socket", self.directory / "tcpgreet.service"]
-        shutil.copy(DEPLOY / "tcpgreet.socket", copies[0])
-        copies[1].write_text(service.replace(self.command[0], TWISTD))
+        sources = [DEPLOY / "tcpgreet.socket", DEPLOY / "tcpgreet.service"]
+        if drop_ins:
+            sources += sorted((DEPLOY / "tcpgreet.service.d").glob("*.conf"))
+        self.assertIn(self.command[0], sources[1].read_text())
+        copies = []
+        for source in sources:
+            copy = self.directory / source.relative_to(DEPLOY)
+            copy.parent.mkdir(exist_ok=True)
+            copy.write_text(source.read_text().replace(self.command[0], TWISTD))
+            copies.append(copy)
         return copies
 
     def test_systemd_analyze_verify(self):
+        # Drop-ins next to a unit given by path are read with it.
         analyze = require_tool(self, "systemd-analyze")
-        result = subprocess.run([analyze, "verify", *map(str, self.local_units())],
+        socket, service, *drop_ins = self.local_units(drop_ins=True)
+        self.assertEqual([path.name for path in drop_ins], ["tls.conf"])
+        result = subprocess.run([analyze, "verify", str(socket), str(service)],
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
     def test_service_exposure_is_safe(self):
         # systemd's own score of the hardening: 0 (confined) to 10 (exposed).
         analyze = require_tool(self, "systemd-analyze")
-        service = self.local_units()[1]
+        _, service = self.local_units()
         result = subprocess.run([analyze, "security", "--offline=yes", str(service)],
                                 capture_output=True, text=True, timeout=60)
         match = re.search(r"Overall exposure level for tcpgreet\.service: ([\d.]+) (\w+)",
@@ -255,3 +264,37 @@ class UnitFileTests(SynchronousTestCase):
         self.assertEqual(fetch("127.0.0.1", port), b"second\r\n")
         program.stop()
         self.assertNotIn("Traceback", program.log)
+
+    def test_tls_drop_in_command_greets_over_tls(self):
+        drop_in = unit_settings(DEPLOY / "tcpgreet.service.d" / "tls.conf")
+        self.assertEqual(drop_in["Service.MemoryDenyWriteExecute"], ["no"])
+        self.assertEqual(drop_in["Service.PrivateNetwork"], ["no"])
+        # "ExecStart=" first empties the list the drop-in then replaces.
+        reset, exec_start = drop_in["Service.ExecStart"]
+        self.assertEqual(reset, "")
+        # systemd's copies of the credentials, under the names the drop-in
+        # gives them, in what %d stands for.
+        credentials = self.directory / "credentials"
+        credentials.mkdir()
+        files = tls.self_signed(self.directory)
+        for setting in drop_in["Service.LoadCredential"]:
+            name, _, source = setting.partition(":")
+            self.assertTrue(source.startswith("/etc/tcpgreet/"), source)
+            kind = "key" if "key" in name else "cert"
+            shutil.copy(getattr(files, kind), credentials / name)
+        greeting = self.directory / "greeting.txt"
+        greeting.write_text("over TLS\n")
+        command = [TWISTD]
+        for argument in shlex.split(exec_start)[1:]:
+            argument = argument.replace("%d", str(credentials))
+            argument = re.sub(r"^ssl:\d+:", "ssl:0:interface=127.0.0.1:", argument)
+            command.append(str(greeting) if argument.startswith("/etc/") else argument)
+        [name] = self.socket["Socket.FileDescriptorName"]
+        program, [port] = socket_activate(self, command, fdnames=[name],
+                                          preexec_fn=confine.without_privileges)
+        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT),
+                         b"over TLS\r\n")
+        tls_port = int(program.wait_for(r"ssl:0:\S+ \(127\.0\.0\.1:(\d+)\)").group(1))
+        result = tls.s_client(self, tls_port, files.trust)
+        self.assertEqual((result.returncode, result.stdout), (0, b"over TLS\r\n"),
+                         result.stderr)

@@ -11,13 +11,12 @@ warning.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from . import confine, tlscerts
+from . import confine, tls
 from .helpers import (
     assert_fails_in_one_line,
     fetch,
@@ -26,11 +25,12 @@ from .helpers import (
     run_twistd_with,
     start_server,
 )
+from .tls import s_client
 
 DEFAULT = b"Thank you for connecting\r\n"
 
 
-def ssl_listener(files: tlscerts.ServerFiles, *, chain: bool = True) -> str:
+def ssl_listener(files: tls.ServerFiles, *, chain: bool = True) -> str:
     description = f"ssl:0:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
     if chain and files.chain is not None:
         description += f":extraCertChain={files.chain}"
@@ -41,19 +41,6 @@ def temporary_directory(testcase) -> Path:
     directory = tempfile.mkdtemp(prefix="tcpgreet-tls-")
     testcase.addCleanup(shutil.rmtree, directory, ignore_errors=True)
     return Path(directory)
-
-
-def s_client(testcase, port: int, trust: Path) -> subprocess.CompletedProcess:
-    """
-    C{openssl s_client -quiet}: the handshake, verified against C{trust} and
-    the name C{localhost}, then everything the server sends, to EOF.
-    """
-    openssl = require_tool(testcase, "openssl")
-    return subprocess.run(
-        [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-quiet",
-         "-servername", tlscerts.SERVER_NAME, "-verify_hostname", tlscerts.SERVER_NAME,
-         "-CAfile", str(trust), "-verify_return_error"],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
 
 class TLSGreetingTests(SynchronousTestCase):
@@ -70,17 +57,17 @@ class TLSGreetingTests(SynchronousTestCase):
         return server
 
     def test_self_signed_certificate(self):
-        files = tlscerts.self_signed(self.directory)
+        files = tls.self_signed(self.directory)
         self.assertGreetedOverTLS(ssl_listener(files), files.trust)
 
     def test_certificate_chain_with_extra_cert_chain(self):
-        files = tlscerts.chained(self.directory)
+        files = tls.chained(self.directory)
         self.assertGreetedOverTLS(ssl_listener(files), files.trust)
 
     def test_without_the_intermediate_the_client_cannot_verify(self):
         # The other side of the test above: it passes because the server
         # sends the intermediate, not because s_client accepts anything.
-        files = tlscerts.chained(self.directory)
+        files = tls.chained(self.directory)
         server = start_server(self, "--listen", ssl_listener(files, chain=False))
         result = s_client(self, server.port, files.trust)
         self.assertNotEqual(result.returncode, 0)
@@ -89,20 +76,20 @@ class TLSGreetingTests(SynchronousTestCase):
 
     def test_key_and_certificate_in_one_file(self):
         # certKey defaults to privateKey, so one file holding both is enough.
-        files = tlscerts.self_signed(self.directory)
-        both = tlscerts.combined(files, self.directory / "both.pem")
+        files = tls.self_signed(self.directory)
+        both = tls.combined(files, self.directory / "both.pem")
         self.assertGreetedOverTLS(f"ssl:0:interface=127.0.0.1:privateKey={both}",
                                   files.trust)
 
     def test_template_sees_the_tls_client(self):
-        files = tlscerts.self_signed(self.directory)
+        files = tls.self_signed(self.directory)
         server = start_server(self, "--listen", ssl_listener(files),
                               "--greeting", "hello {peer_host}")
         result = s_client(self, server.port, files.trust)
         self.assertEqual(result.stdout, b"hello 127.0.0.1\r\n")
 
     def test_plaintext_client_gets_no_greeting(self):
-        files = tlscerts.self_signed(self.directory)
+        files = tls.self_signed(self.directory)
         server = start_server(self, "--listen", ssl_listener(files))
         received = fetch(server.host, server.port, send=b"HELLO\r\n")
         self.assertNotIn(b"Thank you", received)
@@ -111,7 +98,7 @@ class TLSGreetingTests(SynchronousTestCase):
         self.assertNotIn("Traceback", server.log)
 
     def test_connection_log_says_tls(self):
-        files = tlscerts.self_signed(self.directory)
+        files = tls.self_signed(self.directory)
         server = self.assertGreetedOverTLS(ssl_listener(files), files.trust)
         line = server.wait_for(r"127\.0\.0\.1 port \d+: greeted").string
         self.assertRegex(line, r"TLS")
@@ -128,7 +115,7 @@ class TLSStartupErrorTests(SynchronousTestCase):
 
     def setUp(self):
         self.directory = temporary_directory(self)
-        self.files = tlscerts.self_signed(self.directory)
+        self.files = tls.self_signed(self.directory)
 
     def assertRefused(self, listener: str, culprit, reason: str, preexec_fn=None) -> str:
         """
@@ -212,7 +199,7 @@ class TLSStartupErrorTests(SynchronousTestCase):
         "a traceback (OpenSSL.crypto.Error: PEM routines: no start line)")
 
     def test_key_does_not_match_certificate(self):
-        other = tlscerts.self_signed(temporary_directory(self))
+        other = tls.self_signed(temporary_directory(self))
         self.assertRefused(self.listener(key=other.key), (other.key, self.files.cert),
                            r"(?i)match")
 

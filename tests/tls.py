@@ -1,7 +1,8 @@
 """
-Certificates made on the fly for the TLS tests, with C{cryptography} (which
-C{twisted[tls]} brings): a self-signed certificate, and a chain root CA ->
-intermediate CA -> server certificate, the shape a public CA hands out.
+TLS for tests: certificates made on the fly with C{cryptography} (which
+C{twisted[tls]} brings), a self-signed one and a chain root CA ->
+intermediate CA -> server certificate, the shape a public CA hands out; and
+the real C{openssl s_client} to connect with.
 
 Keys are P-256: as good as RSA for these tests and generated in microseconds.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from .helpers import require_tool
 
 SERVER_NAME = "localhost"
 
@@ -109,3 +113,16 @@ def combined(files: ServerFiles, path: Path) -> Path:
     """Key and certificate in one file, as many tools store them."""
     path.write_bytes(files.key.read_bytes() + files.cert.read_bytes())
     return path
+
+
+def s_client(testcase, port: int, trust: Path) -> subprocess.CompletedProcess:
+    """
+    C{openssl s_client -quiet}: the handshake, verified against C{trust} and
+    the name C{localhost}, then everything the server sends, to EOF.
+    """
+    openssl = require_tool(testcase, "openssl")
+    return subprocess.run(
+        [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-quiet",
+         "-servername", SERVER_NAME, "-verify_hostname", SERVER_NAME,
+         "-CAfile", str(trust), "-verify_return_error"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
