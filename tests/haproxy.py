@@ -92,22 +92,25 @@ class HAProxy:
                 return row
         raise AssertionError(f"no server {server!r} in:\n{text}")
 
-    def wait_for_check(self, server: str, check_status: str,
+    def wait_for_check(self, server: str, check_status: str | None = None,
                        timeout: float = 15.0) -> dict[str, str]:
         """
-        Wait until the last health check of C{server} ended in
-        C{check_status} (C{L4OK}, C{L7OK}, C{L7TOUT}, ...); its stats row.
+        Wait until a health check of C{server} has ended (in C{check_status},
+        such as C{L7OK} or C{L7TOUT}, if given); its stats row.
         """
         deadline = time.monotonic() + timeout
         while True:
             row = self.server_stats(server)
-            if row["check_status"] == check_status:
+            status = row["check_status"]
+            # "INI": none yet; a leading "*": one under way.
+            ended = status not in ("", "INI") and not status.startswith("*")
+            if ended and check_status in (None, status):
                 return row
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{server}: health check is {row['check_status']!r} "
-                    f"({row['check_desc'] or row['last_chk']!r}), not {check_status!r} "
-                    f"after {timeout}s; HAProxy log:\n{self.log}")
+                    f"{server}: health check is {status!r} "
+                    f"({row['check_desc'] or row['last_chk']!r}), not "
+                    f"{check_status or 'ended'!r} after {timeout}s; HAProxy log:\n{self.log}")
             time.sleep(POLL_INTERVAL)
 
     def stop(self) -> int:

@@ -111,25 +111,36 @@ class HealthCheckTests(SynchronousTestCase):
     server that accepts connections but cannot greet is taken out.
     """
 
+    def assertHealthy(self, server_line: str):
+        proxy = start_haproxy(self, [f"{server_line} check inter 200ms"],
+                              backend=f"    {GREETING_CHECK}")
+        proxy.wait_for_check("greet1", "L7OK")
+        self.assertEqual(fetch(proxy.host, proxy.port), DEFAULT)
+
     def test_check_through_the_proxy_listener(self):
         # With send-proxy-v2 and no "port", HAProxy sends the header on its
         # checks too: a v2 LOCAL command, which has no client address.
         server = start_server(self, "--listen", PROXIED)
-        proxy = start_haproxy(
-            self, [f"{server.host}:{server.port} send-proxy-v2 check inter 200ms"],
-            backend=f"    {GREETING_CHECK}")
-        proxy.wait_for_check("greet1", "L7OK")
-        self.assertEqual(fetch(proxy.host, proxy.port), DEFAULT)
+        self.assertHealthy(f"{server.host}:{server.port} send-proxy-v2")
 
     def test_check_on_a_plain_listener_beside(self):
         server = start_server(self, "--listen", PROXIED, "--listen", PLAIN)
         proxied, plain = [int(port) for port in
                           re.findall(r"\(127\.0\.0\.1:(\d+)\)", server.log)]
+        self.assertHealthy(f"127.0.0.1:{proxied} send-proxy-v2 port {plain}")
+
+    def test_check_without_the_header_fails_on_the_proxy_listener(self):
+        # "port" set: HAProxy sends no header on its checks, even to the PROXY
+        # listener itself, which must then not greet them.
+        server = start_server(self, "--listen", PROXIED)
         proxy = start_haproxy(
-            self, [f"127.0.0.1:{proxied} send-proxy-v2 check port {plain} inter 200ms"],
-            backend=f"    {GREETING_CHECK}")
-        proxy.wait_for_check("greet1", "L7OK")
-        self.assertEqual(fetch(proxy.host, proxy.port), DEFAULT)
+            self, [f"{server.host}:{server.port} send-proxy-v2 check port {server.port} "
+                   "inter 200ms"],
+            backend=f"    timeout check 1s\n    {GREETING_CHECK}")
+        self.assertNotEqual(proxy.wait_for_check("greet1")["check_status"], "L7OK")
+
+    test_check_without_the_header_fails_on_the_proxy_listener.todo = (
+        "a PROXY listener greets a connection that sends no header, so the check passes")
 
     def test_a_server_that_does_not_greet_fails_its_check(self):
         # The control for the two above: a port that accepts and says nothing.
