@@ -219,3 +219,70 @@ def require_tool(testcase, program: str) -> str:
     if os.environ.get("TCPGREET_REQUIRE_SYSTEM_TOOLS") == "1":
         testcase.fail(f"{program} is required (TCPGREET_REQUIRE_SYSTEM_TOOLS=1) but missing")
     raise SkipTest(f"{program} not installed")
+
+
+class Program(Server):
+    """
+    A program other than twistd itself: HAProxy, or a wrapper such as
+    C{systemd-socket-activate} that ends by exec'ing twistd.  Its standard
+    error is merged into the log, so its own messages ("Listening on ...",
+    a one-line start-up error) can be waited for like any log line.
+    """
+
+    def __init__(self, command: list[str], env: dict | None = None,
+                 pass_fds: tuple[int, ...] = (), preexec_fn=None) -> None:
+        self.args = tuple(command)
+        self.lines = []
+        self._queue = queue.Queue()
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, env=_env(env), pass_fds=pass_fds,
+            preexec_fn=preexec_fn, cwd=NEUTRAL_CWD)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = None
+        self.host = None
+
+    def _stderr_if_dead(self) -> str:
+        return ""  # already in the log
+
+    def exit_status(self, timeout: float = 30.0) -> int:
+        """Wait for the program to end by itself; its status."""
+        status = self.process.wait(timeout)
+        self._reader.join(timeout)
+        self._drain()
+        return status
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """
+    A port nothing listens on right now, for the few programs that cannot
+    listen on port 0 and report the port they got.  Another process may take
+    it before the program binds it: callers retry on "address in use".
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_twistd_with(preexec_fn, *args: str,
+                    timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """L{run_twistd}, with C{preexec_fn} run in the child before twistd starts."""
+    return subprocess.run(twistd_command(*args), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=_env(None),
+                          cwd=NEUTRAL_CWD, preexec_fn=preexec_fn)
+
+
+def assert_fails_in_one_line(testcase, result: subprocess.CompletedProcess,
+                             pattern: str) -> str:
+    """
+    The project's rule for a mistake an operator can make: a non-zero exit,
+    no traceback, and one line on standard error matching C{pattern}.
+    """
+    testcase.assertNotIn("Traceback", result.stdout + result.stderr)
+    testcase.assertNotEqual(result.returncode, 0)
+    lines = result.stderr.splitlines()
+    testcase.assertEqual(len(lines), 1, result.stderr)
+    testcase.assertRegex(lines[0], pattern)
+    return lines[0]

@@ -1,0 +1,175 @@
+"""
+tcpgreet behind the real HAProxy: plain TCP relaying, the PROXY protocol
+(v1 and v2) carrying the original client's address, health checks, load
+balancing over several instances, and deploy/haproxy.cfg itself.
+
+Clients connect from 127.0.0.2 (every 127/8 address is loopback on Linux),
+so the original client and HAProxy (127.0.0.1) can be told apart.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .haproxy import start_haproxy
+from .helpers import fetch, require_tool, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = b"Thank you for connecting\r\n"
+CLIENT = "127.0.0.2"
+PLAIN = "tcp:0:interface=127.0.0.1"
+PROXIED = "haproxy:tcp:0:interface=127.0.0.1"
+# What deploy/haproxy.cfg checks: a TCP check that reads a whole greeting
+# line, through the PROXY listener with a v2 header (LOCAL command).
+GREETING_CHECK = "option tcp-check\n    tcp-check expect rstring \\r\\n"
+
+
+def greeted_from(source: str, host: str, port: int, timeout: float = 10.0) -> tuple[bytes, int]:
+    """Connect from C{source}, read to EOF; what was read and our own port."""
+    with socket.create_connection((host, port), timeout, source_address=(source, 0)) as s:
+        local_port = s.getsockname()[1]
+        return b"".join(iter(lambda: s.recv(65536), b"")), local_port
+
+
+class PlainRelayTests(SynchronousTestCase):
+    def test_mode_tcp_relays_the_greeting(self):
+        server = start_server(self, "--listen", PLAIN, "--greeting", "{peer_host}")
+        proxy = start_haproxy(self, [f"{server.host}:{server.port}"])
+        data, local_port = greeted_from(CLIENT, proxy.host, proxy.port)
+        # Without the PROXY protocol tcpgreet sees HAProxy, not the client:
+        # this is what send-proxy-v2 is for.
+        self.assertEqual(data, b"127.0.0.1\r\n")
+        proxy.wait_for(rf"^{re.escape(CLIENT)}:{local_port} .* greet greet/greet1 ")
+        server.wait_for(r"127\.0\.0\.1 port \d+: greeted")
+
+
+class ProxyProtocolTests(SynchronousTestCase):
+    """
+    Through C{send-proxy} (v1) and C{send-proxy-v2}, tcpgreet's C{haproxy:}
+    listener must see the original client: in C{{peer_host}}, C{{peer_port}}
+    and in its log line.
+    """
+
+    def assertSeesTheClient(self, send_proxy: str):
+        server = start_server(self, "--listen", PROXIED,
+                              "--greeting", "{peer_host} {peer_port}")
+        proxy = start_haproxy(self, [f"{server.host}:{server.port} {send_proxy}"])
+        data, local_port = greeted_from(CLIENT, proxy.host, proxy.port)
+        self.assertEqual(data, f"{CLIENT} {local_port}\r\n".encode())
+        line = server.wait_for(r"port \d+: greeted").string
+        self.assertRegex(line, rf"{re.escape(CLIENT)} port {local_port}: greeted")
+
+    def test_send_proxy_v1(self):
+        self.assertSeesTheClient("send-proxy")
+
+    test_send_proxy_v1.todo = (
+        "the greeting is sent when the connection is made, before the PROXY header "
+        "is read, so {peer_host} is HAProxy's 127.0.0.1 and the log names HAProxy too")
+
+    def test_send_proxy_v2(self):
+        self.assertSeesTheClient("send-proxy-v2")
+
+    test_send_proxy_v2.todo = test_send_proxy_v1.todo
+
+
+class DirectClientTests(SynchronousTestCase):
+    """
+    A client that reaches a PROXY listener directly and sends no header, or a
+    broken one, gets no greeting; the server logs it and no traceback.
+    """
+
+    def assertNotGreeted(self, send: bytes):
+        server = start_server(self, "--listen", PROXIED)
+        self.assertEqual(fetch(server.host, server.port, send=send), b"")
+        server.stop()
+        self.assertNotIn("greeted", server.log)
+        self.assertNotIn("Traceback", server.log)
+
+    def test_no_header(self):
+        self.assertNotGreeted(b"")
+
+    test_no_header.todo = (
+        "a client that sends no PROXY header is greeted at once, with its own address")
+
+    def test_broken_header(self):
+        self.assertNotGreeted(b"PROXY TCP4 not-an-address\r\n")
+
+    test_broken_header.todo = (
+        "a client that sends a broken PROXY header is greeted before the header is read")
+
+
+class HealthCheckTests(SynchronousTestCase):
+    """
+    The two ways to health-check a PROXY listener: checks that send the
+    header too (what deploy/haproxy.cfg does), or checks to a plain listener
+    beside it.  Either way the check reads a whole greeting line, so a
+    server that accepts connections but cannot greet is taken out.
+    """
+
+    def assertHealthy(self, server_line: str):
+        proxy = start_haproxy(self, [f"{server_line} check inter 200ms"],
+                              backend=f"    {GREETING_CHECK}")
+        proxy.wait_for_check("greet1", "L7OK")
+        self.assertEqual(fetch(proxy.host, proxy.port), DEFAULT)
+
+    def test_check_through_the_proxy_listener(self):
+        # With send-proxy-v2 and no "port", HAProxy sends the header on its
+        # checks too: a v2 LOCAL command, which has no client address.
+        server = start_server(self, "--listen", PROXIED)
+        self.assertHealthy(f"{server.host}:{server.port} send-proxy-v2")
+
+    def test_check_on_a_plain_listener_beside(self):
+        server = start_server(self, "--listen", PROXIED, "--listen", PLAIN)
+        proxied, plain = [int(port) for port in
+                          re.findall(r"\(127\.0\.0\.1:(\d+)\)", server.log)]
+        self.assertHealthy(f"127.0.0.1:{proxied} send-proxy-v2 port {plain}")
+
+    def test_check_without_the_header_fails_on_the_proxy_listener(self):
+        # "port" set: HAProxy sends no header on its checks, even to the PROXY
+        # listener itself, which must then not greet them.
+        server = start_server(self, "--listen", PROXIED)
+        proxy = start_haproxy(
+            self, [f"{server.host}:{server.port} send-proxy-v2 check port {server.port} "
+                   "inter 200ms"],
+            backend=f"    timeout check 1s\n    {GREETING_CHECK}")
+        self.assertNotEqual(proxy.wait_for_check("greet1")["check_status"], "L7OK")
+
+    test_check_without_the_header_fails_on_the_proxy_listener.todo = (
+        "a PROXY listener greets a connection that sends no header, so the check passes")
+
+    def test_a_server_that_does_not_greet_fails_its_check(self):
+        # The control for the two above: a port that accepts and says nothing.
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            proxy = start_haproxy(
+                self, [f"127.0.0.1:{silent.getsockname()[1]} check inter 200ms"],
+                backend="    timeout check 300ms\n"
+                        f"    {GREETING_CHECK}")
+            proxy.wait_for_check("greet1", "L7TOUT")
+
+
+class ScaleOutTests(SynchronousTestCase):
+    def test_round_robin_over_instances(self):
+        servers = [start_server(self, "--listen", PROXIED, "--greeting", f"instance {n}")
+                   for n in (1, 2, 3)]
+        proxy = start_haproxy(
+            self, [f"{s.host}:{s.port} send-proxy-v2" for s in servers],
+            backend="    balance roundrobin")
+        seen = {fetch(proxy.host, proxy.port) for _ in range(6)}
+        self.assertEqual(seen, {b"instance 1\r\n", b"instance 2\r\n", b"instance 3\r\n"})
+
+
+class DeployConfigTests(SynchronousTestCase):
+    def test_deploy_haproxy_cfg_is_valid(self):
+        haproxy = require_tool(self, "haproxy")
+        result = subprocess.run([haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        # A warning is HAProxy telling us the example teaches something wrong.
+        self.assertNotIn("WARNING", result.stdout + result.stderr)
