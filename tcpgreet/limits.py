@@ -97,7 +97,7 @@ class ConnectionLimits:
         self.open = 0
         # host -> open connections; only hosts with open connections.
         self.per_ip: dict[str, int] = {}
-        self._by_address = bool(max_per_ip or rate)
+        self._by_address = bool(max_per_ip) or rate is not None
 
     def admit(self, host: str | None) -> str | None:
         """

@@ -45,6 +45,9 @@ log = Logger()
 # that nobody notices once resources are back.
 ACCEPT_PAUSE = 0.1
 
+# The most a DirectTransport tries to send by itself.
+DIRECT_WRITE_LIMIT = 65536
+
 _DONTWAIT = socket.MSG_DONTWAIT
 _ABORTED = Failure(error.ConnectionAborted())
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -89,6 +92,11 @@ class DirectTransport:
             return self.server.write(data)
         if not self.connected or not data:
             return None
+        if len(data) > DIRECT_WRITE_LIMIT:
+            # Unlikely to fit in the send buffer; the reactor's transport
+            # sends from this very object, where a short write here would
+            # have to copy the rest.
+            return self.upgrade().write(data)
         try:
             sent = self.socket.send(data, _DONTWAIT)
         except BlockingIOError:

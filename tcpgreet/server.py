@@ -30,9 +30,11 @@ log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
 
-# Greetings longer than this are fed to the transport a chunk at a time, so a
-# client that reads slowly holds one chunk of server memory, not a copy of
-# the whole greeting.
+# A transport that encrypts (TLS) copies what it is given, so a greeting
+# longer than this is fed to it a chunk at a time: a client that reads slowly
+# then holds one chunk of server memory, not a copy of the greeting.  A plain
+# byte stream gets the whole greeting at once and sends it from the one
+# shared copy.
 CHUNK = 65536
 
 # How long a connection whose greeting is written may wait for the client
@@ -42,6 +44,16 @@ LINGER = 2.0
 # Why the server cut a connection short.
 TIMEOUT = "timeout"
 DRAIN = "drain"
+
+
+def _is_byte_stream(transport) -> bool:
+    """
+    Whether C{transport} is a plain byte stream (TCP, UNIX) that can
+    half-close and sends what it is given without copying it.  Look on the
+    class: wrappers such as TLS forward unknown attributes to the transport
+    beneath them, and half-closing that would cut the TLS stream short.
+    """
+    return hasattr(type(transport), "loseWriteConnection")
 
 
 def peer_host_port(address: IAddress) -> tuple[str, int]:
@@ -108,22 +120,22 @@ class GreetProtocol(Protocol):
             self.peer = self.transport.getPeer()
         greeting = factory.greetingFor(self.peer)
         self.length = len(greeting)
-        if self.length > CHUNK:
-            self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
-        else:
+        if self.length <= CHUNK or _is_byte_stream(self.transport):
             self.transport.write(greeting)
             self.written = self.length
             self.greetingWritten()
+        else:
+            self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
         if self.connected:
             # Still open: the transport could not finish within this call.
             factory.connectionWaiting(self)
 
     def greetingWritten(self) -> None:
         """Everything is handed to the transport: close our side after it."""
-        if hasattr(self.transport, "loseWriteConnection"):
+        # A transport that cannot half-close (TLS) closes outright.
+        if _is_byte_stream(self.transport):
             self.transport.loseWriteConnection()
         else:
-            # A transport that cannot half-close (TLS) closes outright.
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:

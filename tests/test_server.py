@@ -4,14 +4,15 @@ GreetProtocol and GreetFactory, driven through StringTransport.
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet import greeting
 from tcpgreet.greeting import Clock
-from tcpgreet.server import GreetFactory, GreetProtocol, peer_host_port
+from tcpgreet.limits import ConnectionLimits
+from tcpgreet.server import CHUNK, LINGER, GreetFactory, GreetProtocol, peer_host_port
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40001)
 
@@ -38,14 +39,15 @@ class CapturedLog:
 
 class ProtocolTests(SynchronousTestCase):
     def test_default_greeting_then_close(self):
-        factory = GreetFactory(greeting.from_text("Thank you for connecting"), quiet=True)
+        factory = GreetFactory(greeting.from_text("Thank you for connecting"), quiet=True,
+                               reactor=MemoryReactorClock())
         protocol, transport = connect(factory)
         self.assertIsInstance(protocol, GreetProtocol)
         self.assertEqual(transport.value(), b"Thank you for connecting\r\n")
         self.assertTrue(transport.disconnecting)
 
     def test_client_bytes_are_discarded(self):
-        factory = GreetFactory(greeting.from_text("hi"), quiet=True)
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=MemoryReactorClock())
         protocol, transport = connect(factory)
         protocol.dataReceived(b"x" * 100000)
         self.assertEqual(transport.value(), b"hi\r\n")
@@ -53,7 +55,8 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_template_sees_the_peer_and_counts_connections(self):
         factory = GreetFactory(
-            greeting.from_text("hi {peer_host}:{peer_port} #{connection}"), quiet=True)
+            greeting.from_text("hi {peer_host}:{peer_port} #{connection}"), quiet=True,
+            reactor=MemoryReactorClock())
         _, first = connect(factory)
         _, second = connect(factory, IPv6Address("TCP", "2001:db8::1", 5))
         self.assertEqual(first.value(), b"hi 192.0.2.7:40001 #1\r\n")
@@ -63,12 +66,12 @@ class ProtocolTests(SynchronousTestCase):
         clock = Clock(now=lambda: 0.0)
         clock.hostname = "greeter"
         factory = GreetFactory(greeting.from_text("{hostname} {time}"), quiet=True,
-                               clock=clock)
+                               clock=clock, reactor=MemoryReactorClock())
         _, transport = connect(factory)
         self.assertEqual(transport.value(), b"greeter 1970-01-01T00:00:00Z\r\n")
 
     def test_a_swapped_greeting_applies_to_the_next_connection(self):
-        factory = GreetFactory(greeting.from_text("old"), quiet=True)
+        factory = GreetFactory(greeting.from_text("old"), quiet=True, reactor=MemoryReactorClock())
         _, before = connect(factory)
         factory.greeting = greeting.from_text("new")
         _, after = connect(factory)
@@ -78,7 +81,7 @@ class ProtocolTests(SynchronousTestCase):
 class LogTests(SynchronousTestCase):
     def test_one_structured_line_per_greeted_connection(self):
         log = CapturedLog(self)
-        factory = GreetFactory(greeting.from_text("hello"))
+        factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
         protocol, _ = connect(factory)
         protocol.connectionLost(Failure(error.ConnectionDone()))
         [event] = log.events
@@ -90,7 +93,7 @@ class LogTests(SynchronousTestCase):
 
     def test_a_lost_connection_is_logged_with_the_reason(self):
         log = CapturedLog(self)
-        factory = GreetFactory(greeting.from_text("hello"))
+        factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
         protocol, _ = connect(factory)
         protocol.connectionLost(Failure(error.ConnectionLost("reset by peer")))
         [event] = log.events
@@ -99,7 +102,8 @@ class LogTests(SynchronousTestCase):
 
     def test_quiet_logs_nothing(self):
         log = CapturedLog(self)
-        factory = GreetFactory(greeting.from_text("hello"), quiet=True)
+        factory = GreetFactory(greeting.from_text("hello"), quiet=True,
+                               reactor=MemoryReactorClock())
         protocol, _ = connect(factory)
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(log.events, [])
@@ -112,3 +116,202 @@ class AddressTests(SynchronousTestCase):
     def test_unix_peer_has_no_port(self):
         self.assertEqual(peer_host_port(UNIXAddress(None)), ("unix", 0))
         self.assertEqual(peer_host_port(UNIXAddress(b"/run/x")), ("/run/x", 0))
+
+
+class HalfCloseTransport(StringTransport):
+    """
+    A StringTransport that can half-close, and that, like a real one, tells
+    its half-closeable protocol when the write side is closed (here: when the
+    test says the bytes went out).
+    """
+
+    writeClosed = False
+
+    def loseWriteConnection(self):
+        self.writeClosed = True
+
+    def flushed(self):
+        """The test's stand-in for the reactor writing everything out."""
+        self.protocol.writeConnectionLost()
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
+
+
+def open_connection(factory, peer=PEER):
+    protocol = factory.buildProtocol(peer)
+    transport = HalfCloseTransport(peerAddress=peer)
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def finish(protocol, reason=error.ConnectionDone):
+    protocol.connectionLost(Failure(reason()))
+
+
+class CloseTests(SynchronousTestCase):
+    """The half-close: FIN after the greeting, and when to close fully."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.factory = GreetFactory(greeting.from_text("hello"), quiet=True,
+                                    reactor=self.reactor, timeout=10)
+
+    def test_half_closes_after_the_greeting(self):
+        _, transport = open_connection(self.factory)
+        self.assertEqual(transport.value(), b"hello\r\n")
+        self.assertTrue(transport.writeClosed)
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_silent_client_served_at_once_is_closed_at_once(self):
+        protocol, transport = open_connection(self.factory)
+        # The reactor-less path: writeConnectionLost before the factory
+        # gave the connection a deadline.
+        protocol._timer = None
+        protocol.writeConnectionLost()
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_client_that_spoke_is_waited_for(self):
+        protocol, transport = open_connection(self.factory)
+        protocol.dataReceived(b"QUIT\r\n")
+        transport.flushed()
+        self.assertFalse(transport.disconnecting)
+        protocol.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_connection_that_needed_the_reactor_lingers_briefly(self):
+        protocol, transport = open_connection(self.factory)
+        self.assertIn(protocol, self.factory.waiting)
+        transport.flushed()
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(LINGER - 0.01)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.02)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(getattr(transport, "aborted", False))
+        finish(protocol)
+        self.assertEqual(self.factory.stats.greeted, 1)
+
+    def test_client_eof_before_the_greeting_is_out(self):
+        protocol, transport = open_connection(self.factory)
+        protocol.readConnectionLost()
+        self.assertFalse(transport.disconnecting)
+        transport.flushed()
+        self.assertTrue(transport.disconnecting)
+
+
+class TimeoutTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.factory = GreetFactory(greeting.from_text("hello"), reactor=self.reactor,
+                                    timeout=2)
+        self.log = CapturedLog(self)
+
+    def test_undelivered_greeting_is_aborted_after_the_timeout(self):
+        protocol, transport = open_connection(self.factory)
+        self.reactor.advance(1.99)
+        self.assertFalse(getattr(transport, "aborted", False))
+        self.reactor.advance(0.02)
+        self.assertTrue(transport.aborted)
+        finish(protocol, error.ConnectionAborted)
+        [event] = self.log.events
+        self.assertEqual((event["outcome"], event["reason"]), ("aborted", "timeout"))
+        self.assertEqual(self.factory.stats.aborted, {"timeout": 1})
+        self.assertEqual(self.factory.waiting, set())
+
+    def test_timer_is_cancelled_when_the_connection_ends(self):
+        protocol, transport = open_connection(self.factory)
+        transport.flushed()
+        finish(protocol)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_client_that_resets_is_lost(self):
+        protocol, _ = open_connection(self.factory)
+        finish(protocol, error.ConnectionLost)
+        [event] = self.log.events
+        self.assertEqual(event["outcome"], "lost")
+        self.assertEqual(self.factory.stats.lost, 1)
+        self.assertEqual(self.factory.limits.open, 0)
+
+
+class LongGreetingTests(SynchronousTestCase):
+    def test_a_byte_stream_gets_it_whole_without_a_copy(self):
+        factory = GreetFactory(greeting.from_text("x" * (3 * CHUNK)), quiet=True,
+                               reactor=MemoryReactorClock())
+        written = []
+        transport = HalfCloseTransport()
+        transport.write = written.append
+        protocol = factory.buildProtocol(PEER)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        [data] = written
+        self.assertIs(data, factory.greeting.static)
+
+    def test_written_to_tls_a_chunk_at_a_time(self):
+        text = "x" * (3 * CHUNK)
+        factory = GreetFactory(greeting.from_text(text), quiet=True,
+                               reactor=MemoryReactorClock())
+        protocol = factory.buildProtocol(PEER)
+        transport = StringTransport(peerAddress=PEER)  # cannot half-close, like TLS
+        protocol.makeConnection(transport)
+        producer = transport.producer
+        self.assertIsNotNone(producer)
+        self.assertFalse(transport.streaming)
+        self.assertEqual(len(transport.value()), 0)  # StringTransport does not pull
+        pulls = 0
+        while transport.producer is not None:
+            pulls += 1
+            before = len(transport.value())
+            producer.resumeProducing()
+            self.assertLessEqual(len(transport.value()) - before, CHUNK)
+        self.assertEqual(pulls, 4)
+        self.assertEqual(transport.value(), (text + "\r\n").encode())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(protocol.written, len(text) + 2)
+
+
+class LimitTests(SynchronousTestCase):
+    def test_refused_connections_get_no_protocol_and_are_counted(self):
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True,
+                               limits=ConnectionLimits(max_connections=1),
+                               reactor=MemoryReactorClock())
+        first, _ = open_connection(factory)
+        self.assertIsNone(factory.buildProtocol(PEER))
+        self.assertEqual(factory.stats.rejected, {"max-connections": 1})
+        finish(first)
+        self.assertIsNotNone(factory.buildProtocol(PEER))
+
+    def test_rejections_are_logged_at_most_once_a_second(self):
+        reactor = MemoryReactorClock()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True,
+                               limits=ConnectionLimits(max_connections=1), reactor=reactor)
+        open_connection(factory)
+        for _ in range(1000):
+            factory.buildProtocol(PEER)
+        reactor.advance(1.0)
+        for _ in range(500):
+            factory.buildProtocol(PEER)
+        reactor.advance(1.0)
+        reactor.advance(1.0)
+        refusals = [e for e in events if "refused" in e.get("log_format", "")]
+        self.assertEqual([e["count"] for e in refusals], [1, 999, 500])
+        self.assertEqual(refusals[0]["limit"], "--max-connections")
+        self.assertEqual(factory.stats.rejected, {"max-connections": 1500})
+
+
+class StatsTests(SynchronousTestCase):
+    def test_greeted_connections_are_counted(self):
+        factory = GreetFactory(greeting.from_text("hello"), quiet=True,
+                               reactor=MemoryReactorClock())
+        for _ in range(3):
+            protocol, transport = open_connection(factory)
+            transport.flushed()
+            finish(protocol)
+        stats = factory.stats
+        self.assertEqual((stats.accepted, stats.greeted, stats.bytes_sent), (3, 3, 21))
+        self.assertEqual(stats.durations.count, 3)

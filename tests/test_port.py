@@ -1,0 +1,161 @@
+"""
+GreetPort and DirectTransport: greetings served within the accept pass, the
+hand-over to the reactor, and accept errors that neither spin nor flood.
+"""
+
+import errno
+import socket
+
+from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tcpgreet import greeting, port
+from tcpgreet.server import GreetFactory
+
+
+def blocking_fetch(address, send=b"", rcvbuf=None, timeout=10):
+    """Read to EOF with a plain blocking socket (run in a thread)."""
+    with socket.socket() as s:
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(timeout)
+        s.connect(address)
+        if send:
+            s.sendall(send)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+class CountingServer(tcp.Server):
+    created = 0
+
+    def __init__(self, *args):
+        CountingServer.created += 1
+        super().__init__(*args)
+
+
+class DirectPathTests(TestCase):
+    def listen(self, text, **kwargs):
+        factory = GreetFactory(greeting.from_text(text), quiet=True, **kwargs)
+        listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+        listening.transport = CountingServer
+        CountingServer.created = 0
+        self.addCleanup(listening.stopListening)
+        return factory, ("127.0.0.1", listening.getHost().port)
+
+    @defer.inlineCallbacks
+    def test_short_greeting_needs_no_reactor_transport(self):
+        factory, address = self.listen("hello")
+        for _ in range(5):
+            data = yield threads.deferToThread(blocking_fetch, address)
+            self.assertEqual(data, b"hello\r\n")
+        self.assertEqual(CountingServer.created, 0)
+        self.assertEqual((factory.stats.greeted, factory.limits.open), (5, 0))
+
+    @defer.inlineCallbacks
+    def test_a_client_that_speaks_first_still_gets_everything(self):
+        factory, address = self.listen("hello")
+        data = yield threads.deferToThread(blocking_fetch, address, b"x" * 100000)
+        self.assertEqual(data, b"hello\r\n")
+        yield factory.whenIdle()
+        self.assertEqual(factory.stats.greeted, 1)
+
+    @defer.inlineCallbacks
+    def test_long_greeting_is_handed_to_the_reactor(self):
+        text = "0123456789abcdef" * 150000
+        factory, address = self.listen(text)
+        data = yield threads.deferToThread(blocking_fetch, address, b"", 4096)
+        self.assertEqual(data, text.encode() + b"\r\n")
+        self.assertEqual(CountingServer.created, 1)
+        yield factory.whenIdle()
+        self.assertEqual(factory.stats.greeted, 1)
+
+
+class FakeListeningSocket:
+    """
+    A listening socket whose accept fails with C{errno}, except that with
+    the reserve descriptor given up it yields C{waiting} connections.
+    """
+
+    def __init__(self, code, waiting=()):
+        self.code = code
+        self.calls = 0
+        self.waiting = list(waiting)
+
+    def accept(self):
+        self.calls += 1
+        if port._reserve._fd is None and self.waiting:
+            return self.waiting.pop(), ("127.0.0.1", 1)
+        if port._reserve._fd is None:
+            raise BlockingIOError(errno.EAGAIN, "no more")
+        raise OSError(self.code, "fake")
+
+    def fileno(self):
+        return -1
+
+
+class AcceptErrorTests(SynchronousTestCase):
+    def make(self, code, waiting=()):
+        reserve = port._ReserveDescriptor()
+        reserve.take()
+        self.addCleanup(reserve.release)
+        self.patch(port, "_reserve", reserve)
+        clock = MemoryReactorClock()
+        self.patch(port._accept_errors, "_clock", clock)
+        self.patch(port._accept_errors, "_windows", {})
+        listening = port.GreetPort(0, GreetFactory(greeting.from_text("hi")), reactor=clock)
+        listening.socket = FakeListeningSocket(code, waiting)
+        listening.connected = True
+        listening.numberAccepts = 100
+        listening.startReading()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return clock, listening, events
+
+    def test_out_of_descriptors_pauses_accepting_instead_of_spinning(self):
+        clock, listening, events = self.make(errno.EMFILE)
+        listening.doRead()
+        self.assertNotIn(listening, clock.getReaders())
+        self.assertEqual(listening.socket.calls, 2)  # the failure, then EAGAIN
+        self.assertIsNotNone(port._reserve._fd)  # taken back
+        clock.advance(port.ACCEPT_PAUSE)
+        self.assertIn(listening, clock.getReaders())
+        failures = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 1)
+        self.assertIn("pausing accepts", failures[0]["action"])
+
+    def test_waiting_connections_are_shed_through_the_reserve(self):
+        pairs = [socket.socketpair() for _ in range(3)]
+        _, listening, events = self.make(errno.EMFILE, [a for a, _ in pairs])
+        listening.doRead()
+        for _, client in pairs:
+            self.assertEqual(client.recv(10), b"")  # closed, without a greeting
+            client.close()
+        [failure] = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertIn("closed 3 waiting connection(s)", failure["action"])
+
+    def test_accept_errors_are_logged_at_most_once_a_second(self):
+        clock, listening, events = self.make(errno.ENOBUFS)
+        for _ in range(10):
+            for _ in range(100):
+                listening.doRead()
+            clock.advance(0.1)
+        failures = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 1)
+        clock.advance(1)
+        failures = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertEqual([e["count"] for e in failures], [1, 999])
+        self.assertIn("No buffer space", failures[0]["error"])
+
+    def test_transient_errors_skip_to_the_next_connection(self):
+        clock, listening, _ = self.make(errno.ECONNABORTED)
+        listening.doRead()
+        self.assertEqual(listening.socket.calls, 100)
+        self.assertIn(listening, clock.getReaders())

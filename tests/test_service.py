@@ -1,0 +1,97 @@
+"""
+GreetService: reload and the graceful drain on stop.
+"""
+
+import os
+import tempfile
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcpgreet import greeting
+from tcpgreet.endpoints import server_endpoint
+from tcpgreet.server import GreetFactory
+from tcpgreet.service import GreetService
+
+from .test_server import open_connection
+
+
+class DrainTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.factory = GreetFactory(greeting.from_text("hi"), quiet=True,
+                                    reactor=self.reactor, timeout=60)
+        self.service = GreetService(
+            self.factory, [("tcp:1", server_endpoint(self.reactor, "tcp:1")),
+                           ("tcp:2", server_endpoint(self.reactor, "tcp:2"))],
+            reactor=self.reactor, drain_timeout=5)
+        self.service.privilegedStartService()
+        self.service.startService()
+
+    def test_stop_closes_every_listener_at_once(self):
+        # Each port takes its time to close; both must have been told to
+        # stop accepting before either has finished.
+        stopping = []
+        for listening in self.service.ports:
+            closed = Deferred()
+            stopping.append(closed)
+            self.patch(listening, "stopListening", lambda closed=closed: closed)
+        stopped = self.service.stopService()
+        self.assertEqual(len(stopping), 2)
+        self.assertNoResult(stopped)
+        for closed in stopping:
+            closed.callback(None)
+        self.successResultOf(stopped)
+
+    def test_stop_waits_for_greetings_in_progress(self):
+        connections = [open_connection(self.factory) for _ in range(3)]
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        for protocol, transport in connections:
+            transport.flushed()
+            self.assertNoResult(stopped)
+            self.reactor.advance(0.1)
+            protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.successResultOf(stopped)
+        self.assertEqual(self.factory.stats.greeted, 3)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_what_is_left_after_the_drain_timeout_is_aborted(self):
+        protocol, transport = open_connection(self.factory)
+        stopped = self.service.stopService()
+        self.reactor.advance(4.9)
+        self.assertFalse(getattr(transport, "aborted", False))
+        self.reactor.advance(0.2)
+        self.assertTrue(transport.aborted)
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.successResultOf(stopped)
+        self.assertEqual(self.factory.stats.aborted, {"drain": 1})
+
+    def test_nothing_in_progress_stops_at_once(self):
+        self.successResultOf(self.service.stopService())
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_reload_swaps_the_greeting_or_keeps_it(self):
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.remove, path)
+        os.write(fd, b"one\n")
+        os.close(fd)
+        factory = GreetFactory(greeting.from_file(path), quiet=True)
+        service = GreetService(factory, [], greeting_file=path)
+        with open(path, "wb") as f:
+            f.write(b"two\n")
+        self.assertTrue(service.reload())
+        self.assertEqual(factory.greeting.static, b"two\r\n")
+        with open(path, "wb") as f:
+            f.write(b"{bad}\n")
+        self.assertFalse(service.reload())
+        self.assertEqual(factory.greeting.static, b"two\r\n")
+        self.assertEqual((factory.stats.reloads, factory.stats.reload_failures), (1, 1))
+
+    def test_reload_without_a_file_is_harmless(self):
+        factory = GreetFactory(greeting.from_text("x"), quiet=True)
+        self.assertFalse(GreetService(factory, []).reload())
