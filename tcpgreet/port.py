@@ -45,6 +45,9 @@ log = Logger()
 # that nobody notices once resources are back.
 ACCEPT_PAUSE = 0.1
 
+# On stop, how many accept passes may go to serving the backlog.
+BACKLOG_PASSES = 20
+
 # The most a DirectTransport tries to send by itself.
 DIRECT_WRITE_LIMIT = 65536
 
@@ -290,12 +293,22 @@ class GreetPort(tcp.Port):
         """The service logs what it listens on and when it stops."""
 
     def doRead(self) -> None:
+        accepted = self._acceptBatch(self.numberAccepts)
+        # Twisted's heuristic: accept more per pass while the backlog keeps
+        # filling them, fewer when it does not.
+        if accepted == self.numberAccepts:
+            self.numberAccepts += 20
+        else:
+            self.numberAccepts = max(1, accepted)
+
+    def _acceptBatch(self, limit: int) -> int:
+        """Accept and serve up to C{limit} connections; how many were accepted."""
         accept = self.socket.accept
         factory = self.factory
         direct = self._direct
         buildAddr = self._buildAddr
         accepted = 0
-        for _ in range(self.numberAccepts):
+        for _ in range(limit):
             try:
                 skt, addr = accept()
             except BlockingIOError:
@@ -328,12 +341,7 @@ class GreetPort(tcp.Port):
                 # One connection's failure must not cost the others theirs.
                 log.failure("error setting up a connection from {peer}", peer=addr[0])
                 skt.close()
-        # Twisted's heuristic: accept more per pass while the backlog keeps
-        # filling them, fewer when it does not.
-        if accepted == self.numberAccepts:
-            self.numberAccepts += 20
-        else:
-            self.numberAccepts = max(1, accepted)
+        return accepted
 
     def _acceptFailed(self, e: OSError) -> None:
         if e.errno not in _PAUSE_ERRORS:
@@ -373,6 +381,15 @@ class GreetPort(tcp.Port):
         return super().loseConnection(connDone)
 
     stopListening = loseConnection
+
+    def connectionLost(self, reason) -> None:
+        # The kernel has completed the handshake of the connections still in
+        # the backlog, and closing the listening socket would reset them:
+        # serve them, right before it closes (the drain then covers them).
+        for _ in range(BACKLOG_PASSES):
+            if not self._acceptBatch(self.numberAccepts + 100):
+                break
+        super().connectionLost(reason)
 
 
 def listen(reactor, port: int, factory: IProtocolFactory, backlog: int = 50,

@@ -11,6 +11,8 @@ a reset, which can destroy the greeting before the client reads it.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 
 from twisted.internet import error
@@ -37,6 +39,13 @@ DEFAULT_TIMEOUT = 10.0
 # shared copy.
 CHUNK = 65536
 
+# The send buffer of a connection with a greeting longer than CHUNK.  Left
+# to autotuning, the kernel lets each socket buffer megabytes, so a client
+# that opens a tiny receive window and never reads would have the server
+# copy the whole greeting into kernel memory, for every such connection.
+# (Linux doubles the value for its own bookkeeping.)
+LONG_GREETING_SEND_BUFFER = 65536
+
 # How long a connection whose greeting is written may wait for the client
 # to close its side before the server closes anyway (see writeConnectionLost).
 LINGER = 2.0
@@ -54,6 +63,14 @@ def _is_byte_stream(transport) -> bool:
     beneath them, and half-closing that would cut the TLS stream short.
     """
     return hasattr(type(transport), "loseWriteConnection")
+
+
+def _limit_send_buffer(transport) -> None:
+    handle = getattr(transport, "getHandle", None)
+    skt = handle() if handle is not None else None
+    if isinstance(skt, socket.socket):
+        with contextlib.suppress(OSError):
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LONG_GREETING_SEND_BUFFER)
 
 
 def peer_host_port(address: IAddress) -> tuple[str, int]:
@@ -120,6 +137,8 @@ class GreetProtocol(Protocol):
             self.peer = self.transport.getPeer()
         greeting = factory.greetingFor(self.peer)
         self.length = len(greeting)
+        if self.length > CHUNK:
+            _limit_send_buffer(self.transport)
         if self.length <= CHUNK or _is_byte_stream(self.transport):
             self.transport.write(greeting)
             self.written = self.length

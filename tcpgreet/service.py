@@ -10,7 +10,7 @@ import signal
 import sys
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -123,10 +123,11 @@ class GreetService(service.Service):
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
         # Every listener stops accepting now, in this same call, before any
-        # of them has finished closing.
+        # of them has finished closing; a closing port serves its backlog
+        # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
         closed = DeferredList([maybeDeferred(port.stopListening) for port in ports])
-        return gatherResults([closed, self._drain()])
+        return closed.addCallback(lambda _: self._drain())
 
     def _drain(self) -> Deferred:
         """

@@ -88,6 +88,28 @@ class Server:
             if match:
                 return match
 
+    def wait_for_count(self, pattern: str, count: int, timeout: float = 10.0) -> int:
+        """Wait until C{count} log lines match C{pattern}; fail after C{timeout}."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = sum(1 for line in self.lines if regex.search(line))
+        while seen < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{seen} of {count} log lines matching {pattern!r} "
+                                     f"within {timeout}s")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"server exited with {seen} of {count} lines matching "
+                                     f"{pattern!r}")
+            self.lines.append(line)
+            if regex.search(line):
+                seen += 1
+        return seen
+
     def _stderr_if_dead(self) -> str:
         if self.process.poll() is None:
             return ""
@@ -156,6 +178,22 @@ def twistd(*args: str, timeout: float = 30.0,
     return subprocess.run([TWISTD, *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env=_env(env),
                           cwd=NEUTRAL_CWD)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
+    """
+    Poll C{condition} until it returns something true, for at most
+    C{timeout} seconds; for states no event announces (a port that serves
+    again, a count reached in another thread).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        threading.Event().wait(interval)
 
 
 def run_client(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -242,6 +280,28 @@ class Program(Server):
         self._reader.start()
         self.port = None
         self.host = None
+
+    def wait_for_count(self, pattern: str, count: int, timeout: float = 10.0) -> int:
+        """Wait until C{count} log lines match C{pattern}; fail after C{timeout}."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = sum(1 for line in self.lines if regex.search(line))
+        while seen < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{seen} of {count} log lines matching {pattern!r} "
+                                     f"within {timeout}s")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"server exited with {seen} of {count} lines matching "
+                                     f"{pattern!r}")
+            self.lines.append(line)
+            if regex.search(line):
+                seen += 1
+        return seen
 
     def _stderr_if_dead(self) -> str:
         return ""  # already in the log

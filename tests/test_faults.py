@@ -1,0 +1,334 @@
+"""
+The fault suite: a real twistd under load, floods, slow and hostile clients,
+descriptor exhaustion, signals.  Each test is bounded in count and time,
+targets loopback only, and fails when the property it names breaks.
+"""
+
+import collections
+import contextlib
+import os
+import re
+import resource
+import signal
+import socket
+import tempfile
+import threading
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .helpers import fetch, start_server, wait_until
+from .load import rss_kib, run_load
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+DEFAULT = b"Thank you for connecting\r\n"
+MiB = 1 << 20
+
+
+def greeting_file(testcase, size, fill="x"):
+    """A greeting file of about C{size} bytes in 64-byte lines; its CRLF form."""
+    line = (fill * 62)[:62] + "\n"
+    text = line * (size // len(line))
+    fd, path = tempfile.mkstemp(suffix=".txt")
+    testcase.addCleanup(os.remove, path)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path, text.replace("\n", "\r\n").encode()
+
+
+def pid_of(server):
+    return server.process.pid
+
+
+class LoadTests(SynchronousTestCase):
+    def test_20000_connections_at_concurrency_200(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        result = run_load(server.host, server.port, 20000, 200, DEFAULT, timeout=5)
+        self.assertEqual(dict(result.errors), {}, result.unexpected[:3])
+        self.assertEqual(result.ok, 20000)
+        self.assertLess(max(result.connect_times), 1.0,
+                        "a connect stalled: is the listen backlog too small?")
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+
+
+class SlowClientTests(SynchronousTestCase):
+    def test_clients_that_never_read_are_aborted_and_others_still_served(self):
+        path, expected = greeting_file(self, MiB)
+        server = start_server(self, "--listen", LOCAL, "--greeting-file", path,
+                              "--timeout", "2")
+        before = rss_kib(pid_of(server))
+        sleepers = []
+        self.addCleanup(lambda: [s.close() for s in sleepers])
+        started = time.monotonic()
+        for _ in range(500):
+            s = socket.socket()
+            # A small receive window, so the greeting cannot simply vanish
+            # into kernel buffers: these clients really hold it up.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((server.host, server.port))
+            sleepers.append(s)
+        connected = time.monotonic() - started
+        peak = [0]
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.wait(0.05):
+                peak[0] = max(peak[0], rss_kib(pid_of(server)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        # Ordinary clients while the sleepers hold their connections.
+        result = run_load(server.host, server.port, 60, 3, expected, timeout=5)
+        self.assertEqual(dict(result.errors), {})
+        self.assertLess(result.percentile(result.latencies, 0.99), 0.1)
+        # Every sleeper is aborted once its 2 s are up.
+        server.wait_for_count(r"aborted \(timeout\)", 500,
+                              timeout=started + connected + 2 + 3 - time.monotonic())
+        sampling.set()
+        sampler.join(5)
+        durations = [float(m) for m in re.findall(r"aborted \(timeout\).*, ([\d.]+) ms",
+                                                  server.log)]
+        self.assertEqual(len(durations), 500)
+        self.assertTrue(all(2000 <= d < 3500 for d in durations), max(durations))
+        # They hold a reference to the one shared greeting, not a copy each.
+        grown = (peak[0] - before) / 1024
+        self.assertLess(grown, 48, f"RSS grew by {grown:.1f} MiB")
+        for s in sleepers[:20]:
+            s.settimeout(5)
+            with self.assertRaises(ConnectionResetError):
+                while s.recv(MiB):
+                    pass
+
+
+class DescriptorTests(SynchronousTestCase):
+    def test_running_out_of_descriptors(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 2048 <= hard:  # this test holds 1,000 sockets itself
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+        server = start_server(self, "--listen", LOCAL, "--timeout", "3", preexec_fn=limit)
+        self.assertIn(" 128 descriptors", server.log)
+        # 1,000 clients at once, each saying something so the server keeps
+        # their connection open (it waits for their EOF): far more than 128.
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for _ in range(1000):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((server.host, server.port))
+            clients.append(c)
+        for c in clients:
+            c.setblocking(True)
+            c.settimeout(5)
+            with contextlib.suppress(OSError):  # shed already
+                c.send(b"hello?\r\n")
+        served = shed = 0
+        for c in clients:
+            try:
+                data = c.recv(100)
+            except OSError:
+                data = b""
+            if data == DEFAULT:
+                served += 1
+            else:
+                shed += 1
+        self.assertGreater(served, 0)
+        self.assertGreater(shed, 0)
+        for c in clients:
+            c.close()
+        # Serves normally again once the flood is over.
+        def serves():
+            try:
+                return fetch(server.host, server.port, timeout=2) == DEFAULT
+            except OSError:
+                return False
+
+        wait_until(serves, 10, "the server to serve again")
+        self.assertTrue(all(serves() for _ in range(20)))
+        self.assertIsNone(server.process.poll())
+        server.stop()
+        accept_lines = [line for line in server.lines if "accept failed" in line]
+        self.assertGreater(len(accept_lines), 0)
+        self.assertLess(len(accept_lines), 15, "\n".join(accept_lines))
+        self.assertNotIn("Traceback", server.log)
+
+
+class HostileClientTests(SynchronousTestCase):
+    def test_ten_mib_of_garbage(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        before = rss_kib(pid_of(server))
+        with socket.create_connection((server.host, server.port), timeout=10) as s:
+            received = []
+
+            def read():
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    received.append(data)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            garbage = os.urandom(MiB)
+            try:
+                for _ in range(10):
+                    s.sendall(garbage)
+            except OSError:
+                pass  # the server may be done with us before we are done
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+            reader.join(10)
+        self.assertEqual(b"".join(received), DEFAULT)
+        after = rss_kib(pid_of(server))
+        self.assertLess((after - before) / 1024, 5)
+        self.assertEqual(fetch(server.host, server.port), DEFAULT)
+
+
+class LimitTests(SynchronousTestCase):
+    def hold(self, server, count, source="127.0.0.1"):
+        """Open C{count} connections that say something and stay open."""
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((source, 0))
+            s.connect((server.host, server.port))
+            s.sendall(b"hold\r\n")
+            self.assertEqual(s.recv(100), DEFAULT)
+            held.append(s)
+        return held
+
+    def test_max_connections(self):
+        server = start_server(self, "--listen", LOCAL, "--max-connections", "5",
+                              "--timeout", "30")
+        held = self.hold(server, 5)
+        for _ in range(3):
+            self.assertEqual(fetch(server.host, server.port), b"")
+        server.wait_for(r"refused \d+ connection\(s\) .* by --max-connections")
+        held[0].close()
+        server.wait_for(r"greeted")
+        self.assertEqual(fetch(server.host, server.port), DEFAULT)
+
+    def test_max_per_ip(self):
+        server = start_server(self, "--listen", LOCAL, "--max-per-ip", "2",
+                              "--timeout", "30")
+        self.hold(server, 2, "127.0.0.1")
+        self.assertEqual(fetch(server.host, server.port, source="127.0.0.1"), b"")
+        self.assertEqual(fetch(server.host, server.port, source="127.0.0.2"), DEFAULT)
+        server.wait_for(r"refused \d+ connection\(s\) .* by --max-per-ip .*127\.0\.0\.1")
+
+    def test_rate_per_ip(self):
+        server = start_server(self, "--listen", LOCAL, "--rate-per-ip", "1/5")
+        results = [fetch(server.host, server.port, source="127.0.0.3") for _ in range(8)]
+        self.assertEqual(results, [DEFAULT] * 5 + [b""] * 3)
+        self.assertEqual(fetch(server.host, server.port, source="127.0.0.4"), DEFAULT)
+
+
+class SignalTests(SynchronousTestCase):
+    def test_sigterm_during_load_truncates_no_greeting(self):
+        path, expected = greeting_file(self, 256 * 1024)
+        server = start_server(self, "--listen", LOCAL, "--greeting-file", path, "--quiet",
+                              "--drain-timeout", "5")
+        outcomes = collections.Counter()
+        stop = threading.Event()
+
+        def once():
+            """One client: 'whole', 'refused', or what it got before a reset."""
+            with socket.socket() as s:
+                s.settimeout(10)
+                try:
+                    s.connect((server.host, server.port))
+                except ConnectionRefusedError:
+                    return "refused"
+                received = bytearray()
+                try:
+                    while data := s.recv(65536):
+                        received += data
+                except ConnectionResetError:
+                    # Closing a listening socket resets what is still in its
+                    # backlog: never accepted, so never greeted at all.
+                    return "reset, nothing received" if not received else \
+                        f"reset after {len(received)} bytes"
+                return "whole" if received == expected else f"short: {len(received)} bytes"
+
+        def client():
+            while not stop.is_set():
+                outcome = once()
+                outcomes[outcome] += 1
+                if outcome == "refused":
+                    return
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(outcomes.values()) >= 200, 30, "200 greetings",
+                   interval=0.01)
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        status = server.process.wait(10)
+        exited = time.monotonic() - signalled
+        stop.set()
+        for t in threads:
+            t.join(15)
+        allowed = {"whole", "refused", "reset, nothing received"}
+        self.assertEqual(set(outcomes) - allowed, set(), dict(outcomes))
+        self.assertLessEqual(outcomes["reset, nothing received"], 2, dict(outcomes))
+        self.assertLess(exited, 5 + 1)
+        self.assertIn(status, (0, -signal.SIGTERM))  # twistd re-raises the signal
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+        self.assertIn("Main loop terminated", server.log)
+
+    def test_sighup_storm_never_mixes_greetings(self):
+        first_path, first = greeting_file(self, 100 * 1024, "a")
+        second_path, second = greeting_file(self, 60 * 1024, "b")
+        server = start_server(self, "--listen", LOCAL, "--greeting-file", first_path,
+                              "--quiet")
+        with open(first_path) as f:
+            first_text = f.read()
+        with open(second_path) as f:
+            second_text = f.read()
+        stop = threading.Event()
+
+        swaps = [0]
+
+        def storm():
+            texts = [second_text, first_text]
+            i = 0
+            while not stop.wait(0.05):
+                staging = first_path + ".new"
+                with open(staging, "w") as f:
+                    f.write(texts[i % 2])
+                os.replace(staging, first_path)  # readers see old or new, whole
+                server.signal(signal.SIGHUP)
+                i += 1
+                swaps[0] = i
+
+        stormer = threading.Thread(target=storm, daemon=True)
+        stormer.start()
+        seen = collections.Counter()
+
+        def check(data):
+            seen["first" if data == first else "second" if data == second else "mixed"] += 1
+            return data in (first, second)
+
+        try:
+            # Batches of load until the greeting has been swapped many times.
+            batches = 0
+            while swaps[0] < 20:
+                batches += 1
+                self.assertLess(batches, 50, "SIGHUPs too slow")
+                result = run_load(server.host, server.port, 300, 8, check, timeout=5)
+                self.assertEqual(dict(result.errors), {}, dict(seen))
+        finally:
+            stop.set()
+            stormer.join(5)
+        self.assertGreater(seen["first"], 0)
+        self.assertGreater(seen["second"], 0)
+        self.assertEqual(seen["mixed"], 0)
+        server.wait_for_count("reloaded greeting", 15)
