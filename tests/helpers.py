@@ -31,8 +31,8 @@ TWISTD = str(BIN / "twistd") if (BIN / "twistd").exists() else "twistd"
 _LISTENING = re.compile(r"listening on .*?\((?:\[([^\]]+)\]|([^():\s]+)):(\d+)\)")
 
 
-def twistd_command(*args: str) -> list[str]:
-    return [TWISTD, "-n", "--pidfile=", "tcpgreet", *args]
+def twistd_command(*args: str, twistd_args: tuple[str, ...] = ()) -> list[str]:
+    return [TWISTD, "-n", "--pidfile=", *twistd_args, "tcpgreet", *args]
 
 
 class Server:
@@ -42,14 +42,15 @@ class Server:
     while keeping everything it has seen in L{lines}.
     """
 
-    def __init__(self, *args: str, env: dict | None = None, preexec_fn=None) -> None:
+    def __init__(self, *args: str, env: dict | None = None, preexec_fn=None,
+                 twistd_args: tuple[str, ...] = ()) -> None:
         self.args = args
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(
-            twistd_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, text=True, env=_env(env), preexec_fn=preexec_fn,
-            cwd=NEUTRAL_CWD)
+            twistd_command(*args, twistd_args=twistd_args), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=_env(env),
+            preexec_fn=preexec_fn, cwd=NEUTRAL_CWD)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port: int | None = None
@@ -159,9 +160,10 @@ class Server:
         return "\n".join(self.lines)
 
 
-def start_server(testcase, *args: str, env: dict | None = None, preexec_fn=None) -> Server:
+def start_server(testcase, *args: str, env: dict | None = None, preexec_fn=None,
+                 twistd_args: tuple[str, ...] = ()) -> Server:
     """Start a server, have the test stop it, and wait until it listens."""
-    server = Server(*args, env=env, preexec_fn=preexec_fn)
+    server = Server(*args, env=env, preexec_fn=preexec_fn, twistd_args=twistd_args)
     testcase.addCleanup(server.stop)
     return server.listening()
 

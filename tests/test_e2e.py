@@ -2,6 +2,7 @@
 End to end: the real twistd, the real client, raw sockets, on loopback.
 """
 
+import json
 import os
 import re
 import signal
@@ -87,6 +88,22 @@ class GreetingTests(SynchronousTestCase):
         fetch(server.host, server.port)
         server.stop()
         self.assertNotIn("greeted", server.log)
+
+    def test_json_log_lines(self):
+        server = start_server(self, "--listen", LOCAL,
+                              twistd_args=("--logger", "tcpgreet.logs.json_observer"))
+        fetch(server.host, server.port)
+        line = server.wait_for(r'"outcome": "greeted"').string
+        record = json.loads(line)
+        self.assertEqual((record["peer"], record["outcome"], record["bytes"], record["reason"]),
+                         ("127.0.0.1", "greeted", 26, None))
+        self.assertIsInstance(record["port"], int)
+        self.assertIsInstance(record["duration_ms"], float)
+        self.assertEqual(record["namespace"], "tcpgreet.server")
+        self.assertIn("greeted, 26 bytes in", record["message"])
+        server.stop()
+        for line in server.lines:  # every line of the log is one JSON object
+            json.loads(line)
 
     @skipUnless(has_ipv6_loopback(), "no IPv6 loopback")
     def test_ipv6(self):
