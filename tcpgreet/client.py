@@ -42,7 +42,14 @@ from tcpgreet.clientoptions import (
 )
 from tcpgreet.clienttls import TLSClient, handshake_info
 from tcpgreet.outcome import UNKNOWN, Checks, ProbeResult, Summary, judge
-from tcpgreet.report import BannerReport, JsonReport, LinesReport, PluginReport, Report
+from tcpgreet.report import (
+    BannerReport,
+    JsonReport,
+    LinesReport,
+    PluginReport,
+    Report,
+    discard_the_rest,
+)
 
 
 class ProbeError(Exception):
@@ -455,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"tcpgreet-client: {e} (see --help)", file=sys.stderr)
         sys.exit(UNKNOWN)
+    except BrokenPipeError:  # --help | head
+        discard_the_rest(sys.stdout)
+        sys.exit(0)
     task.react(_react, [options])
 
 

@@ -185,7 +185,7 @@ class ClientOptions(usage.Options):
     C{self.checks} the L{Checks} every probe must pass.
     """
 
-    synopsis = "[options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT)"
+    synopsis = "Usage: tcpgreet-client [options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT)"
     longdesc = (
         "Connect to a TCP banner server and print what it sends up to EOF. "
         "With --count, --interval or --timestamp: a line per probe and a summary; "
@@ -217,13 +217,13 @@ class ClientOptions(usage.Options):
                                "seconds.", seconds],
         ["critical", None, None, "CRITICAL when a probe takes longer than this many "
                                  "seconds.", seconds],
-        ["refused-state", None, CRITICAL, "State when the connection is refused: "
+        ["refused-state", None, None, "State when the connection is refused: "
                                           "ok, warn, crit. [default: crit]", state],
-        ["mismatch-state", None, CRITICAL, "State when --expect does not match: "
+        ["mismatch-state", None, None, "State when --expect does not match: "
                                            "ok, warn, crit. [default: crit]", state],
         ["max-bytes", None, DEFAULT_MAX_BYTES, "Stop reading after this many bytes; the "
                                                "banner is reported truncated.", positive],
-        ["send", None, b"", "Send this after connecting; \\r \\n \\t \\0 \\\\ \\xNN "
+        ["send", None, None, "Send this after connecting; \\r \\n \\t \\0 \\\\ \\xNN "
                             "are decoded.", escaped],
         ["ca", None, None, "With --tls: trust the certificates in this PEM file instead "
                            "of the system's.", load_ca],
@@ -247,10 +247,13 @@ class ClientOptions(usage.Options):
             self["mode"] = LINES
         else:
             self["mode"] = BANNER
-        if self["count"] is None:
-            self["count"] = 1
-        if self["interval"] is None:
-            self["interval"] = 1.0
+        # Defaults are filled in here, not in optParameters, so --help shows
+        # them as they are typed ("crit", not 2) and a given --count or
+        # --interval can be told from the default.
+        for name, default in (("count", 1), ("interval", 1.0), ("send", b""),
+                              ("refused-state", CRITICAL), ("mismatch-state", CRITICAL)):
+            if self[name] is None:
+                self[name] = default
         if self["mode"] == PLUGIN and self["count"] == 0:
             raise usage.UsageError("--plugin needs a --count of 1 or more: a check must end")
         warning_days, critical_days = self["cert-days"] or (None, None)

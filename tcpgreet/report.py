@@ -87,16 +87,21 @@ class Output:
             self.stream.flush()
         except BrokenPipeError:
             self.closed = True
-            self._discard_the_rest()
+            discard_the_rest(self.stream)
 
-    def _discard_the_rest(self) -> None:
-        try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+
+def discard_the_rest(stream: BinaryIO) -> None:
+    """
+    Point C{stream} at /dev/null once its reader has gone, so that Python's
+    flush at exit does not complain about the broken pipe.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class Report:
