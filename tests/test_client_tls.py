@@ -1,13 +1,16 @@
 """
-The client's TLS: against C{twistd tcpgreet --listen ssl:...} with a
-self-signed certificate made in the test, verified with --ca and refused
-without it; names, expiry, SNI, and handshake failures in one line.
+The client's TLS: against C{twistd tcpgreet --listen ssl:...} with
+certificates made in the test, verified with --ca and refused without it;
+against a stdlib TLS server for names, expiry and SNI; and handshake
+failures in one line.
 """
 
 import json
 import os
+import shutil
 import ssl
 import tempfile
+from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import error
@@ -16,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.clienttls import TLSClient, UnverifiedTLS, load_ca
 
+from . import tls
 from .certificates import make_certificate
 from .clientprocess import SocketServer, run
 from .helpers import start_server
@@ -59,51 +63,74 @@ class UnitTests(SynchronousTestCase):
 
 
 class TwistdTests(SynchronousTestCase):
-    """The real server on ssl:, with a certificate for "localhost" only."""
+    """
+    The real server on ssl:, with the project's test certificates: a
+    self-signed one for localhost and 127.0.0.1, valid for a day, and a
+    chain root -> intermediate -> server.
+    """
 
     def setUp(self):
-        self.key, self.ca = make_certificate(["localhost"], days=10).write(self)
-        server = start_server(
-            self, "--listen", f"ssl:0:privateKey={self.key}:certKey={self.ca}:interface=127.0.0.1",
-            "--quiet")
-        self.port = str(server.port)
+        self.directory = Path(tempfile.mkdtemp(prefix="tcpgreet-client-tls-"))
+        self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
+
+    def serve(self, files, chain=True):
+        listener = f"ssl:0:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
+        if chain and files.chain is not None:
+            listener += f":extraCertChain={files.chain}"
+        return str(start_server(self, "--listen", listener, "--quiet").port)
 
     def test_verified_with_ca(self):
-        result = run("--tls", "--ca", self.ca, "localhost", self.port)
-        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, GREETING, b""))
+        files = tls.self_signed(self.directory)
+        port = self.serve(files)
+        for host in ("localhost", "127.0.0.1"):
+            result = run("--tls", "--ca", str(files.trust), host, port)
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (0, GREETING, b""), host)
 
     def test_refused_without_ca(self):
-        result = run("--tls", "localhost", self.port)
+        port = self.serve(tls.self_signed(self.directory))
+        result = run("--tls", "localhost", port)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: localhost port {self.port}: TLS certificate not "
+                         f"tcpgreet-client: localhost port {port}: TLS certificate not "
                          "trusted: self-signed certificate (see --ca, --insecure)\n")
 
-    def test_name_mismatch(self):
-        result = run("--tls", "--ca", self.ca, "127.0.0.1", self.port)
+    def test_chain_sent_by_the_server(self):
+        files = tls.chained(self.directory)
+        result = run("--tls", "--ca", str(files.trust), "localhost", self.serve(files))
+        self.assertEqual((result.returncode, result.stdout), (0, GREETING))
+
+    def test_chain_not_sent(self):
+        files = tls.chained(self.directory)
+        port = self.serve(files, chain=False)
+        result = run("--tls", "--ca", str(files.trust), "localhost", port)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {self.port}: TLS certificate is not "
-                         "valid for 127.0.0.1 (it names localhost)\n")
+                         f"tcpgreet-client: localhost port {port}: TLS certificate not "
+                         "trusted: unable to get local issuer certificate (see --ca, "
+                         "--insecure)\n")
 
     def test_insecure(self):
-        result = run("--tls", "--insecure", "--json", "127.0.0.1", self.port)
+        port = self.serve(tls.self_signed(self.directory))
+        result = run("--tls", "--insecure", "--json", "127.0.0.1", port)
         probe = json.loads(result.stdout.splitlines()[0])
         self.assertEqual((result.returncode, probe["ok"], probe["banner"]),
                          (0, True, "Thank you for connecting\r\n"))
         self.assertTrue(probe["tls_version"].startswith("TLSv1."))
-        self.assertAlmostEqual(probe["cert_days_left"], 10, delta=0.1)
+        self.assertAlmostEqual(probe["cert_days_left"], 1, delta=0.1)
         self.assertLessEqual(probe["connect_ms"], probe["tls_ms"])
         self.assertLessEqual(probe["tls_ms"], probe["total_ms"])
 
     def test_certificate_expiry(self):
-        for days, status in (("5", 0), ("30,5", 1), ("30,20", 2)):
-            result = run("--tls", "--ca", self.ca, "--cert-days", days, "--plugin",
-                         "localhost", self.port)
+        files = tls.self_signed(self.directory)  # expires in a day
+        port = self.serve(files)
+        for days, status in (("0.5", 0), ("2,0.5", 1), ("2,1.5", 2)):
+            result = run("--tls", "--ca", str(files.trust), "--cert-days", days, "--plugin",
+                         "localhost", port)
             self.assertEqual(result.returncode, status, days)
             if status:
                 self.assertRegex(result.stdout.decode(),
-                                 r" - certificate expires in \d+\.\d days \(")
+                                 r" - certificate expires in 1\.0 days \(")
 
     def test_a_plain_server_is_a_handshake_failure(self):
         plain = start_server(self, "--listen", "tcp:0:interface=127.0.0.1", "--quiet")
@@ -140,6 +167,14 @@ class StdlibServerTests(SynchronousTestCase):
             args = [*extra, server.ca] if extra == ["--ca"] else extra
             result = run("--tls", *args, "localhost", str(server.port))
             self.assertEqual((result.returncode, server.server_names), (0, ["localhost"]), extra)
+
+    def test_name_mismatch(self):
+        server = TLSServer(self, make_certificate(["other.example", "192.0.2.7"]))
+        result = run("--tls", "--ca", server.ca, "localhost", str(server.port))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: localhost port {server.port}: TLS certificate is "
+                         "not valid for localhost (it names other.example, 192.0.2.7)\n")
 
     def test_expired_certificate(self):
         expired = make_certificate(["localhost"], days=-0.01)
