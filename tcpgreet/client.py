@@ -1,58 +1,127 @@
 """
-The probe client: connect, read what the server says up to EOF, print it.
+The probe client: connect, read what the server says, judge it, report it.
 
     python -m tcpgreet.client [options] [HOST [PORT]]
 
-Exit status follows the monitoring-plugin convention: 0 OK, 2 CRITICAL (refused,
-timed out, reset, name not resolved), 3 UNKNOWN (bad usage).  A failure is one
-line on standard error naming the target and the reason.
+An attempt at one address is a L{GreetClientFactory} run on the reactor;
+L{probe} tries the host's addresses in turn and returns a L{ProbeResult};
+L{ProbeRun} repeats probes, judges each and hands it to a report.  The
+command line lives in L{tcpgreet.clientoptions}, the meaning of a result in
+L{tcpgreet.outcome}, its forms in L{tcpgreet.report}, TLS in
+L{tcpgreet.clienttls}.
+
+Exit status follows the monitoring-plugin convention: 0 OK, 1 WARNING,
+2 CRITICAL, 3 UNKNOWN.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
 
 from twisted.internet import defer, error, task
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-DEFAULT_HOST = "localhost"
-DEFAULT_PORT = 27679
-DEFAULT_TIMEOUT = 5.0
-DEFAULT_MAX_BYTES = 65536
-
-OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+from tcpgreet.clientoptions import (
+    BANNER,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    JSON,
+    LINES,
+    ClientOptions,
+)
+from tcpgreet.clienttls import TLSClient, handshake_info
+from tcpgreet.outcome import UNKNOWN, Checks, ProbeResult, Summary, judge
+from tcpgreet.report import (
+    BannerReport,
+    JsonReport,
+    LinesReport,
+    PluginReport,
+    Report,
+    discard_the_rest,
+)
 
 
 class ProbeError(Exception):
-    """A probe that failed; the message is the reason, fit to print."""
+    """A failed attempt; the message is the reason, fit to print."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How to probe: everything one probe needs, and nothing about reporting."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    timeout: float = DEFAULT_TIMEOUT
+    max_bytes: int = DEFAULT_MAX_BYTES
+    first_line: bool = False
+    send: bytes = b""
+    family: int = socket.AF_UNSPEC
+    source: str | None = None
+    tls: TLSClient | None = None
+
+
+@implementer(IHandshakeListener)
 class GreetClientProtocol(Protocol):
     """
     Collect what the server sends until it closes the connection, keeping at
     most C{factory.max_bytes}: a server that never stops talking must not
-    grow the client's memory without bound.
+    grow the client's memory.  With C{factory.first_line}, stop at the first
+    newline, for servers that greet and then wait (SMTP, SSH).
     """
 
     def connectionMade(self) -> None:
-        self.factory.connected(self)
         self._chunks: list[bytes] = []
         self._size = 0
+        self._stopped = False
+        self.factory.connected(self.transport)
+        if self.factory.send:
+            self.transport.write(self.factory.send)
+
+    def handshakeCompleted(self) -> None:
+        self.factory.handshake_completed(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._stopped:
+            return
         room = self.factory.max_bytes - self._size
-        if len(data) >= room:
-            self._chunks.append(data[:room])
-            self._size += room
-            self.factory.truncated = True
+        if self.factory.first_line:
+            newline = data.find(b"\n", 0, room)
+            if newline >= 0:
+                self._keep(data[:newline + 1])
+                self._stop(truncated=False)
+                # Politely: a server that waits for us should see a close,
+                # and a TLS one its close_notify.
+                self.transport.loseConnection()
+                return
+        if len(data) > room:
+            self._keep(data[:room])
+            self._stop(truncated=True)
             self.transport.abortConnection()
             return
+        self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
+
+    def _stop(self, truncated: bool) -> None:
+        self._stopped = True
+        self.factory.stopped_reading(truncated)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.finished(b"".join(self._chunks), reason)
@@ -60,45 +129,95 @@ class GreetClientProtocol(Protocol):
 
 class GreetClientFactory(ClientFactory):
     """
-    One probe of one address: fires L{deferred} with the banner bytes, or
-    fails with L{ProbeError}; C{connected_at} and C{truncated} say how it went.
+    One attempt at one address: L{deferred} fires with the banner, or fails
+    with L{ProbeError}; the times and facts of the attempt stay here.
+    Cancelling L{deferred} drops the attempt.
     """
 
     protocol = GreetClientProtocol
     noisy = False
 
-    def __init__(self, clock, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, clock, max_bytes: int = DEFAULT_MAX_BYTES, *, first_line: bool = False,
+                 send: bytes = b"", tls: TLSClient | None = None) -> None:
         self.clock = clock
         self.max_bytes = max_bytes
-        self.deferred: defer.Deferred[bytes] = defer.Deferred()
+        self.first_line = first_line
+        self.send = send
+        self.tls = tls
+        self.deferred: defer.Deferred[bytes] = defer.Deferred(self._cancel)
         self.started_at = clock.seconds()
         self.connected_at: float | None = None
+        self.handshake_at: float | None = None
+        self.ended_at: float | None = None
+        self.tls_info = None
         self.truncated = False
+        self.stopped = False
+        self.banner = b""
+        self.connector = None
         self.transport = None
 
-    def connected(self, protocol: GreetClientProtocol) -> None:
+    def connected(self, transport) -> None:
         self.connected_at = self.clock.seconds()
-        self.transport = protocol.transport
+        self.transport = transport
+
+    def handshake_completed(self, transport) -> None:
+        self.handshake_at = self.clock.seconds()
+        self.tls_info = handshake_info(transport.getHandle())
+
+    def stopped_reading(self, truncated: bool) -> None:
+        """We have the banner we want; what follows is only the goodbye."""
+        self.ended_at = self.clock.seconds()
+        self.stopped = True
+        self.truncated = truncated
 
     def finished(self, banner: bytes, reason: Failure) -> None:
+        if self.ended_at is None:
+            self.ended_at = self.clock.seconds()
+        self.banner = banner
         if self.deferred.called:
             return
-        if self.truncated or reason.check(error.ConnectionDone):
+        if self.stopped or reason.check(error.ConnectionDone) or self._tls_ended(banner, reason):
             self.deferred.callback(banner)
         else:
-            self.deferred.errback(ProbeError(describe(reason)))
+            self.deferred.errback(ProbeError(self._explain(reason)))
+
+    def _tls_ended(self, banner: bytes, reason: Failure) -> bool:
+        """
+        Whether a TLS server closed after its banner without close_notify.
+        Many do; Twisted reports it as ConnectionLost, as it does a reset,
+        and the banner came in authenticated records, so it counts as EOF.
+        """
+        return (self.tls is not None and self.handshake_at is not None and bool(banner)
+                and reason.check(error.ConnectionLost) is not None)
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
         if not self.deferred.called:
-            self.deferred.errback(ProbeError(describe(reason)))
+            refused = reason.check(error.ConnectionRefusedError) is not None
+            self.deferred.errback(ProbeError(describe(reason), refused=refused))
 
-    def abort(self, why: str) -> None:
-        """Give up now: stop connecting or drop the connection."""
-        if self.deferred.called:
-            return
-        self.deferred.errback(ProbeError(why))
+    def give_up(self) -> None:
+        """The deadline: stop connecting, or drop the connection."""
+        if not self.deferred.called and not self.stopped:
+            self.deferred.errback(ProbeError("timed out"))
+        self._drop()
+
+    def _cancel(self, deferred: defer.Deferred) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
+        elif self.connector is not None:
+            with contextlib.suppress(error.NotConnectingError):
+                self.connector.stopConnecting()
+
+    def _explain(self, reason: Failure) -> str:
+        if self.tls is not None:
+            handle = self.transport.getHandle() if self.transport is not None else None
+            message = self.tls.explain(reason, handle)
+            if message is not None:
+                return message
+        return describe(reason)
 
 
 def describe(reason: Failure) -> str:
@@ -110,15 +229,23 @@ def describe(reason: Failure) -> str:
     if reason.check(error.ConnectionLost):
         return "connection reset by peer"
     value = reason.value
-    socket_error = getattr(value, "osError", None) or value
-    strerror = getattr(socket_error, "strerror", None)
-    if strerror:
-        return strerror[:1].lower() + strerror[1:]
-    text = reason.getErrorMessage()
+    if isinstance(value, error.ConnectError):
+        # ConnectError(errno, strerror): the strerror is the useful part.
+        detail = value.args[0] if value.args and value.args[0] else value.MESSAGE
+        if isinstance(value, error.ConnectBindError):
+            return f"cannot bind to the source address: {_lower(str(detail))}"
+        return _lower(str(detail))
+    return _lower(reason.getErrorMessage())
+
+
+def _lower(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-async def resolve(reactor, host: str, port: int) -> list[str]:
+_FAMILY_NAMES = {socket.AF_INET: " to an IPv4 address", socket.AF_INET6: " to an IPv6 address"}
+
+
+async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC) -> list[str]:
     """
     The addresses C{host} resolves to, in the order the resolver gives them
     (which honours /etc/gai.conf), without duplicates.
@@ -126,9 +253,10 @@ async def resolve(reactor, host: str, port: int) -> list[str]:
     try:
         infos = await deferToThreadPool(
             reactor, reactor.getThreadPool(), socket.getaddrinfo,
-            host, port, 0, socket.SOCK_STREAM)
+            host, port, family, socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise ProbeError(f"cannot resolve: {e.strerror}") from None
+        raise ProbeError(f"cannot resolve{_FAMILY_NAMES.get(family, '')}: "
+                         f"{e.strerror}") from None
     addresses: list[str] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         if sockaddr[0] not in addresses:
@@ -136,149 +264,195 @@ async def resolve(reactor, host: str, port: int) -> list[str]:
     return addresses
 
 
-async def probe(reactor, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResult:
     """
-    Read one banner from C{host}:C{port}, trying each of the host's
-    addresses in turn; C{timeout} bounds everything (resolving, connecting,
-    reading).  Raises L{ProbeError} with the reason of the last failure.
+    One probe of C{settings.host}: its addresses are tried in turn until one
+    answers; C{settings.timeout} bounds everything (resolving, connecting,
+    TLS, reading).  Failures are results, not exceptions.
     """
-    deadline = reactor.seconds() + timeout
-    resolving = defer.ensureDeferred(resolve(reactor, host, port))
-    resolving.addTimeout(timeout, reactor)
+    started = reactor.seconds()
+    deadline = started + settings.timeout
+
+    def result(**facts) -> ProbeResult:
+        facts.setdefault("total", reactor.seconds() - started)
+        return ProbeResult(host=settings.host, port=settings.port, started=started, **facts)
+
+    resolving = defer.ensureDeferred(
+        resolver(reactor, settings.host, settings.port, settings.family))
+    resolving.addTimeout(settings.timeout, reactor)
     try:
         addresses = await resolving
     except defer.TimeoutError:
-        raise ProbeError("timed out resolving the name") from None
-    last = ProbeError("no address to connect to")
+        return result(error="timed out resolving the name")
+    except ProbeError as e:
+        return result(error=str(e))
+
+    tried: list[str] = []
+    failure = ProbeError("the name has no address")
     for address in addresses:
         remaining = deadline - reactor.seconds()
         if remaining <= 0:
-            raise ProbeError("timed out")
-        factory = GreetClientFactory(reactor, max_bytes)
-        connector = reactor.connectTCP(address, port, factory, timeout=remaining)
-        timer = reactor.callLater(remaining, _give_up, factory, connector)
+            failure = ProbeError("timed out")
+            break
+        tried.append(address)
+        attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
+                                     send=settings.send, tls=settings.tls)
+        attempt.connector = _connect(reactor, settings, address, attempt, remaining)
+        timer = reactor.callLater(remaining, attempt.give_up)
         try:
-            return await factory.deferred
+            banner = await attempt.deferred
         except ProbeError as e:
-            last = e
-            if factory.connected_at is not None:
-                # The server answered and then failed: another address
-                # would be another server, not a retry of this one.
-                raise
+            if attempt.connected_at is None:
+                failure = e
+                continue
+            # The server answered and then failed: another address would
+            # be another server, not a retry of this one.
+            return result(address=address, tried=tuple(tried), error=str(e),
+                          banner=attempt.banner or None, **_facts(attempt))
         finally:
             if timer.active():
                 timer.cancel()
-    raise last
+        return result(address=address, tried=tuple(tried), banner=banner,
+                      total=attempt.ended_at - started, **_facts(attempt))
+    if len(tried) > 1:
+        failure = ProbeError(f"{failure} (tried {', '.join(tried)})", failure.refused)
+    return result(address=tried[-1] if tried else None, tried=tuple(tried),
+                  error=str(failure), refused=failure.refused)
 
 
-def _give_up(factory: GreetClientFactory, connector) -> None:
-    if factory.connected_at is None:
-        connector.stopConnecting()
-    factory.abort("timed out")
+def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClientFactory,
+             timeout: float):
+    bind = (settings.source, 0) if settings.source else None
+    if settings.tls is not None:
+        return reactor.connectSSL(address, settings.port, factory, settings.tls.creator,
+                                  timeout=timeout, bindAddress=bind)
+    return reactor.connectTCP(address, settings.port, factory, timeout=timeout,
+                              bindAddress=bind)
 
 
-def parse_target(args: list[str]) -> tuple[str, int]:
+def _facts(attempt: GreetClientFactory) -> dict:
+    # Connect and handshake times count from the start of the attempt that
+    # answered: they measure that address, not the name service or the
+    # addresses that failed before it.  The total is the whole probe's.
+    return {
+        "connect": attempt.connected_at - attempt.started_at,
+        "handshake": (None if attempt.handshake_at is None
+                      else attempt.handshake_at - attempt.started_at),
+        "tls": attempt.tls_info,
+        "truncated": attempt.truncated,
+    }
+
+
+class ProbeRun:
     """
-    C{[HOST [PORT]]}, C{HOST:PORT} or C{[IPv6]:PORT} as a (host, port) pair;
-    raises C{usage.UsageError} naming what is wrong.
+    Probe C{count} times (0: until interrupted), C{interval} seconds from the
+    start of one probe to the start of the next; judge each, report each,
+    then report the summary.  L{interrupt} ends the run early, summary and
+    all.
     """
-    if len(args) > 2:
-        raise usage.UsageError(f"too many arguments: {' '.join(args)}")
-    if not args:
-        return DEFAULT_HOST, DEFAULT_PORT
-    host, port_text = args[0], (args[1] if len(args) == 2 else None)
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            raise usage.UsageError(f"unclosed bracket in host {host!r}")
-        rest = host[end + 1:]
-        host = host[1:end]
-        if rest:
-            if not rest.startswith(":") or port_text is not None:
-                raise usage.UsageError(f"bad target {args[0]!r}; use [IPv6]:PORT")
-            port_text = rest[1:]
-    elif host.count(":") == 1:
-        if port_text is not None:
-            raise usage.UsageError(f"port given twice: {args[0]!r} and {port_text!r}")
-        host, port_text = host.split(":")
-    if not host:
-        raise usage.UsageError(f"empty host in {args[0]!r}")
-    return host, DEFAULT_PORT if port_text is None else parse_port(port_text)
+
+    def __init__(self, reactor, settings: ProbeSettings, checks: Checks, report: Report,
+                 count: int = 1, interval: float = 1.0,
+                 probe: Callable = probe) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.checks = checks
+        self.report = report
+        self.count = count
+        self.interval = interval
+        self.probe = probe
+        self.summary = Summary(settings.host, settings.port)
+        self.interrupted = False
+        self.finished: defer.Deferred[None] = defer.Deferred()
+        self._waiting: defer.Deferred | None = None
+
+    async def run(self) -> int:
+        """Run the probes; the exit status they earned."""
+        seq = 0
+        try:
+            while not self.interrupted and not self.report.closed:
+                seq += 1
+                started = self.reactor.seconds()
+                result = await self._unless_interrupted(
+                    defer.ensureDeferred(self.probe(self.reactor, self.settings)))
+                if result is None:
+                    break
+                verdict = judge(result, self.checks, self.reactor.seconds())
+                self.summary.add(result, verdict)
+                self.report.probe(seq, result, verdict)
+                if seq == self.count:
+                    break
+                pause = self.interval - (self.reactor.seconds() - started)
+                if pause > 0:
+                    await self._unless_interrupted(task.deferLater(self.reactor, pause))
+            self.report.finish(self.summary, self.interrupted)
+        finally:
+            self.finished.callback(None)
+        return self.summary.exit_status
+
+    async def _unless_interrupted(self, waiting: defer.Deferred):
+        """What C{waiting} gives, or C{None} once L{interrupt} cancels it."""
+        self._waiting = waiting
+        try:
+            return await waiting
+        except defer.CancelledError:
+            if not self.interrupted:
+                raise
+            return None
+        finally:
+            self._waiting = None
+
+    def interrupt(self) -> defer.Deferred[None] | None:
+        """
+        Stop probing (a probe under way is dropped, not counted); a
+        Deferred that fires once the summary is out.
+        """
+        if self.finished.called:
+            return None
+        self.interrupted = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        return self.finished
 
 
-def parse_port(text: str) -> int:
+def settings_from(options: ClientOptions) -> ProbeSettings:
+    """The L{ProbeSettings} parsed options ask for."""
+    host = options["host"]
+    tls = TLSClient(host, options["ca"], options["insecure"]) if options["tls"] else None
+    return ProbeSettings(
+        host=host, port=options["port"], timeout=options["timeout"],
+        max_bytes=options["max-bytes"], first_line=options["first-line"],
+        send=options["send"], family=options["family"], source=options["source"], tls=tls)
+
+
+def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
+    """The report form parsed options ask for."""
+    style = {"raw": options["raw"], "timestamps": options["timestamp"]}
+    mode = options["mode"]
+    if mode == BANNER:
+        return BannerReport(out, err, **style)
+    if mode == LINES:
+        return LinesReport(out, err, **style)
+    if mode == JSON:
+        return JsonReport(out, err, **style)
+    return PluginReport(out, err, checks=options.checks, timeout=options["timeout"], **style)
+
+
+async def run(reactor, options: ClientOptions, out: BinaryIO | None = None,
+              err: BinaryIO | None = None) -> int:
+    """Probe as C{options} say; the exit status."""
+    err = err if err is not None else sys.stderr.buffer
     try:
-        port = int(text)
-    except ValueError:
-        raise usage.UsageError(f"bad port {text!r}: not a number") from None
-    if not 0 < port < 65536:
-        raise usage.UsageError(f"bad port {text!r}: not in 1..65535")
-    return port
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
-class ClientOptions(usage.Options):
-    synopsis = "[options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT)"
-    longdesc = (
-        "Connect to a TCP greeting (banner) server, print what it sends up to "
-        "EOF. Exit status: 0 OK, 2 CRITICAL (refused, timed out, reset, name "
-        "not resolved), 3 UNKNOWN (bad usage)."
-    )
-    optParameters = [
-        ["timeout", "t", DEFAULT_TIMEOUT,
-         "Seconds allowed for the whole probe: resolving, connecting, reading.",
-         positive_seconds],
-    ]
-
-    def parseArgs(self, *args: str) -> None:
-        self["host"], self["port"] = parse_target(list(args))
-
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        from tcpgreet import __version__
-        print(f"tcpgreet-client {__version__}")
-        sys.exit(0)
-
-
-def render_banner(data: bytes) -> str:
-    """
-    The banner as text for a terminal: CRLF line endings become newlines,
-    invalid UTF-8 and every control character but tab and newline are shown
-    as escapes, so a hostile server cannot drive the terminal.
-    """
-    text = data.replace(b"\r\n", b"\n").decode("utf-8", "backslashreplace")
-    return "".join(
-        c if c.isprintable() or c in "\t\n" else
-        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-        for c in text
-    )
-
-
-async def run(reactor, options: ClientOptions) -> int:
-    host, port = options["host"], options["port"]
-    try:
-        banner = await probe(reactor, host, port, options["timeout"])
-    except ProbeError as e:
-        print(f"tcpgreet-client: {_target(host, port)}: {e}", file=sys.stderr)
-        return CRITICAL
-    text = render_banner(banner)
-    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
-    sys.stdout.flush()
-    return OK
-
-
-def _target(host: str, port: int) -> str:
-    return f"{host} port {port}"
+        settings = settings_from(options)
+    except ValueError as e:  # a host name TLS cannot use, as "bad_name"
+        err.write(f"tcpgreet-client: {options['host']}: cannot use TLS: {e}\n".encode())
+        return UNKNOWN
+    report = report_for(options, out if out is not None else sys.stdout.buffer, err)
+    probes = ProbeRun(reactor, settings, options.checks, report,
+                      options["count"], options["interval"])
+    # Ctrl-C and SIGTERM stop the reactor; its shutdown waits for the summary.
+    reactor.addSystemEventTrigger("before", "shutdown", probes.interrupt)
+    return await probes.run()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"tcpgreet-client: {e} (see --help)", file=sys.stderr)
         sys.exit(UNKNOWN)
+    except BrokenPipeError:  # --help | head
+        discard_the_rest(sys.stdout)
+        sys.exit(0)
     task.react(_react, [options])
 
 

@@ -1,167 +1,424 @@
 """
-The probe client: argument parsing, banner rendering, and the protocol and
-factory driven through StringTransport; plus the real client process against
-servers that misbehave on purpose.
+The probe client on a fake reactor: the protocol and factory through
+StringTransport, one probe (addresses in turn, deadlines, cancellation) and
+a run of probes (count, interval, interruption) on MemoryReactorClock.
 """
 
 import socket
-import struct
-import threading
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet import client
-from tcpgreet.client import ClientOptions, GreetClientFactory, ProbeError
+from tcpgreet.client import GreetClientFactory, ProbeError, ProbeRun, ProbeSettings, probe
+from tcpgreet.outcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
+from tcpgreet.report import Report
 
-from .helpers import run_client
-
-
-class TargetTests(SynchronousTestCase):
-    def test_forms(self):
-        cases = {
-            (): ("localhost", 27679),
-            ("example.org",): ("example.org", 27679),
-            ("example.org", "25"): ("example.org", 25),
-            ("example.org:2525",): ("example.org", 2525),
-            ("[::1]:7",): ("::1", 7),
-            ("[::1]",): ("::1", 27679),
-            ("[::1]", "8"): ("::1", 8),
-            ("::1",): ("::1", 27679),
-            ("::1", "9"): ("::1", 9),
-        }
-        for args, expected in cases.items():
-            self.assertEqual(client.parse_target(list(args)), expected, args)
-
-    def test_mistakes(self):
-        for args, fragment in [
-            (["a", "b", "c"], "too many arguments"),
-            (["host", "port"], "bad port 'port'"),
-            (["host", "0"], "not in 1..65535"),
-            (["host", "65536"], "not in 1..65535"),
-            (["host:1", "2"], "port given twice"),
-            (["[::1"], "unclosed bracket"),
-            (["[::1]x"], "[IPv6]:PORT"),
-            ([":80"], "empty host"),
-        ]:
-            with self.assertRaises(usage.UsageError) as caught:
-                client.parse_target(args)
-            self.assertIn(fragment, str(caught.exception))
-
-    def test_options(self):
-        options = ClientOptions()
-        options.parseOptions(["-t", "0.5", "127.0.0.1", "99"])
-        self.assertEqual((options["timeout"], options["host"], options["port"]),
-                         (0.5, "127.0.0.1", 99))
-
-    def test_timeout_must_be_positive(self):
-        for bad in ("0", "-1", "soon", "inf", "nan"):
-            with self.assertRaises(usage.UsageError):
-                ClientOptions().parseOptions(["-t", bad])
+GREETING = b"Thank you for connecting\r\n"
 
 
-class RenderTests(SynchronousTestCase):
-    def test_crlf_becomes_newline(self):
-        self.assertEqual(client.render_banner(b"a\r\nb\r\n"), "a\nb\n")
-
-    def test_control_characters_are_escaped(self):
-        rendered = client.render_banner(b"\x1b]0;pwned\x07\x1b[2J\tok\rx\x7f\n")
-        self.assertEqual(rendered, "\\x1b]0;pwned\\x07\\x1b[2J\tok\\x0dx\\x7f\n")
-
-    def test_invalid_utf8_is_escaped(self):
-        self.assertEqual(client.render_banner(b"caf\xe9 \xc3\xa9"), "caf\\xe9 é")
-
-    def test_unicode_controls_are_escaped(self):
-        self.assertEqual(client.render_banner("a\u202eb\u0085".encode()), "a\\u202eb\\x85")
+def connect(factory, clock=None, after=0.0):
+    """Connect C{factory}'s protocol to a StringTransport, C{after} seconds on."""
+    if clock is not None:
+        clock.advance(after)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
 
 
 class ProtocolTests(SynchronousTestCase):
-    def connect(self, max_bytes=65536):
-        factory = GreetClientFactory(MemoryReactorClock(), max_bytes)
+    def attempt(self, max_bytes=65536, **settings):
+        factory = GreetClientFactory(MemoryReactorClock(), max_bytes, **settings)
         results = []
         factory.deferred.addBoth(results.append)
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = connect(factory)
         return factory, protocol, transport, results
 
     def test_collects_until_eof(self):
-        factory, protocol, _, results = self.connect()
+        factory, protocol, _, results = self.attempt()
         protocol.dataReceived(b"Thank you ")
         protocol.dataReceived(b"for connecting\r\n")
         self.assertEqual(results, [])
         protocol.connectionLost(Failure(error.ConnectionDone()))
-        self.assertEqual(results, [b"Thank you for connecting\r\n"])
+        self.assertEqual(results, [GREETING])
         self.assertFalse(factory.truncated)
         self.assertIsNotNone(factory.connected_at)
 
     def test_stops_at_max_bytes(self):
-        factory, protocol, transport, results = self.connect(max_bytes=10)
+        factory, protocol, transport, results = self.attempt(max_bytes=10)
         protocol.dataReceived(b"0123456")
         protocol.dataReceived(b"789abcdef")
-        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.disconnected, "the connection is aborted, not closed")
         protocol.connectionLost(Failure(error.ConnectionAborted()))
         self.assertEqual(results, [b"0123456789"])
         self.assertTrue(factory.truncated)
 
+    def test_exactly_max_bytes_is_not_truncated(self):
+        factory, protocol, transport, results = self.attempt(max_bytes=10)
+        protocol.dataReceived(b"0123456789")
+        self.assertFalse(transport.disconnecting)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual((results, factory.truncated), ([b"0123456789"], False))
+
+    def test_memory_is_bounded_whatever_the_server_sends(self):
+        _, protocol, _, results = self.attempt(max_bytes=1000)
+        chunk = b"x" * 65536
+        for _ in range(100):
+            protocol.dataReceived(chunk)
+        self.assertEqual(sum(map(len, protocol._chunks)), 1000)
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(results, [b"x" * 1000])
+
+    def test_first_line(self):
+        factory, protocol, transport, results = self.attempt(first_line=True)
+        protocol.dataReceived(b"22")
+        protocol.dataReceived(b"0 mail.example ESMTP\r")
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"\n250 more\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected, "closed politely, not aborted")
+        protocol.dataReceived(b"ignored")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(results, [b"220 mail.example ESMTP\r\n"])
+        self.assertFalse(factory.truncated)
+
+    def test_first_line_longer_than_max_bytes(self):
+        factory, protocol, _, results = self.attempt(max_bytes=4, first_line=True)
+        protocol.dataReceived(b"220 hello\r\n")
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual((results, factory.truncated), ([b"220 "], True))
+
+    def test_send(self):
+        _, _, transport, _ = self.attempt(send=b"QUIT\r\n")
+        self.assertEqual(transport.value(), b"QUIT\r\n")
+
+    def test_nothing_sent_by_default(self):
+        _, _, transport, _ = self.attempt()
+        self.assertEqual(transport.value(), b"")
+
     def test_reset_is_a_failure(self):
-        _, protocol, _, results = self.connect()
+        factory, protocol, _, results = self.attempt()
+        protocol.dataReceived(b"partial")
         protocol.connectionLost(Failure(error.ConnectionLost()))
         [failure] = results
         self.assertEqual(str(failure.value), "connection reset by peer")
+        self.assertEqual(factory.banner, b"partial")
+
+    def test_tls_close_without_close_notify_after_a_banner_is_the_end(self):
+        factory, protocol, _, results = self.attempt(tls=FakeTLS())
+        factory.handshake_at = 0.0  # as handshakeCompleted would
+        protocol.dataReceived(b"220 ready\r\n")
+        protocol.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(results, [b"220 ready\r\n"])
+
+    def test_tls_close_without_a_banner_is_a_failure(self):
+        factory, protocol, transport, results = self.attempt(tls=FakeTLS())
+        factory.handshake_at = 0.0
+        transport.getHandle = lambda: None  # as TLSMemoryBIOProtocol has
+        protocol.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(str(results[0].value), "connection reset by peer")
 
     def test_refused(self):
         factory = GreetClientFactory(MemoryReactorClock())
         factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
-        self.failureResultOf(factory.deferred, ProbeError)
+        failure = self.failureResultOf(factory.deferred, ProbeError)
+        self.assertEqual((str(failure.value), failure.value.refused),
+                         ("connection refused", True))
+
+    def test_bind_failure(self):
+        factory = GreetClientFactory(MemoryReactorClock())
+        factory.clientConnectionFailed(None, Failure(
+            error.ConnectBindError(99, "Cannot assign requested address")))
+        failure = self.failureResultOf(factory.deferred, ProbeError)
+        self.assertEqual(str(failure.value),
+                         "cannot bind to the source address: cannot assign requested address")
+
+    def test_cancel_drops_the_connection(self):
+        factory, _, transport, _ = self.attempt()
+        factory.deferred.cancel()
+        self.assertTrue(transport.disconnected)
 
 
-class ProcessTests(SynchronousTestCase):
-    """The real client process against servers that misbehave on purpose."""
+class FakeResolver:
+    """Resolves every name to C{addresses}, or fails, or never answers."""
 
-    def listener(self):
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen(8)
-        self.addCleanup(server.close)
-        return server, str(server.getsockname()[1])
+    def __init__(self, addresses=("127.0.0.1",), failure=None, hang=False):
+        self.addresses = list(addresses)
+        self.failure = failure
+        self.hang = hang
+        self.calls = []
 
-    def test_silent_server_times_out(self):
-        _, port = self.listener()  # the kernel accepts; nobody ever writes
-        result = run_client("-t", "0.5", "127.0.0.1", port)
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stdout, "")
-        self.assertEqual(result.stderr, f"tcpgreet-client: 127.0.0.1 port {port}: timed out\n")
+    async def __call__(self, reactor, host, port, family):
+        self.calls.append((host, port, family))
+        if self.hang:
+            await defer.Deferred()
+        if self.failure is not None:
+            raise self.failure
+        return self.addresses
 
-    def test_reset_is_critical(self):
-        server, port = self.listener()
 
-        def reset():
-            connection, _ = server.accept()
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            connection.close()
+class ProbeTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
 
-        thread = threading.Thread(target=reset, daemon=True)
-        thread.start()
-        result = run_client("127.0.0.1", port)
-        thread.join(10)
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stderr,
-                         f"tcpgreet-client: 127.0.0.1 port {port}: connection reset by peer\n")
+    def start(self, resolver, **settings):
+        settings = ProbeSettings(host=settings.pop("host", "mail.example"),
+                                 port=settings.pop("port", 25), **settings)
+        return defer.ensureDeferred(probe(self.clock, settings, resolver))
 
-    def test_usage_error_is_unknown(self):
-        result = run_client("--timeout", "soon")
-        self.assertEqual(result.returncode, 3)
-        self.assertEqual(len(result.stderr.splitlines()), 1)
-        self.assertIn("soon", result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
+    def attempt(self, number):
+        host, _port, factory, _timeout, _bind = self.clock.tcpClients[number]
+        return host, factory
 
-    def test_unresolvable_name(self):
-        result = run_client("no-such-host.invalid", "80")
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(len(result.stderr.splitlines()), 1)
-        self.assertTrue(result.stderr.startswith(
-            "tcpgreet-client: no-such-host.invalid port 80: cannot resolve"))
+    def test_reads_a_banner(self):
+        resolving = defer.Deferred()
+
+        async def resolver(reactor, host, port, family):
+            calls.append((host, port, family))
+            return await resolving
+
+        calls = []
+        result = self.start(resolver, first_line=True, send=b"QUIT\r\n")
+        self.clock.advance(0.25)
+        resolving.callback(["192.0.2.1"])
+        _, factory = self.attempt(0)
+        self.assertEqual((factory.first_line, factory.send), (True, b"QUIT\r\n"))
+        protocol, _ = connect(factory, self.clock, after=0.125)
+        self.clock.advance(0.5)
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(result), ProbeResult(
+            host="mail.example", port=25, started=0.0, total=0.875, address="192.0.2.1",
+            tried=("192.0.2.1",), connect=0.125, banner=GREETING),
+            "connect counts from the attempt, total from the start")
+        self.assertEqual(calls, [("mail.example", 25, socket.AF_UNSPEC)])
+
+    def test_addresses_are_tried_in_order(self):
+        result = self.start(FakeResolver(["::1", "127.0.0.1"]))
+        host, factory = self.attempt(0)
+        self.assertEqual(host, "::1")
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        host, factory = self.attempt(1)
+        self.assertEqual(host, "127.0.0.1")
+        protocol, _ = connect(factory)
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        result = self.successResultOf(result)
+        self.assertEqual((result.address, result.tried, result.banner, result.error),
+                         ("127.0.0.1", ("::1", "127.0.0.1"), GREETING, None))
+
+    def test_every_address_fails(self):
+        result = self.start(FakeResolver(["::1", "127.0.0.1"]))
+        for number in (0, 1):
+            self.attempt(number)[1].clientConnectionFailed(
+                None, Failure(error.ConnectionRefusedError()))
+        result = self.successResultOf(result)
+        self.assertEqual((result.address, result.error, result.refused, result.connect),
+                         ("127.0.0.1", "connection refused (tried ::1, 127.0.0.1)", True, None))
+
+    def test_a_server_that_answered_is_not_retried_elsewhere(self):
+        result = self.start(FakeResolver(["::1", "127.0.0.1"]), timeout=2.0)
+        protocol, transport = connect(self.attempt(0)[1], self.clock, after=0.5)
+        protocol.dataReceived(b"220 ")
+        self.clock.advance(1.5)
+        self.assertTrue(transport.disconnected)
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.total, result.banner, len(self.clock.tcpClients)),
+                         ("timed out", 2.0, None, 1))
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+
+    def test_timeout_while_connecting(self):
+        result = self.start(FakeResolver(["192.0.2.1"]), timeout=3.0)
+        self.assertEqual(self.clock.tcpClients[0][3], 3.0)
+        self.clock.advance(3.0)
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.total), ("timed out", 3.0))
+        self.assertTrue(self.clock.connectors[0].stoppedConnecting)
+
+    def test_timeout_counts_from_the_start(self):
+        resolving = defer.Deferred()
+
+        async def slow_resolver(reactor, host, port, family):
+            return await resolving
+
+        result = self.start(slow_resolver, timeout=3.0)
+        self.clock.advance(2.0)
+        resolving.callback(["192.0.2.1"])
+        self.assertEqual(self.clock.tcpClients[0][3], 1.0, "only the time left")
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(result).total, 3.0)
+
+    def test_resolver_failure(self):
+        result = self.start(FakeResolver(failure=ProbeError("cannot resolve: Name or service "
+                                                            "not known")))
+        self.assertEqual(self.successResultOf(result).error,
+                         "cannot resolve: Name or service not known")
+
+    def test_resolver_that_never_answers(self):
+        result = self.start(FakeResolver(hang=True), timeout=2.0)
+        self.clock.advance(2.0)
+        self.assertEqual(self.successResultOf(result).error, "timed out resolving the name")
+
+    def test_family_and_source(self):
+        resolver = FakeResolver(["192.0.2.1"])
+        self.start(resolver, family=socket.AF_INET, source="192.0.2.9")
+        self.assertEqual(resolver.calls[0][2], socket.AF_INET)
+        self.assertEqual(self.clock.tcpClients[0][4], ("192.0.2.9", 0))
+
+    def test_tls_connects_with_the_creator(self):
+        tls = FakeTLS()
+        self.start(FakeResolver(["192.0.2.1"]), tls=tls)
+        self.assertEqual(self.clock.tcpClients, [])
+        host, port, factory, creator, _timeout, _bind = self.clock.sslClients[0]
+        self.assertEqual((host, port, creator, factory.tls), ("192.0.2.1", 25, tls.creator, tls))
+
+    def test_cancel_drops_the_attempt(self):
+        result = self.start(FakeResolver(["192.0.2.1"]))
+        _, transport = connect(self.attempt(0)[1])
+        result.cancel()
+        self.failureResultOf(result, defer.CancelledError)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
+
+
+class FakeTLS:
+    creator = object()
+
+    def explain(self, reason, connection):
+        return None
+
+
+class RecordingReport(Report):
+    def __init__(self):
+        super().__init__(None, None)
+        self.probes = []
+        self.finished = []
+
+    def probe(self, seq, result, verdict):
+        self.probes.append((seq, result, verdict))
+
+    def finish(self, summary, interrupted):
+        self.finished.append((summary, interrupted))
+
+
+class ScriptedProbes:
+    """A probe function whose probes end when the test says, with what it says."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.starts = []
+        self.pending = None
+
+    async def __call__(self, reactor, settings):
+        self.starts.append(self.clock.seconds())
+        self.pending = defer.Deferred()
+        return await self.pending
+
+    def end(self, after, total=None, **facts):
+        self.clock.advance(after)
+        pending, self.pending = self.pending, None
+        pending.callback(ProbeResult(host="mail.example", port=25, started=self.starts[-1],
+                                     total=after if total is None else total,
+                                     connect=0.001, banner=GREETING, **facts))
+
+
+class ProbeRunTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.probes = ScriptedProbes(self.clock)
+        self.report = RecordingReport()
+
+    def start(self, count, interval=1.0, checks=None):
+        self.run = ProbeRun(self.clock, ProbeSettings("mail.example", 25), checks or Checks(),
+                            self.report,
+                            count, interval, probe=self.probes)
+        return defer.ensureDeferred(self.run.run())
+
+    def test_one_probe(self):
+        status = self.start(1)
+        self.probes.end(0.25)
+        self.assertEqual(self.successResultOf(status), OK)
+        self.assertEqual([seq for seq, _, _ in self.report.probes], [1])
+        [(summary, interrupted)] = self.report.finished
+        self.assertEqual((summary.probes, interrupted), (1, False))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_interval_is_from_start_to_start(self):
+        status = self.start(3, interval=1.0)
+        self.probes.end(0.25)
+        self.clock.advance(0.75)
+        self.probes.end(0.5)
+        self.clock.advance(0.5)
+        self.probes.end(0.125)
+        self.assertEqual(self.probes.starts, [0.0, 1.0, 2.0])
+        self.assertEqual(self.successResultOf(status), OK)
+        self.assertEqual([seq for seq, _, _ in self.report.probes], [1, 2, 3])
+
+    def test_a_slow_probe_is_followed_at_once(self):
+        self.start(2, interval=1.0)
+        self.probes.end(1.5)
+        self.assertEqual(self.probes.starts, [0.0, 1.5])
+
+    def test_worst_probe_decides(self):
+        status = self.start(3, interval=1.0, checks=Checks(warning=0.5, critical=2.0))
+        for total in (0.1, 0.75, 0.1):
+            self.probes.end(total)
+            self.clock.advance(1.0 - total)
+        self.assertEqual(self.successResultOf(status), WARNING)
+        self.assertEqual([verdict.state for _, _, verdict in self.report.probes],
+                         [OK, WARNING, OK])
+
+    def test_a_failed_probe_is_critical(self):
+        status = self.start(2, interval=1.0)
+        self.probes.end(0.1, error="connection refused", refused=True)
+        self.clock.advance(0.9)
+        self.probes.end(0.1)
+        self.assertEqual(self.successResultOf(status), CRITICAL)
+        self.assertEqual(self.report.finished[0][0].failed, 1)
+
+    def test_until_interrupted_between_probes(self):
+        status = self.start(0, interval=1.0)
+        for _ in range(5):
+            self.probes.end(0.25)
+            self.clock.advance(0.75)
+        self.probes.end(0.25)
+        self.assertNoResult(status)
+        finished = self.run.interrupt()
+        self.assertEqual(self.successResultOf(status), OK)
+        self.successResultOf(finished)
+        [(summary, interrupted)] = self.report.finished
+        self.assertEqual((summary.probes, interrupted), (6, True))
+        self.assertEqual(self.clock.getDelayedCalls(), [], "the pause is cancelled")
+
+    def test_interrupted_during_a_probe(self):
+        status = self.start(0)
+        self.probes.end(0.25)
+        self.clock.advance(0.75)
+        pending = self.probes.pending
+        self.run.interrupt()
+        self.assertTrue(pending.called, "the probe under way is cancelled")
+        self.assertEqual(self.successResultOf(status), OK)
+        self.assertEqual(self.report.finished[0][0].probes, 1, "the dropped probe is not counted")
+
+    def test_interrupted_before_the_first_probe_ends(self):
+        status = self.start(1)
+        self.run.interrupt()
+        self.assertEqual(self.successResultOf(status), UNKNOWN)
+        self.assertEqual(self.report.finished[0][1], True)
+
+    def test_interrupt_after_the_end_does_nothing(self):
+        status = self.start(1)
+        self.probes.end(0.25)
+        self.successResultOf(status)
+        self.assertIsNone(self.run.interrupt())
+        self.assertEqual(len(self.report.finished), 1)
+
+    def test_stops_when_the_reader_goes_away(self):
+        status = self.start(0)
+        self.report.out.closed = True
+        self.probes.end(0.25)
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(status), OK)
+        self.assertEqual(len(self.probes.starts), 1)

@@ -1,0 +1,296 @@
+"""
+The probe client's command line: C{python -m tcpgreet.client --help}.
+
+Every value is converted and checked here, and every mistake is one
+L{usage.UsageError} naming the option and what is wrong with it; nothing
+here touches a socket.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+from collections.abc import Callable
+from ipaddress import ip_address
+
+from twisted.python import usage
+
+from tcpgreet.clienttls import load_ca
+from tcpgreet.outcome import CRITICAL, OK, WARNING, Checks
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 27679
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_MAX_BYTES = 65536
+
+# The report forms; see tcpgreet.report.
+BANNER, LINES, JSON, PLUGIN = "banner", "lines", "json", "plugin"
+
+
+def parse_target(args: list[str]) -> tuple[str, int]:
+    """
+    C{[HOST [PORT]]}, C{HOST:PORT} or C{[IPv6]:PORT} as a (host, port) pair;
+    raises C{usage.UsageError} naming what is wrong.
+    """
+    if len(args) > 2:
+        raise usage.UsageError(f"too many arguments: {' '.join(args)}")
+    if not args:
+        return DEFAULT_HOST, DEFAULT_PORT
+    host, port_text = args[0], (args[1] if len(args) == 2 else None)
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise usage.UsageError(f"unclosed bracket in host {host!r}")
+        rest = host[end + 1:]
+        host = host[1:end]
+        if rest:
+            if not rest.startswith(":") or port_text is not None:
+                raise usage.UsageError(f"bad target {args[0]!r}; use [IPv6]:PORT")
+            port_text = rest[1:]
+    elif host.count(":") == 1:
+        if port_text is not None:
+            raise usage.UsageError(f"port given twice: {args[0]!r} and {port_text!r}")
+        host, port_text = host.split(":")
+    if not host:
+        raise usage.UsageError(f"empty host in {args[0]!r}")
+    return host, DEFAULT_PORT if port_text is None else parse_port(port_text)
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise usage.UsageError(f"bad port {text!r}: not a number") from None
+    if not 0 < port < 65536:
+        raise usage.UsageError(f"bad port {text!r}: not in 1..65535")
+    return port
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise ValueError("not a positive number of seconds")
+    return value
+
+
+def count(text: str) -> int:
+    """A number of probes; 0 means until interrupted."""
+    value = _integer(text)
+    if value < 0:
+        raise ValueError("not 0 (until interrupted) or more")
+    return value
+
+
+def positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise ValueError("not 1 or more")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def pattern(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+
+
+_STATES = {"ok": OK, "warn": WARNING, "warning": WARNING, "crit": CRITICAL,
+           "critical": CRITICAL}
+
+
+def state(text: str) -> int:
+    try:
+        return _STATES[text.lower()]
+    except KeyError:
+        raise ValueError("not one of ok, warn, crit") from None
+
+
+def days(text: str) -> tuple[float, float]:
+    """C{WARN[,CRIT]} days; CRIT defaults to 0, so an expired certificate is critical."""
+    warning_text, _, critical_text = text.partition(",")
+    try:
+        warning, critical = float(warning_text), float(critical_text or 0)
+    except ValueError:
+        raise ValueError("not WARN[,CRIT] in days") from None
+    if not 0 <= critical <= warning < float("inf"):
+        raise ValueError("days must be finite with WARN >= CRIT >= 0")
+    return warning, critical
+
+
+_SEND_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.?)", re.DOTALL)
+_SEND_ESCAPES = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"0": b"\0", b"\\": b"\\"}
+
+
+def escaped(text: str) -> bytes:
+    r"""The bytes of C{text} with C{\r}, C{\n}, C{\t}, C{\0}, C{\\} and C{\xNN} decoded."""
+
+    def decode(match: re.Match[bytes]) -> bytes:
+        code = match.group(1)
+        if len(code) == 3:
+            return bytes([int(code[1:], 16)])
+        if code in _SEND_ESCAPES:
+            return _SEND_ESCAPES[code]
+        raise ValueError(f"unknown escape \\{code.decode(errors='replace')}; use "
+                         "\\r, \\n, \\t, \\0, \\\\ or \\xNN")
+
+    # Python decodes arguments with surrogateescape: this gives back their bytes.
+    return _SEND_ESCAPE.sub(decode, text.encode("utf-8", "surrogateescape"))
+
+
+def address(text: str) -> str:
+    try:
+        return str(ip_address(text))
+    except ValueError:
+        raise ValueError("not an IPv4 or IPv6 address") from None
+
+
+def _named(parameters: list[list]) -> list[list]:
+    """
+    C{optParameters} whose conversion errors name the option and the value
+    (C{--timeout 'soon': not a number of seconds}), where plain
+    C{usage.Options} says only "Parameter type enforcement failed".
+    """
+    named = []
+    for long, short, default, doc, convert in parameters:
+        named.append([long, short, default, doc, _naming(long, convert)])
+    return named
+
+
+def _naming(option: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    def coerce(text: str) -> object:
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise usage.UsageError(f"--{option} {text!r}: {e}") from None
+    return coerce
+
+
+class ClientOptions(usage.Options):
+    """
+    The client's options.  After L{parseOptions}: C{self["mode"]} is the
+    report form, C{self["family"]} the address family to resolve, and
+    C{self.checks} the L{Checks} every probe must pass.
+    """
+
+    synopsis = "Usage: tcpgreet-client [options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT)"
+    longdesc = (
+        "Connect to a TCP banner server and print what it sends up to EOF. "
+        "With --count, --interval or --timestamp: a line per probe and a summary; "
+        "--json: JSON Lines; --plugin: one monitoring-plugin line. Exit status: "
+        "0 OK, 1 WARNING, 2 CRITICAL (refused, timed out, reset, not resolved, "
+        "certificate, expectation or threshold not met), 3 UNKNOWN (bad usage)."
+    )
+    optFlags = [
+        ["json", None, "One JSON object per probe and one for the summary (JSON Lines)."],
+        ["plugin", None, "One monitoring-plugin line with performance data, as check_tcp."],
+        ["tls", None, "Speak TLS; verify the certificate against the system's trust "
+                      "store, SNI = HOST."],
+        ["insecure", None, "With --tls: accept any certificate."],
+        ["ipv4", "4", "Use IPv4 addresses only."],
+        ["ipv6", "6", "Use IPv6 addresses only."],
+        ["first-line", None, "Stop reading at the first newline (SMTP, SSH, FTP, POP3)."],
+        ["raw", None, "Write the banner's bytes unchanged, escape sequences and all."],
+        ["timestamp", "D", "Start each probe line with the time (UTC, ISO 8601)."],
+    ]
+    optParameters = _named([
+        ["count", "c", None, "Probes to make; 0 = until interrupted. [default: 1]", count],
+        ["interval", "i", None, "Seconds from the start of a probe to the start of the "
+                                "next. [default: 1]", seconds],
+        ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for each probe: resolving, "
+                                          "connecting, TLS, reading.", seconds],
+        ["expect", "e", None, "CRITICAL unless the banner matches this regular "
+                              "expression (Python re.search).", pattern],
+        ["warning", "w", None, "WARNING when a probe takes longer than this many "
+                               "seconds.", seconds],
+        ["critical", None, None, "CRITICAL when a probe takes longer than this many "
+                                 "seconds.", seconds],
+        ["refused-state", None, None, "State when the connection is refused: "
+                                          "ok, warn, crit. [default: crit]", state],
+        ["mismatch-state", None, None, "State when --expect does not match: "
+                                           "ok, warn, crit. [default: crit]", state],
+        ["max-bytes", None, DEFAULT_MAX_BYTES, "Stop reading after this many bytes; the "
+                                               "banner is reported truncated.", positive],
+        ["send", None, None, "Send this after connecting; \\r \\n \\t \\0 \\\\ \\xNN "
+                            "are decoded.", escaped],
+        ["ca", None, None, "With --tls: trust the certificates in this PEM file instead "
+                           "of the system's.", load_ca],
+        ["cert-days", None, None, "With --tls: WARNING/CRITICAL when the certificate "
+                                  "expires within WARN[,CRIT] days.", days],
+        ["source", "s", None, "Connect from this local address.", address],
+    ])
+    compData = usage.Completions(optActions={"ca": usage.CompleteFiles("*.pem")})
+
+    def parseArgs(self, *args: str) -> None:
+        self["host"], self["port"] = parse_target(list(args))
+
+    def postOptions(self) -> None:
+        self._refuse_conflicts()
+        self["family"] = self._family()
+        if self["json"]:
+            self["mode"] = JSON
+        elif self["plugin"]:
+            self["mode"] = PLUGIN
+        elif any(self[name] is not None for name in ("count", "interval")) or self["timestamp"]:
+            self["mode"] = LINES
+        else:
+            self["mode"] = BANNER
+        # Defaults are filled in here, not in optParameters, so --help shows
+        # them as they are typed ("crit", not 2) and a given --count or
+        # --interval can be told from the default.
+        for name, default in (("count", 1), ("interval", 1.0), ("send", b""),
+                              ("refused-state", CRITICAL), ("mismatch-state", CRITICAL)):
+            if self[name] is None:
+                self[name] = default
+        if self["mode"] == PLUGIN and self["count"] == 0:
+            raise usage.UsageError("--plugin needs a --count of 1 or more: a check must end")
+        warning_days, critical_days = self["cert-days"] or (None, None)
+        self.checks = Checks(
+            expect=self["expect"], warning=self["warning"], critical=self["critical"],
+            refused_state=self["refused-state"], mismatch_state=self["mismatch-state"],
+            cert_warning_days=warning_days, cert_critical_days=critical_days)
+
+    def _refuse_conflicts(self) -> None:
+        for first, second in (("json", "plugin"), ("ipv4", "ipv6"), ("ca", "insecure")):
+            if self[first] and self[second]:
+                raise usage.UsageError(f"--{first} and --{second} exclude each other")
+        for needs_tls in ("ca", "insecure", "cert-days"):
+            if self[needs_tls] and not self["tls"]:
+                raise usage.UsageError(f"--{needs_tls} needs --tls")
+        warning, critical = self["warning"], self["critical"]
+        if warning is not None and critical is not None and warning > critical:
+            raise usage.UsageError(f"--warning {warning:g} is above --critical {critical:g}")
+
+    def _family(self) -> int:
+        """
+        The address family to resolve HOST to: -4, -6, or the family of
+        --source, since a socket bound to one family cannot reach the other.
+        """
+        family = (socket.AF_INET if self["ipv4"] else
+                  socket.AF_INET6 if self["ipv6"] else socket.AF_UNSPEC)
+        if self["source"] is not None:
+            source_family = socket.AF_INET6 if ":" in self["source"] else socket.AF_INET
+            if family not in (socket.AF_UNSPEC, source_family):
+                raise usage.UsageError(
+                    f"--source {self['source']} is not an "
+                    f"{'IPv4' if family == socket.AF_INET else 'IPv6'} address")
+            family = source_family
+        return family
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        from tcpgreet import __version__
+        print(f"tcpgreet-client {__version__}")
+        sys.exit(0)

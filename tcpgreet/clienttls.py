@@ -1,0 +1,163 @@
+"""
+TLS for the probe client: which certificates to trust, the connection
+creator to hand to C{connectSSL}, what the handshake established, and a
+failed handshake told in one line an operator can act on.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl as stdlib_ssl
+from ipaddress import ip_address
+
+import idna
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcpgreet.outcome import TLSInfo
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def load_ca(path: str) -> tuple[ssl.Certificate, ...]:
+    """
+    The certificates in the PEM file C{path}; raises C{ValueError} saying
+    why it cannot be used.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read: {e.strerror}") from None
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise ValueError("no PEM certificate in it")
+    try:
+        return tuple(ssl.Certificate.loadPEM(block) for block in blocks)
+    except (crypto.Error, ValueError):
+        raise ValueError("holds a certificate that cannot be parsed") from None
+
+
+class TLSClient:
+    """
+    How to speak TLS to C{host}: verify its certificate against C{ca} (or
+    the system's trust store when C{ca} is C{None}), or not at all when
+    C{insecure}.  The server name (SNI) is C{host} unless it is an address.
+    """
+
+    def __init__(self, host: str, ca: tuple[ssl.Certificate, ...] | None = None,
+                 insecure: bool = False) -> None:
+        self.host = host
+        self.ca = ca
+        self.insecure = insecure
+        if insecure:
+            self.creator = UnverifiedTLS(host)
+        else:
+            trust = ssl.trustRootFromCertificates(list(ca)) if ca else ssl.platformTrust()
+            self.creator = ssl.optionsForClientTLS(host, trust)
+
+    def explain(self, reason: Failure, connection: SSL.Connection | None) -> str | None:
+        """
+        A TLS failure in one line, naming the certificate problem when there
+        is one; C{None} when C{reason} is not about TLS.
+        """
+        if reason.check(VerificationError):
+            # The handshake was cut short: the chain is there, the peer
+            # certificate is not.
+            chain = connection.get_peer_cert_chain() if connection is not None else None
+            names = _names(chain[0].to_cryptography() if chain else None)
+            return f"TLS certificate is not valid for {self.host}" + (
+                f" (it names {names})" if names else "")
+        if not reason.check(SSL.Error):
+            return None
+        reasons = _openssl_reasons(reason.value)
+        if "certificate verify failed" in reasons:
+            why = self._why_untrusted(connection) or "certificate verify failed"
+            return f"TLS certificate not trusted: {why} (see --ca, --insecure)"
+        return f"TLS handshake failed: {', '.join(reasons) or reason.getErrorMessage()}"
+
+    def _why_untrusted(self, connection: SSL.Connection | None) -> str | None:
+        """
+        OpenSSL's reason ("self-signed certificate", "certificate has
+        expired"), found by verifying the server's chain again, because a
+        failed handshake reports only "certificate verify failed".
+        """
+        chain = connection.get_peer_cert_chain() if connection is not None else None
+        if not chain:
+            return None
+        store = crypto.X509Store()
+        if self.ca:
+            for certificate in self.ca:
+                store.add_cert(certificate.original)
+        else:
+            paths = stdlib_ssl.get_default_verify_paths()
+            if paths.cafile or paths.capath:
+                store.load_locations(paths.cafile, paths.capath)
+        try:
+            crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            return str(e)
+        return None
+
+
+def handshake_info(connection: SSL.Connection) -> TLSInfo:
+    """What a completed handshake established."""
+    certificate = connection.get_peer_certificate(as_cryptography=True)
+    return TLSInfo(
+        version=connection.get_protocol_version_name(),
+        cipher=connection.get_cipher_name() or "",
+        not_after=certificate.not_valid_after_utc)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class UnverifiedTLS:
+    """
+    C{--insecure}: TLS that accepts any certificate but still sends the
+    server name, so a server with several certificates shows the one it
+    would show a real client (C{optionsForClientTLS} always verifies).
+    """
+
+    def __init__(self, host: str) -> None:
+        self._context = ssl.CertificateOptions().getContext()
+        self.server_name = None if _is_address(host) else idna.encode(host, uts46=True)
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self.server_name is not None:
+            connection.set_tlsext_host_name(self.server_name)
+        return connection
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _openssl_reasons(error: SSL.Error) -> list[str]:
+    # SSL.Error carries [(library, function, reason), ...].
+    details = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    return [entry[-1] for entry in details if isinstance(entry, tuple) and entry[-1]]
+
+
+def _names(certificate: x509.Certificate | None) -> str:
+    """The DNS names and addresses a certificate is for, comma-separated."""
+    if certificate is None:
+        return ""
+    try:
+        alternatives = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ""
+    names = alternatives.get_values_for_type(x509.DNSName)
+    names += [str(address) for address in alternatives.get_values_for_type(x509.IPAddress)]
+    return ", ".join(names)

@@ -1,0 +1,193 @@
+"""
+What a probe's outcome means to monitoring: the facts of one probe
+(L{ProbeResult}), what the user asks of it (L{Checks}), the state it earns
+(L{judge}), and the running tally over many probes (L{Summary}).
+
+Nothing here does I/O, so every rule is tested without a network.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+# The monitoring-plugin states, which are also the exit statuses.
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+STATE_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """What the TLS handshake established."""
+
+    version: str
+    cipher: str
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """
+    The facts of one probe, in seconds.  C{started} is since the epoch;
+    C{total} runs from there (name resolution included) to the end of the
+    banner; C{connect} and C{handshake} (TLS) run from the start of the
+    connection attempt to the address that answered.  C{error} is set when
+    no banner could be read; C{banner} may then hold what came before.
+    """
+
+    host: str
+    port: int
+    started: float
+    total: float
+    address: str | None = None
+    tried: tuple[str, ...] = ()
+    connect: float | None = None
+    handshake: float | None = None
+    tls: TLSInfo | None = None
+    banner: bytes | None = None
+    truncated: bool = False
+    error: str | None = None
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What the user expects of every probe; C{None} means "not checked"."""
+
+    expect: re.Pattern[str] | None = None
+    warning: float | None = None
+    critical: float | None = None
+    refused_state: int = CRITICAL
+    mismatch_state: int = CRITICAL
+    cert_warning_days: float | None = None
+    cert_critical_days: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """
+    The state a probe earns.  C{ok} is false when no banner was read or it
+    did not match C{--expect} (C{error} says why); C{reason} says why the
+    state is not OK, and is C{None} when it is.
+    """
+
+    state: int
+    ok: bool
+    error: str | None = None
+    reason: str | None = None
+
+
+def banner_text(banner: bytes) -> str:
+    """
+    The banner as C{--expect} sees it: UTF-8 with invalid bytes as C{\\xNN}
+    escapes, CRLF as newline (so C{$} matches at a line's end).
+    """
+    return banner.replace(b"\r\n", b"\n").decode("utf-8", "backslashreplace")
+
+
+def judge(result: ProbeResult, checks: Checks, now: float) -> Verdict:
+    """The state C{result} earns under C{checks}, at time C{now}."""
+    if result.error is not None:
+        state = checks.refused_state if result.refused else CRITICAL
+        return Verdict(state, False, result.error, result.error if state != OK else None)
+    problems: list[tuple[int, str]] = []
+    error = None
+    if checks.expect is not None and not checks.expect.search(banner_text(result.banner or b"")):
+        error = f"banner does not match {checks.expect.pattern!r}"
+        problems.append((checks.mismatch_state, error))
+    problems.extend(_slowness(result.total, checks))
+    if result.tls is not None:
+        problems.extend(_expiry(result.tls.not_after, now, checks))
+    state = max((state for state, _ in problems), default=OK)
+    reasons = "; ".join(reason for state, reason in problems if state != OK)
+    return Verdict(state, error is None, error, reasons or None)
+
+
+def _slowness(total: float, checks: Checks) -> list[tuple[int, str]]:
+    for state, limit, option in ((CRITICAL, checks.critical, "--critical"),
+                                 (WARNING, checks.warning, "--warning")):
+        if limit is not None and total > limit:
+            return [(state, f"total time {total:.3f} s over {option} {limit:g} s")]
+    return []
+
+
+def _expiry(not_after: datetime, now: float, checks: Checks) -> list[tuple[int, str]]:
+    days = (not_after.timestamp() - now) / 86400
+    when = not_after.strftime("%Y-%m-%d %H:%M UTC")
+    for state, limit in ((CRITICAL, checks.cert_critical_days),
+                         (WARNING, checks.cert_warning_days)):
+        if limit is not None and days <= limit:
+            if days < 0:
+                return [(state, f"certificate expired {-days:.1f} days ago ({when})")]
+            return [(state, f"certificate expires in {days:.1f} days ({when})")]
+    return []
+
+
+class RunningStats:
+    """
+    Minimum, maximum, mean and (population, as ping's mdev) standard
+    deviation in constant memory, by Welford's method: C{--count 0} may run
+    for months.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.mean = 0.0
+        self._squares = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self._squares += delta * (value - self.mean)
+
+    @property
+    def stdev(self) -> float:
+        return math.sqrt(self._squares / self.count) if self.count else 0.0
+
+
+class Summary:
+    """
+    The tally of a run of probes of one target.  The worst probe decides the
+    state; C{worst} is the latest probe that earned it, for a one-line report.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.probes = 0
+        self.ok = 0
+        self.state = OK
+        self.connect = RunningStats()
+        self.total = RunningStats()
+        self.worst: tuple[ProbeResult, Verdict] | None = None
+
+    def add(self, result: ProbeResult, verdict: Verdict) -> None:
+        self.probes += 1
+        self.ok += verdict.ok
+        if result.connect is not None:
+            self.connect.add(result.connect)
+            self.total.add(result.total)
+        if self.worst is None or verdict.state >= self.state:
+            self.worst = (result, verdict)
+        self.state = max(self.state, verdict.state)
+
+    @property
+    def failed(self) -> int:
+        return self.probes - self.ok
+
+    @property
+    def loss(self) -> float:
+        """Failed probes, in per cent."""
+        return 100.0 * self.failed / self.probes if self.probes else 0.0
+
+    @property
+    def exit_status(self) -> int:
+        """The state earned; UNKNOWN when not one probe completed."""
+        return self.state if self.probes else UNKNOWN

@@ -1,0 +1,183 @@
+"""
+The client's command line: targets, every option's conversion, the whole
+parsed result, and one clear message for each mistake.
+"""
+
+import os
+import re
+import socket
+import tempfile
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcpgreet.clientoptions import ClientOptions, escaped, parse_target
+from tcpgreet.outcome import CRITICAL, OK, WARNING, Checks
+
+from .certificates import make_certificate
+
+
+def parse(*args):
+    options = ClientOptions()
+    options.parseOptions(list(args))
+    return options
+
+
+class TargetTests(SynchronousTestCase):
+    def test_forms(self):
+        cases = {
+            (): ("localhost", 27679),
+            ("example.org",): ("example.org", 27679),
+            ("example.org", "25"): ("example.org", 25),
+            ("example.org:2525",): ("example.org", 2525),
+            ("[::1]:7",): ("::1", 7),
+            ("[::1]",): ("::1", 27679),
+            ("[::1]", "8"): ("::1", 8),
+            ("::1",): ("::1", 27679),
+            ("::1", "9"): ("::1", 9),
+        }
+        for args, expected in cases.items():
+            self.assertEqual(parse_target(list(args)), expected, args)
+
+    def test_mistakes(self):
+        for args, fragment in [
+            (["a", "b", "c"], "too many arguments"),
+            (["host", "port"], "bad port 'port'"),
+            (["host", "0"], "not in 1..65535"),
+            (["host", "65536"], "not in 1..65535"),
+            (["host:1", "2"], "port given twice"),
+            (["[::1"], "unclosed bracket"),
+            (["[::1]x"], "[IPv6]:PORT"),
+            ([":80"], "empty host"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse_target(args)
+            self.assertIn(fragment, str(caught.exception))
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_no_options_is_the_tutorial_client(self):
+        options = parse()
+        self.assertEqual(
+            {key: options[key] for key in (
+                "host", "port", "mode", "count", "interval", "timeout", "max-bytes", "send",
+                "first-line", "raw", "tls", "ca", "insecure", "family", "source", "timestamp")},
+            {"host": "localhost", "port": 27679, "mode": "banner", "count": 1,
+             "interval": 1.0, "timeout": 5.0, "max-bytes": 65536, "send": b"",
+             "first-line": False, "raw": False, "tls": False, "ca": None, "insecure": False,
+             "family": socket.AF_UNSPEC, "source": None, "timestamp": False})
+        self.assertEqual(options.checks, Checks())
+
+
+class OptionTests(SynchronousTestCase):
+    def test_everything_converted(self):
+        options = parse("-c", "0", "-i", "0.25", "-t", "2", "-e", "^220 ", "-w", "0.5",
+                        "--critical", "1.5", "--refused-state", "warn",
+                        "--mismatch-state", "OK", "--max-bytes", "512", "--first-line",
+                        "--send", "QUIT\\r\\n", "-4", "-s", "127.0.0.1", "-D", "--raw",
+                        "mail.example:25")
+        self.assertEqual((options["count"], options["interval"], options["timeout"],
+                          options["max-bytes"], options["send"], options["family"],
+                          options["source"], options["mode"], options["host"],
+                          options["port"]),
+                         (0, 0.25, 2.0, 512, b"QUIT\r\n", socket.AF_INET, "127.0.0.1",
+                          "lines", "mail.example", 25))
+        self.assertEqual(options.checks, Checks(
+            expect=re.compile("^220 "), warning=0.5, critical=1.5, refused_state=WARNING,
+            mismatch_state=OK))
+
+    def test_modes(self):
+        self.assertEqual(parse("-c", "1")["mode"], "lines")
+        self.assertEqual(parse("-i", "2")["mode"], "lines")
+        self.assertEqual(parse("-D")["mode"], "lines")
+        self.assertEqual(parse("--json", "-c", "3")["mode"], "json")
+        self.assertEqual(parse("--plugin", "-c", "3")["mode"], "plugin")
+
+    def test_families(self):
+        self.assertEqual(parse("-6")["family"], socket.AF_INET6)
+        self.assertEqual(parse("-s", "::1")["family"], socket.AF_INET6)
+        self.assertEqual(parse("-s", "0:0::1")["source"], "::1")
+
+    def test_tls(self):
+        self.assertEqual((parse("--tls")["tls"], parse("--tls", "--insecure")["insecure"]),
+                         (True, True))
+        options = parse("--tls", "--cert-days", "30,7")
+        self.assertEqual((options.checks.cert_warning_days, options.checks.cert_critical_days),
+                         (30.0, 7.0))
+        self.assertEqual(parse("--tls", "--cert-days", "14").checks.cert_critical_days, 0.0)
+
+    def test_states(self):
+        for text, state in [("ok", OK), ("warn", WARNING), ("warning", WARNING),
+                            ("crit", CRITICAL), ("CRITICAL", CRITICAL)]:
+            self.assertEqual(parse("--refused-state", text).checks.refused_state, state)
+
+    def test_send_escapes(self):
+        self.assertEqual(escaped("HELO x\\r\\n\\t\\0\\\\\\x7f\\xFFé"),
+                         b"HELO x\r\n\t\0\\\x7f\xff\xc3\xa9")
+        self.assertEqual(escaped("plain"), b"plain")
+
+
+class MistakeTests(SynchronousTestCase):
+    """Each mistake: a UsageError whose one line names the option and the reason."""
+
+    def assertMistake(self, args, message):
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(*args)
+        self.assertEqual(str(caught.exception), message)
+
+    def test_values(self):
+        for args, message in [
+            (["-t", "soon"], "--timeout 'soon': not a number of seconds"),
+            (["-t", "0"], "--timeout '0': not a positive number of seconds"),
+            (["-t", "inf"], "--timeout 'inf': not a positive number of seconds"),
+            (["-t", "nan"], "--timeout 'nan': not a positive number of seconds"),
+            (["-i", "-1"], "--interval '-1': not a positive number of seconds"),
+            (["-c", "-1"], "--count '-1': not 0 (until interrupted) or more"),
+            (["-c", "many"], "--count 'many': not a whole number"),
+            (["--max-bytes", "0"], "--max-bytes '0': not 1 or more"),
+            (["-e", "(220"], "--expect '(220': not a valid regular expression: missing ), "
+                             "unterminated subpattern at position 0"),
+            (["--refused-state", "maybe"], "--refused-state 'maybe': not one of ok, warn, crit"),
+            (["--tls", "--cert-days", "7,30"],
+             "--cert-days '7,30': days must be finite with WARN >= CRIT >= 0"),
+            (["--tls", "--cert-days", "soon"], "--cert-days 'soon': not WARN[,CRIT] in days"),
+            (["-s", "myhost"], "--source 'myhost': not an IPv4 or IPv6 address"),
+            (["--send", "\\q"], "--send '\\\\q': unknown escape \\q; use \\r, \\n, \\t, \\0, "
+                                "\\\\ or \\xNN"),
+            (["--send", "\\x4"], "--send '\\\\x4': unknown escape \\x; use \\r, \\n, \\t, "
+                                 "\\0, \\\\ or \\xNN"),
+        ]:
+            self.assertMistake(args, message)
+
+    def test_conflicts(self):
+        for args, message in [
+            (["--json", "--plugin"], "--json and --plugin exclude each other"),
+            (["-4", "-6"], "--ipv4 and --ipv6 exclude each other"),
+            (["--ca", self.ca_file(), "--tls", "--insecure"],
+             "--ca and --insecure exclude each other"),
+            (["--insecure"], "--insecure needs --tls"),
+            (["--cert-days", "30"], "--cert-days needs --tls"),
+            (["-w", "2", "--critical", "1"], "--warning 2 is above --critical 1"),
+            (["--plugin", "-c", "0"], "--plugin needs a --count of 1 or more: a check must end"),
+            (["-6", "-s", "127.0.0.1"], "--source 127.0.0.1 is not an IPv6 address"),
+            (["-4", "-s", "::1"], "--source ::1 is not an IPv4 address"),
+        ]:
+            self.assertMistake(args, message)
+
+    def test_unreadable_ca(self):
+        self.assertMistake(["--tls", "--ca", "/no/such/ca.pem"],
+                           "--ca '/no/such/ca.pem': cannot read: No such file or directory")
+        path = self.ca_file(b"not a certificate\n")
+        self.assertMistake(["--tls", "--ca", path], f"--ca {path!r}: no PEM certificate in it")
+        path = self.ca_file(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        self.assertMistake(["--tls", "--ca", path],
+                           f"--ca {path!r}: holds a certificate that cannot be parsed")
+
+    def ca_file(self, data=None):
+        if data is None:
+            data = make_certificate(["localhost"]).certificate_pem
+        fd, path = tempfile.mkstemp(suffix=".pem")
+        self.addCleanup(os.remove, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path

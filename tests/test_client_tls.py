@@ -1,0 +1,190 @@
+"""
+The client's TLS: against C{twistd tcpgreet --listen ssl:...} with
+certificates made in the test, verified with --ca and refused without it;
+against a stdlib TLS server for names, expiry and SNI; and handshake
+failures in one line.
+"""
+
+import json
+import os
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+from OpenSSL import SSL
+from twisted.internet import error
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcpgreet.clienttls import TLSClient, UnverifiedTLS, load_ca
+
+from . import tls
+from .certificates import make_certificate
+from .clientprocess import SocketServer, run
+from .helpers import start_server
+
+GREETING = b"Thank you for connecting\n"
+
+
+class UnitTests(SynchronousTestCase):
+    def test_insecure_still_sends_the_server_name(self):
+        connection = UnverifiedTLS("mail.example").clientConnectionForTLS(None)
+        self.assertEqual(connection.get_servername(), b"mail.example")
+
+    def test_no_server_name_for_an_address(self):
+        for address in ("192.0.2.1", "2001:db8::1"):
+            connection = UnverifiedTLS(address).clientConnectionForTLS(None)
+            self.assertIsNone(connection.get_servername())
+
+    def test_explain_handshake_failure(self):
+        client = TLSClient("mail.example", insecure=True)
+        failure = Failure(SSL.Error([("SSL routines", "", "wrong version number")]))
+        self.assertEqual(client.explain(failure, None),
+                         "TLS handshake failed: wrong version number")
+        failure = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
+        self.assertEqual(client.explain(failure, None), "TLS certificate not trusted: certificate "
+                                                        "verify failed (see --ca, --insecure)")
+
+    def test_other_failures_are_not_tls(self):
+        client = TLSClient("mail.example", insecure=True)
+        self.assertIsNone(client.explain(Failure(error.ConnectionLost()), None))
+
+    def test_load_several_certificates(self):
+        pem = (make_certificate(["a.example"]).certificate_pem
+               + make_certificate(["b.example"]).certificate_pem)
+        fd, path = tempfile.mkstemp(suffix=".pem")
+        self.addCleanup(os.remove, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"a comment before\n" + pem)
+        names = [certificate.original.to_cryptography().subject.rfc4514_string()
+                 for certificate in load_ca(path)]
+        self.assertEqual(names, ["CN=a.example", "CN=b.example"])
+
+
+class TwistdTests(SynchronousTestCase):
+    """
+    The real server on ssl:, with the project's test certificates: a
+    self-signed one for localhost and 127.0.0.1, valid for a day, and a
+    chain root -> intermediate -> server.
+    """
+
+    def setUp(self):
+        self.directory = Path(tempfile.mkdtemp(prefix="tcpgreet-client-tls-"))
+        self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
+
+    def serve(self, files, chain=True):
+        listener = f"ssl:0:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
+        if chain and files.chain is not None:
+            listener += f":extraCertChain={files.chain}"
+        return str(start_server(self, "--listen", listener, "--quiet").port)
+
+    def test_verified_with_ca(self):
+        files = tls.self_signed(self.directory)
+        port = self.serve(files)
+        for host in ("localhost", "127.0.0.1"):
+            result = run("--tls", "--ca", str(files.trust), host, port)
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (0, GREETING, b""), host)
+
+    def test_refused_without_ca(self):
+        port = self.serve(tls.self_signed(self.directory))
+        result = run("--tls", "localhost", port)
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: localhost port {port}: TLS certificate not "
+                         "trusted: self-signed certificate (see --ca, --insecure)\n")
+
+    def test_chain_sent_by_the_server(self):
+        files = tls.chained(self.directory)
+        result = run("--tls", "--ca", str(files.trust), "localhost", self.serve(files))
+        self.assertEqual((result.returncode, result.stdout), (0, GREETING))
+
+    def test_chain_not_sent(self):
+        files = tls.chained(self.directory)
+        port = self.serve(files, chain=False)
+        result = run("--tls", "--ca", str(files.trust), "localhost", port)
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: localhost port {port}: TLS certificate not "
+                         "trusted: unable to get local issuer certificate (see --ca, "
+                         "--insecure)\n")
+
+    def test_insecure(self):
+        port = self.serve(tls.self_signed(self.directory))
+        result = run("--tls", "--insecure", "--json", "127.0.0.1", port)
+        probe = json.loads(result.stdout.splitlines()[0])
+        self.assertEqual((result.returncode, probe["ok"], probe["banner"]),
+                         (0, True, "Thank you for connecting\r\n"))
+        self.assertTrue(probe["tls_version"].startswith("TLSv1."))
+        self.assertAlmostEqual(probe["cert_days_left"], 1, delta=0.1)
+        self.assertLessEqual(probe["connect_ms"], probe["tls_ms"])
+        self.assertLessEqual(probe["tls_ms"], probe["total_ms"])
+
+    def test_certificate_expiry(self):
+        files = tls.self_signed(self.directory)  # expires in a day
+        port = self.serve(files)
+        for days, status in (("0.5", 0), ("2,0.5", 1), ("2,1.5", 2)):
+            result = run("--tls", "--ca", str(files.trust), "--cert-days", days, "--plugin",
+                         "localhost", port)
+            self.assertEqual(result.returncode, status, days)
+            if status:
+                self.assertRegex(result.stdout.decode(),
+                                 r" - certificate expires in 1\.0 days \(")
+
+    def test_a_plain_server_is_a_handshake_failure(self):
+        plain = start_server(self, "--listen", "tcp:0:interface=127.0.0.1", "--quiet")
+        result = run("--tls", "--insecure", "127.0.0.1", str(plain.port))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertRegex(result.stderr.decode(),
+                         rf"^tcpgreet-client: 127\.0\.0\.1 port {plain.port}: "
+                         r"(TLS handshake failed: .+|connection reset by peer)\n$")
+
+
+class TLSServer(SocketServer):
+    """A stdlib TLS server in a thread, which records the names clients ask for."""
+
+    def __init__(self, testcase, certificate, greeting=b"220 tls.example ready\r\n"):
+        key, cert = certificate.write(testcase)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server_names = []
+        context.sni_callback = lambda sock, name, ctx: self.server_names.append(name)
+
+        def greet(connection):
+            with context.wrap_socket(connection, server_side=True) as tls:
+                tls.sendall(greeting)
+
+        super().__init__(testcase, greet)
+        self.ca = cert
+
+
+class StdlibServerTests(SynchronousTestCase):
+    def test_server_name_is_sent(self):
+        for extra in (["--insecure"], ["--ca"]):
+            server = TLSServer(self, make_certificate(["localhost"]))
+            args = [*extra, server.ca] if extra == ["--ca"] else extra
+            result = run("--tls", *args, "localhost", str(server.port))
+            self.assertEqual((result.returncode, server.server_names), (0, ["localhost"]), extra)
+
+    def test_name_mismatch(self):
+        server = TLSServer(self, make_certificate(["other.example", "192.0.2.7"]))
+        result = run("--tls", "--ca", server.ca, "localhost", str(server.port))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: localhost port {server.port}: TLS certificate is "
+                         "not valid for localhost (it names other.example, 192.0.2.7)\n")
+
+    def test_expired_certificate(self):
+        expired = make_certificate(["localhost"], days=-0.01)
+        server = TLSServer(self, expired)
+        result = run("--tls", "--ca", server.ca, "localhost", str(server.port))
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: localhost port {server.port}: TLS certificate not "
+                         "trusted: certificate has expired (see --ca, --insecure)\n")
+        server = TLSServer(self, expired)
+        result = run("--tls", "--insecure", "--cert-days", "30", "localhost", str(server.port))
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(result.stderr.decode(), r": certificate expired 0\.0 days ago \(")
