@@ -7,7 +7,7 @@ An attempt at one address is a L{GreetClientFactory} run on the reactor;
 L{probe} tries the host's addresses in turn and returns a L{ProbeResult};
 L{ProbeRun} repeats probes, judges each and hands it to a report.  The
 command line lives in L{tcpgreet.clientoptions}, the meaning of a result in
-L{tcpgreet.outcome}, its forms in L{tcpgreet.report}, TLS in
+L{tcpgreet.clientoutcome}, its forms in L{tcpgreet.clientreport}, TLS in
 L{tcpgreet.clienttls}.
 
 Exit status follows the monitoring-plugin convention: 0 OK, 1 WARNING,
@@ -40,9 +40,8 @@ from tcpgreet.clientoptions import (
     LINES,
     ClientOptions,
 )
-from tcpgreet.clienttls import TLSClient, handshake_info
-from tcpgreet.outcome import UNKNOWN, Checks, ProbeResult, Summary, judge
-from tcpgreet.report import (
+from tcpgreet.clientoutcome import UNKNOWN, Checks, ProbeResult, Summary, judge
+from tcpgreet.clientreport import (
     BannerReport,
     JsonReport,
     LinesReport,
@@ -50,6 +49,7 @@ from tcpgreet.report import (
     Report,
     discard_the_rest,
 )
+from tcpgreet.clienttls import TLSClient, handshake_info
 
 
 class ProbeError(Exception):

@@ -16,15 +16,15 @@ from ipaddress import ip_address
 
 from twisted.python import usage
 
+from tcpgreet.clientoutcome import CRITICAL, OK, WARNING, Checks
 from tcpgreet.clienttls import load_ca
-from tcpgreet.outcome import CRITICAL, OK, WARNING, Checks
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 27679
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_BYTES = 65536
 
-# The report forms; see tcpgreet.report.
+# The report forms; see tcpgreet.clientreport.
 BANNER, LINES, JSON, PLUGIN = "banner", "lines", "json", "plugin"
 
 

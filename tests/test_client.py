@@ -12,8 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.client import GreetClientFactory, ProbeError, ProbeRun, ProbeSettings, probe
-from tcpgreet.outcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
-from tcpgreet.report import Report
+from tcpgreet.clientoutcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
+from tcpgreet.clientreport import Report
 
 GREETING = b"Thank you for connecting\r\n"
 

@@ -12,7 +12,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.clientoptions import ClientOptions, escaped, parse_target
-from tcpgreet.outcome import CRITICAL, OK, WARNING, Checks
+from tcpgreet.clientoutcome import CRITICAL, OK, WARNING, Checks
 
 from .certificates import make_certificate
 

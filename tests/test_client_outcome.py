@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.outcome import (
+from tcpgreet.clientoutcome import (
     CRITICAL,
     OK,
     UNKNOWN,

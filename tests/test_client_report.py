@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.outcome import Checks, ProbeResult, Summary, TLSInfo, judge
-from tcpgreet.report import (
+from tcpgreet.clientoutcome import Checks, ProbeResult, Summary, TLSInfo, judge
+from tcpgreet.clientreport import (
     BannerReport,
     JsonReport,
     LinesReport,

@@ -14,7 +14,7 @@ import os
 from datetime import datetime, timezone
 from typing import BinaryIO
 
-from tcpgreet.outcome import STATE_NAMES, Checks, ProbeResult, RunningStats, Summary, Verdict
+from tcpgreet.clientoutcome import STATE_NAMES, Checks, ProbeResult, RunningStats, Summary, Verdict
 
 
 def render_banner(data: bytes) -> str:
