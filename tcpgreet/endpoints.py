@@ -11,15 +11,22 @@ least L{DEFAULT_BACKLOG} unless its string sets one.
 
 from __future__ import annotations
 
+import os
 import socket
 
+from OpenSSL.crypto import Error as CryptoError
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
 
 from tcpgreet import port
+from tcpgreet.proxy import ProxyHeaderEndpoint
 
 DEFAULT_BACKLOG = 1024
+
+log = Logger()
 
 # Endpoint types that take a backlog argument, and the wrappers whose
 # remaining arguments describe another endpoint.
@@ -95,9 +102,28 @@ class GreetReactor:
         return listening
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
-        if addressFamily in (socket.AF_INET, socket.AF_INET6):
+        actual = _family(fileDescriptor)
+        if actual != addressFamily and {actual, addressFamily} <= _INET:
+            # systemd's ListenStream=PORT is an IPv6 socket that also takes
+            # IPv4; read as the family the string names, every address
+            # would come out garbled.
+            log.warn("inherited socket {fd} is {actual}, not {named}; using {actual}",
+                     fd=fileDescriptor, actual=actual.name, named=addressFamily.name)
+            addressFamily = actual
+        if addressFamily in _INET:
             return port.adopt(self._reactor, fileDescriptor, addressFamily, factory)
         return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
+
+
+_INET = {socket.AF_INET, socket.AF_INET6}
+
+
+def _family(fileDescriptor: int) -> socket.AddressFamily:
+    probe = socket.socket(fileno=os.dup(fileDescriptor))
+    try:
+        return probe.family
+    finally:
+        probe.close()
 
 
 def server_endpoint(reactor, description: str) -> IStreamServerEndpoint:
@@ -105,15 +131,67 @@ def server_endpoint(reactor, description: str) -> IStreamServerEndpoint:
     Parse C{description} into an endpoint, raising L{EndpointError} with one
     line that names the string and what is wrong with it.
     """
+    parts = _split(description)
+    if parts[0] == "haproxy" and len(parts) > 1:
+        # Our own PROXY wrapper, not Twisted's: see tcpgreet.proxy.
+        inner = description[len("haproxy:"):]
+        try:
+            return ProxyHeaderEndpoint(server_endpoint(reactor, inner), clock=reactor)
+        except EndpointError as e:
+            raise EndpointError(f"listen endpoint {description!r}: "
+                                f"{str(e).split(': ', 1)[1]}") from None
     if isinstance(reactor, PosixReactorBase):  # not a test's fake reactor
         reactor = GreetReactor(reactor)
     try:
         return serverFromString(reactor, with_default_backlog(description))
     except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
-        raise EndpointError(f"listen endpoint {description!r}: {_reason(e)}") from None
+        reason = _reason(e)
+        if parts[0] == "ssl" and "privateKey=" not in description:
+            reason += " (privateKey= defaults to server.pem)"
+        raise EndpointError(f"listen endpoint {description!r}: {reason}") from None
+    except (CryptoError, VerifyError) as e:
+        raise EndpointError(f"listen endpoint {description!r}: "
+                            f"{_tls_reason(e, parts)}") from None
+
+
+def _tls_reason(e: Exception, parts: list[str]) -> str:
+    """Which of the key and certificate files is unusable, and why."""
+    options = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+    key = options.get("privateKey", "server.pem").replace("\\:", ":")
+    cert = options.get("certKey", key).replace("\\:", ":")
+    if isinstance(e, VerifyError):
+        return f"the private key in {key} does not match the certificate in {cert}"
+    text = str(e)
+    if "no start line" in text:
+        return f"no PEM certificate in {cert}" + (
+            " (certKey= names the certificate file)" if cert == key else "")
+    return f"no usable PEM private key in {key}"
+
+
+def _inherited_listener() -> bool:
+    """
+    Whether descriptor 3, where systemd passes the first socket, is a
+    listening socket.  (Twisted removes LISTEN_FDS and its kin from the
+    environment when it reads them, so they cannot be asked afterwards.)
+    """
+    try:
+        probe = socket.socket(fileno=os.dup(3))
+    except OSError:
+        return False
+    try:
+        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _reason(e: Exception) -> str:
+    if isinstance(e, (IndexError, KeyError)) and _inherited_listener():
+        return ("no inherited socket found, yet descriptor 3 is a listening socket: "
+                "Twisted adopts inherited sockets only when LISTEN_FDNAMES is set as "
+                "well as LISTEN_FDS (a systemd unit always sets it; give "
+                "systemd-socket-activate --fdname=NAME)")
     if isinstance(e, KeyError):
         return f"no such inherited socket {e}"
     if isinstance(e, IndexError):

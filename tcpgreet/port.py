@@ -265,8 +265,6 @@ _reserve = _ReserveDescriptor()
 
 _PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
-_accept_errors = RateLimitedLog(
-    log, "accept failed: {error} ({count} in the last {interval:g} s); {action}")
 
 
 class GreetPort(tcp.Port):
@@ -283,6 +281,12 @@ class GreetPort(tcp.Port):
 
     _direct = False
     _paused = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._acceptErrors = RateLimitedLog(
+            log, "accept failed: {error} ({count} in the last {interval:g} s); {action}",
+            clock=self.reactor)
 
     def startListening(self) -> None:
         _reserve.take()
@@ -345,7 +349,7 @@ class GreetPort(tcp.Port):
 
     def _acceptFailed(self, e: OSError) -> None:
         if e.errno not in _PAUSE_ERRORS:
-            _accept_errors.note(error=os.strerror(e.errno or 0),
+            self._acceptErrors.note(error=os.strerror(e.errno or 0),
                                 action="continuing", key=e.errno)
             return
         shed = 0
@@ -360,7 +364,7 @@ class GreetPort(tcp.Port):
             except OSError:
                 pass
             _reserve.take()
-        _accept_errors.note(
+        self._acceptErrors.note(
             error=os.strerror(e.errno or 0), key=e.errno,
             action=(f"closed {shed} waiting connection(s), " if shed else "")
             + f"pausing accepts for {ACCEPT_PAUSE:g} s")

@@ -17,7 +17,12 @@ import time
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPullProducer
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    INegotiated,
+    IPullProducer,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,6 +54,14 @@ LONG_GREETING_SEND_BUFFER = 65536
 # How long a connection whose greeting is written may wait for the client
 # to close its side before the server closes anyway (see writeConnectionLost).
 LINGER = 2.0
+
+# The per-connection log line, over TLS or not.
+_GREETED = "{peer} port {port}: {outcome}, {bytes} bytes in {duration_ms} ms"
+_GREETED_TLS = "{peer} port {port}: {outcome} over TLS, {bytes} bytes in {duration_ms} ms"
+_CUT_SHORT = ("{peer} port {port}: {outcome} ({reason}) after {bytes} of {length} bytes, "
+              "{duration_ms} ms")
+_CUT_SHORT_TLS = ("{peer} port {port}: {outcome} over TLS ({reason}) after {bytes} of "
+                  "{length} bytes, {duration_ms} ms")
 
 # Why the server cut a connection short.
 TIMEOUT = "timeout"
@@ -239,7 +252,7 @@ class GreetFactory(Factory):
         host = getattr(addr, "host", None)
         refused = self.limits.admit(host)
         if refused is not None:
-            self.stats.count(self.stats.rejected, refused)
+            self.refuse(refused, host)
             self._rejections.note(key=refused, limit=f"--{refused}", peer=host or "unix")
             return None
         self.stats.accepted += 1
@@ -247,6 +260,10 @@ class GreetFactory(Factory):
         protocol.factory = self
         protocol.peer = addr
         return protocol
+
+    def refuse(self, reason: str, host: str | None) -> None:
+        """Count a connection refused for C{reason} (a limit, a bad PROXY header)."""
+        self.stats.count(self.stats.rejected, reason)
 
     def greetingFor(self, peer: IAddress) -> bytes:
         """
@@ -315,16 +332,16 @@ class GreetFactory(Factory):
         if self.quiet:
             return
         host, port = peer_host_port(protocol.peer)
+        tls = INegotiated.providedBy(protocol.transport)
         if why is None:
-            log.info("{peer} port {port}: {outcome}, {bytes} bytes in {duration_ms} ms",
+            log.info(_GREETED_TLS if tls else _GREETED,
                      peer=host, port=port, outcome=outcome, bytes=protocol.written,
-                     duration_ms=round(duration * 1000, 3), reason=why)
+                     duration_ms=round(duration * 1000, 3), reason=why, tls=tls)
         else:
-            log.info("{peer} port {port}: {outcome} ({reason}) after {bytes} of "
-                     "{length} bytes, {duration_ms} ms",
+            log.info(_CUT_SHORT_TLS if tls else _CUT_SHORT,
                      peer=host, port=port, outcome=outcome, bytes=protocol.written,
                      length=protocol.length, duration_ms=round(duration * 1000, 3),
-                     reason=why)
+                     reason=why, tls=tls)
 
     def reactor(self):
         if self._reactor is None:

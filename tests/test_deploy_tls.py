@@ -53,7 +53,7 @@ class TLSGreetingTests(SynchronousTestCase):
         result = s_client(self, server.port, trust)
         self.assertEqual((result.returncode, result.stdout), (0, greeting),
                          result.stderr.decode(errors="replace"))
-        server.wait_for(rf"127\.0\.0\.1 port \d+: greeted, {len(greeting)} bytes")
+        server.wait_for(rf"127\.0\.0\.1 port \d+: greeted over TLS, {len(greeting)} bytes")
         return server
 
     def test_self_signed_certificate(self):
@@ -93,7 +93,7 @@ class TLSGreetingTests(SynchronousTestCase):
         server = start_server(self, "--listen", ssl_listener(files))
         received = fetch(server.host, server.port, send=b"HELLO\r\n")
         self.assertNotIn(b"Thank you", received)
-        server.wait_for(r"127\.0\.0\.1 port \d+: lost \(.*wrong version number")
+        server.wait_for(r"127\.0\.0\.1 port \d+: lost over TLS \(.*wrong version number")
         server.stop()
         self.assertNotIn("Traceback", server.log)
 
@@ -103,8 +103,6 @@ class TLSGreetingTests(SynchronousTestCase):
         line = server.wait_for(r"127\.0\.0\.1 port \d+: greeted").string
         self.assertRegex(line, r"TLS")
 
-    test_connection_log_says_tls.todo = (
-        "the per-connection log line does not say the connection used TLS yet")
 
 
 class TLSStartupErrorTests(SynchronousTestCase):
@@ -177,33 +175,20 @@ class TLSStartupErrorTests(SynchronousTestCase):
         garbage = self.garbage()
         self.assertRefused(self.listener(key=garbage), garbage, r"(?i)key|PEM")
 
-    test_garbage_key.todo = (
-        "a key file that is not a PEM private key ends twistd with a traceback "
-        "(OpenSSL.crypto.Error: DECODER routines: unsupported)")
 
     def test_garbage_certificate(self):
         garbage = self.garbage()
         self.assertRefused(self.listener(cert=garbage), garbage, r"(?i)certificate|PEM")
 
-    test_garbage_certificate.todo = (
-        "a certificate file that is not PEM ends twistd with a traceback "
-        "(OpenSSL.crypto.Error: PEM routines: no start line)")
 
     def test_key_without_a_certificate(self):
         # certKey defaults to privateKey: a key file alone has no certificate.
         self.assertRefused(f"ssl:0:interface=127.0.0.1:privateKey={self.files.key}",
                            self.files.key, r"(?i)certificate")
 
-    test_key_without_a_certificate.todo = (
-        "privateKey= alone, naming a file without a certificate, ends twistd with "
-        "a traceback (OpenSSL.crypto.Error: PEM routines: no start line)")
 
     def test_key_does_not_match_certificate(self):
         other = tls.self_signed(temporary_directory(self))
         self.assertRefused(self.listener(key=other.key), (other.key, self.files.cert),
                            r"(?i)match")
 
-    test_key_does_not_match_certificate.todo = (
-        "a key that does not match the certificate ends twistd with a traceback "
-        "(twisted.internet.error.VerifyError: Certificate public and private keys "
-        "do not match.)")

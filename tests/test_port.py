@@ -107,8 +107,6 @@ class AcceptErrorTests(SynchronousTestCase):
         self.addCleanup(reserve.release)
         self.patch(port, "_reserve", reserve)
         clock = MemoryReactorClock()
-        self.patch(port._accept_errors, "_clock", clock)
-        self.patch(port._accept_errors, "_windows", {})
         listening = port.GreetPort(0, GreetFactory(greeting.from_text("hi")), reactor=clock)
         listening.socket = FakeListeningSocket(code, waiting)
         listening.connected = True

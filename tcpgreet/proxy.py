@@ -1,0 +1,209 @@
+"""
+The PROXY protocol (v1 and v2) for a server that speaks first.
+
+Behind HAProxy (C{send-proxy}, C{send-proxy-v2}) every connection starts with
+a header that names the original client.  Twisted's own wrapper (the
+C{haproxy:} endpoint) connects the wrapped protocol at once and parses the
+header later, which suits protocols that wait for the client: a greeting
+server would greet before the header, with the proxy's address in place of
+the client's (Twisted issue 12501), and would greet clients that send no
+header at all.  This wrapper builds and connects the wrapped protocol only
+once the header is parsed, with the original client's address, so the
+greeting, the log and the per-address limits all see the client; a
+connection whose header is missing, broken or late is dropped without a
+greeting.
+
+The header parsers are Twisted's.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols import policies
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
+
+from tcpgreet.logs import RateLimitedLog
+
+log = Logger()
+
+# How long a connection may take to send its PROXY header.
+HEADER_TIMEOUT = 3.0
+
+# A v1 header is at most 107 bytes; a v2 header is 16 bytes plus its address
+# block and TLVs, a few hundred bytes in practice.
+MAX_HEADER = 4096
+
+PROXY_HEADER = "proxy-header"  # the reason a connection is refused
+
+@implementer(IHalfCloseableProtocol)
+class ProxyHeaderProtocol(policies.ProtocolWrapper):
+    """
+    Read the PROXY header, then connect a protocol built for the client it
+    names; until then nothing is sent.
+    """
+
+    wrappedProtocol = None
+    _info = None
+    _parser = None
+    _timer = None
+
+    def __init__(self, factory: ProxyHeaderFactory) -> None:
+        self.factory = factory
+        self._buffer = b""
+
+    def makeConnection(self, transport) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._drop,
+                                                   "no header in time")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._info is not None:
+            return  # refused after the header; whatever follows is dropped
+        data = self._buffer + data
+        if self._parser is None:
+            if data.startswith(V1Parser.PROXYSTR):
+                self._parser = V1Parser()
+            elif data.startswith(V2Parser.PREFIX) and len(data) >= 16:
+                if data[12] & 0xF0 != 0x20:
+                    self._drop("unsupported PROXY v2 version")
+                    return
+                self._parser = V2Parser()
+            elif V1Parser.PROXYSTR.startswith(data) or (
+                    len(data) < 16 and V2Parser.PREFIX.startswith(data[:12])):
+                self._buffer = data  # too early to tell
+                return
+            else:
+                self._drop("not a PROXY header")
+                return
+        self._buffer = b""
+        try:
+            info, remaining = self._parser.feed(data)
+        except InvalidProxyHeader:
+            self._drop("invalid header")
+            return
+        if info is None:
+            if len(self._parser.buffer) > MAX_HEADER:
+                self._drop("header too long")
+            return
+        self._connect(info, remaining)
+
+    def _connect(self, info, remaining: bytes) -> None:
+        self._info = info
+        if self._timer.active():
+            self._timer.cancel()
+        # A LOCAL (v2) or UNKNOWN (v1) header is the proxy speaking for
+        # itself, as in a health check: its own address stands.
+        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        if protocol is None:  # refused by a limit, which counted it
+            self.transport.loseConnection()
+            return
+        self.wrappedProtocol = protocol
+        protocol.makeConnection(self)
+        if remaining and self.wrappedProtocol is not None:
+            protocol.dataReceived(remaining)
+
+    def _drop(self, reason: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._info = self._info or False
+        self.factory.refused(self.transport.getPeer(), reason)
+        self.transport.loseConnection()
+
+    def getPeer(self) -> IAddress:
+        if self._info and self._info.source:
+            return self._info.source
+        return self.transport.getPeer()
+
+    def getHost(self) -> IAddress:
+        if self._info and self._info.destination:
+            return self._info.destination
+        return self.transport.getHost()
+
+    def loseWriteConnection(self) -> None:
+        self.transport.loseWriteConnection()
+
+    def readConnectionLost(self) -> None:
+        if self.wrappedProtocol is None:
+            self.transport.loseConnection()
+            return
+        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half is not None:
+            half.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._info is None:
+            self.factory.refused(self.transport.getPeer(), "closed before the header")
+        protocol, self.wrappedProtocol = self.wrappedProtocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
+
+
+class ProxyHeaderFactory(policies.WrappingFactory):
+    """
+    Wrap every connection in a L{ProxyHeaderProtocol} for C{wrappedFactory}.
+
+    The wrapped factory learns of refused connections through its
+    C{refuse(reason, host)} method, if it has one, so they are counted
+    with those its own limits refuse.
+    """
+
+    protocol = ProxyHeaderProtocol
+    noisy = False
+
+    def __init__(self, wrappedFactory: IProtocolFactory, clock=None) -> None:
+        super().__init__(wrappedFactory)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self._drops = RateLimitedLog(
+            log, "dropped {count} connection(s) in {interval:g} s without a valid "
+            "PROXY header (latest from {peer}: {reason})", clock=clock)
+
+    def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol:
+        return self.protocol(self)
+
+    def refused(self, peer: IAddress, reason: str) -> None:
+        host = getattr(peer, "host", "unix")
+        self._drops.note(peer=host, reason=reason)
+        refuse = getattr(self.wrappedFactory, "refuse", None)
+        if refuse is not None:
+            refuse(PROXY_HEADER, host)
+
+    def logPrefix(self) -> str:
+        return f"{policies.WrappingFactory.logPrefix(self)} (PROXY)"
+
+
+@implementer(IStreamServerEndpoint)
+class ProxyHeaderEndpoint:
+    """An endpoint whose connections start with a PROXY header."""
+
+    def __init__(self, wrapped: IStreamServerEndpoint, clock=None) -> None:
+        self._wrapped = wrapped
+        self._clock = clock
+
+    def listen(self, factory: IProtocolFactory):
+        return self._wrapped.listen(ProxyHeaderFactory(factory, self._clock))

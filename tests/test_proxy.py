@@ -1,0 +1,141 @@
+"""
+The PROXY-protocol wrapper, driven through StringTransport: nothing is sent
+before the header is parsed, the wrapped protocol sees the original client,
+and a missing, broken or late header gets no greeting.
+"""
+
+import socket
+import struct
+
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcpgreet import greeting, proxy
+from tcpgreet.limits import ConnectionLimits
+from tcpgreet.server import GreetFactory
+
+HAPROXY = IPv4Address("TCP", "127.0.0.1", 50000)
+V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 27679\r\n"
+
+
+def v2(command=0x1, source="192.0.2.8", source_port=40002, tlvs=b""):
+    """A v2 header: PROXY (1) or LOCAL (0), TCP over IPv4."""
+    addresses = socket.inet_aton(source) + socket.inet_aton("127.0.0.1") + \
+        struct.pack("!HH", source_port, 27679) + tlvs
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20 | command, 0x11]) +
+            struct.pack("!H", len(addresses)) + addresses)
+
+
+class HalfCloseTransport(StringTransport):
+    def loseWriteConnection(self):
+        self.writeClosed = True
+
+
+class ProxyTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.greeter = GreetFactory(greeting.from_text("hi {peer_host}:{peer_port}"),
+                                    quiet=True, reactor=self.clock,
+                                    limits=ConnectionLimits(max_per_ip=1))
+        self.factory = proxy.ProxyHeaderFactory(self.greeter, self.clock)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(self):
+        wrapper = self.factory.buildProtocol(HAPROXY)
+        transport = HalfCloseTransport(peerAddress=HAPROXY)
+        wrapper.makeConnection(transport)
+        return wrapper, transport
+
+    def test_nothing_is_sent_before_the_header(self):
+        wrapper, transport = self.connect()
+        self.assertEqual(transport.value(), b"")
+        self.assertIsNone(wrapper.wrappedProtocol)
+        self.assertEqual(self.greeter.stats.accepted, 0)
+
+    def test_v1_header_names_the_client(self):
+        wrapper, transport = self.connect()
+        wrapper.dataReceived(V1)
+        self.assertEqual(transport.value(), b"hi 192.0.2.7:40001\r\n")
+        self.assertEqual(wrapper.getPeer(), IPv4Address("TCP", "192.0.2.7", 40001))
+        self.assertTrue(transport.writeClosed)  # half-closed through the wrapper
+
+    def test_v2_header_in_pieces(self):
+        wrapper, transport = self.connect()
+        header = v2(tlvs=b"\x04\x00\x02ok")
+        for i in range(len(header)):
+            wrapper.dataReceived(header[i:i + 1])
+        self.assertEqual(transport.value(), b"hi 192.0.2.8:40002\r\n")
+
+    def test_local_command_is_the_proxy_itself(self):
+        # What HAProxy sends on its health checks.
+        wrapper, transport = self.connect()
+        wrapper.dataReceived(v2(command=0x0))
+        self.assertEqual(transport.value(), b"hi 127.0.0.1:50000\r\n")
+
+    def test_bytes_after_the_header_reach_the_protocol(self):
+        wrapper, _ = self.connect()
+        wrapper.dataReceived(V1 + b"QUIT\r\n")
+        self.assertTrue(wrapper.wrappedProtocol.heard)
+
+    def assertDropped(self, wrapper, transport, reason):
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(wrapper.wrappedProtocol)
+        self.assertEqual(self.greeter.stats.rejected, {"proxy-header": 1})
+        [event] = [e for e in self.events if "PROXY header" in e.get("log_format", "")]
+        self.assertEqual((event["peer"], event["reason"]), ("127.0.0.1", reason))
+        wrapper.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.greeter.stats.rejected, {"proxy-header": 1})  # counted once
+
+    def test_no_header(self):
+        wrapper, transport = self.connect()
+        wrapper.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertDropped(wrapper, transport, "not a PROXY header")
+
+    def test_broken_header(self):
+        wrapper, transport = self.connect()
+        wrapper.dataReceived(b"PROXY TCP4 not-an-address\r\n")
+        self.assertDropped(wrapper, transport, "invalid header")
+
+    def test_endless_header(self):
+        wrapper, transport = self.connect()
+        wrapper.dataReceived(b"PROXY " + b"x" * 200)
+        self.assertDropped(wrapper, transport, "invalid header")
+
+    def test_oversized_v2_header(self):
+        wrapper, transport = self.connect()
+        header = v2()
+        claims_60000_bytes = header[:14] + struct.pack("!H", 60000) + header[16:]
+        wrapper.dataReceived(claims_60000_bytes + b"\0" * proxy.MAX_HEADER)
+        self.assertDropped(wrapper, transport, "header too long")
+
+    def test_silence_is_dropped_after_the_header_timeout(self):
+        wrapper, transport = self.connect()
+        self.clock.advance(proxy.HEADER_TIMEOUT - 0.01)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.02)
+        self.assertDropped(wrapper, transport, "no header in time")
+
+    def test_closed_before_the_header(self):
+        wrapper, _ = self.connect()
+        wrapper.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.greeter.stats.rejected, {"proxy-header": 1})
+        self.assertFalse(wrapper._timer.active())
+
+    def test_limits_see_the_client_not_the_proxy(self):
+        first, _ = self.connect()
+        first.dataReceived(V1)
+        second, second_transport = self.connect()
+        second.dataReceived(V1.replace(b"192.0.2.7", b"192.0.2.9"))
+        self.assertEqual(second_transport.value(), b"hi 192.0.2.9:40001\r\n")
+        third, third_transport = self.connect()
+        third.dataReceived(V1)  # 192.0.2.7 again, with max-per-ip 1
+        self.assertEqual(third_transport.value(), b"")
+        self.assertTrue(third_transport.disconnecting)
+        self.assertEqual(self.greeter.stats.rejected, {"max-per-ip": 1})
