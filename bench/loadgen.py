@@ -122,8 +122,10 @@ def choose(kind: str, scratch: Path, warn: Callable[[str], object]) -> LoadGener
 
 
 def find_compiler() -> str | None:
-    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if candidate and (found := shutil.which(candidate)):
+    """$CC when set (and only it: the operator chose it), else cc, gcc or clang."""
+    chosen = os.environ.get("CC")
+    for candidate in [chosen] if chosen else ["cc", "gcc", "clang"]:
+        if found := shutil.which(candidate):
             return found
     return None
 

@@ -104,8 +104,10 @@ class Report:
             f"{self.settings['duration']} s per server and concurrency, after "
             f"{self.settings['warmup']} s of warm-up",
             *(f"{key}: {value}" for key, value in self.context.items()),
-            f"(x): the figure over {self.reference}'s at the same concurrency; errors "
-            "are summed over rounds",
+            (f"(x): the figure over {self.reference}'s at the same concurrency"
+             if any(row.server == self.reference for row in self.rows)
+             else f"no ratios: {self.reference} was not measured")
+            + "; errors are summed over rounds",
             "",
         ]
         lines += _align(self._table())

@@ -80,7 +80,8 @@ def run(settings: Settings, progress: Callable[[str], object]) -> Report:
 def _select(settings: Settings,
             scratch: Path) -> tuple[list[servers.Variant], dict[str, str], str | None]:
     """The variants to measure, those skipped and why, and twistd if needed."""
-    chosen = [servers.VARIANTS[name] for name in settings.servers]
+    chosen = [variant for name, variant in servers.VARIANTS.items()
+              if name in settings.servers]  # always in the same order, for the table
     twistd = None
     skipped: dict[str, str] = {}
     if any(variant.is_tcpgreet for variant in chosen):
