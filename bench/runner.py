@@ -50,20 +50,13 @@ def run(settings: Settings, progress: Callable[[str], object]) -> Report:
         placement.pin_load()
         progress(f"load generator: {generator.description}")
         progress(f"CPUs: {placement.note}")
-        ports = servers.Ports()
-        python = sys.executable
+        launch = servers.Launch(twistd=twistd, python=sys.executable, scratch=scratch,
+                                workers=settings.workers, take_port=servers.Ports().take)
         samples: list[Sample] = []
         for round_number in range(1, settings.rounds + 1):
             shift = (round_number - 1) % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                def launch_for(port: int, variant=variant) -> servers.Launch:
-                    return servers.Launch(
-                        twistd=twistd, python=python,
-                        directory=scratch / f"{variant.name}-{port}",
-                        workers=settings.workers if variant.is_tcpgreet else None,
-                        take_port=ports.take)
-
-                with _running(variant, launch_for, ports, placement) as server:
+                with _running(variant, launch, placement) as server:
                     for concurrency in settings.concurrency:
                         sample = _measure(server, concurrency, round_number, generator,
                                           placement, settings)
@@ -72,7 +65,7 @@ def run(settings: Settings, progress: Callable[[str], object]) -> Report:
         return Report(
             rows=_rows(samples, settings, variants), reference=servers.REFERENCE,
             settings=asdict(settings),
-            context={**_context(python, scratch),
+            context={**_context(sys.executable, scratch),
                      "load generator": generator.description, "CPUs": placement.note},
             legend={v.name: v.summary for v in variants}, skipped=skipped)
 
@@ -105,9 +98,9 @@ def _server_processes(workers: str | None) -> int | None:
 
 
 @contextmanager
-def _running(variant: servers.Variant, launch_for: Callable[[int], servers.Launch],
-             ports: servers.Ports, placement: cpus.Placement) -> Iterator[servers.Server]:
-    server = servers.start(variant, launch_for, ports, placement)
+def _running(variant: servers.Variant, launch: servers.Launch,
+             placement: cpus.Placement) -> Iterator[servers.Server]:
+    server = servers.start(variant, launch, placement)
     try:
         yield server
     finally:

@@ -38,11 +38,11 @@ POLL_INTERVAL = 0.02
 
 @dataclass(frozen=True)
 class Launch:
-    """What building a command line needs besides the port."""
+    """What every server of a run is started with."""
 
-    twistd: str
+    twistd: str | None  # None when no tcpgreet variant is measured
     python: str
-    directory: Path  # the server's own, for its output and log files
+    scratch: Path  # each server gets a directory of its own in here
     workers: str | None  # passed on to tcpgreet as --workers, when given
     take_port: Callable[[], int]
 
@@ -53,7 +53,8 @@ class Variant:
 
     name: str
     summary: str
-    command: Callable[[Launch, int], list[str]]
+    # (launch, port, the server's own directory) -> command line
+    command: Callable[[Launch, int, Path], list[str]]
     is_tcpgreet: bool = False
     # a tcpgreet option this variant needs; absent from --help, it is skipped
     needs_option: str | None = None
@@ -72,23 +73,24 @@ def _tcpgreet(launch: Launch, port: int, *options: str,
     return command
 
 
-def _baseline(script: str) -> Callable[[Launch, int], list[str]]:
-    return lambda launch, port: [launch.python, str(BASELINES / script), str(port)]
+def _baseline(script: str) -> Callable[[Launch, int, Path], list[str]]:
+    return lambda launch, port, directory: [launch.python, str(BASELINES / script),
+                                            str(port)]
 
 
 VARIANTS = {variant.name: variant for variant in [
     Variant("tcpgreet-quiet", "twistd -n tcpgreet --quiet",
-            lambda launch, port: _tcpgreet(launch, port, "--quiet"), is_tcpgreet=True),
+            lambda launch, port, directory: _tcpgreet(launch, port, "--quiet"),
+            is_tcpgreet=True),
     # A real file, as an operator would have: twistd rotates its log file,
     # so /dev/null (which it would rename away when run as root) will not do.
     Variant("tcpgreet-log", "twistd -n --logfile=FILE tcpgreet (a log line per connection)",
-            lambda launch, port: _tcpgreet(
-                launch, port,
-                twistd_options=(f"--logfile={launch.directory / 'tcpgreet.log'}",)),
+            lambda launch, port, directory: _tcpgreet(
+                launch, port, twistd_options=(f"--logfile={directory / 'tcpgreet.log'}",)),
             is_tcpgreet=True),
     Variant("tcpgreet-metrics", "twistd -n tcpgreet --quiet --metrics tcp:PORT",
-            lambda launch, port: _tcpgreet(launch, port, "--quiet",
-                                           "--metrics", _listen(launch.take_port())),
+            lambda launch, port, directory: _tcpgreet(
+                launch, port, "--quiet", "--metrics", _listen(launch.take_port())),
             is_tcpgreet=True, needs_option="--metrics"),
     Variant("twisted-minimal",
             "bench/baselines/twisted_minimal.py: connectionMade writes, then "
@@ -167,15 +169,15 @@ class Server:
                  placement: Placement) -> None:
         self.variant = variant
         self.port = port
-        self.directory = launch.directory
-        self.output = launch.directory / "output"
-        launch.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = launch.scratch / f"{variant.name}-{port}"
+        self.directory.mkdir()
+        self.output = self.directory / "output"
         environment = {key: value for key, value in os.environ.items()
                        if not key.startswith("LISTEN_")}  # no inherited sockets
         with open(self.output, "wb") as output:
             self.process = subprocess.Popen(
-                variant.command(launch, port), stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, cwd=launch.directory, env=environment,
+                variant.command(launch, port, self.directory), stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT, cwd=self.directory, env=environment,
                 start_new_session=True, preexec_fn=placement.pin_server)
 
     @property
@@ -257,16 +259,16 @@ def _fetch(port: int) -> bytes | None:
         return None
 
 
-def start(variant: Variant, launch_for: Callable[[int], Launch], ports: Ports,
-          placement: Placement, attempts: int = 3) -> Server:
+def start(variant: Variant, launch: Launch, placement: Placement,
+          attempts: int = 3) -> Server:
     """
     Start C{variant} on a fresh port and wait until it serves.  A port taken
     by someone else after our check only costs another attempt.
     """
     attempt = 1
     while True:
-        port = ports.take()
-        server = Server(variant, launch_for(port), port, placement)
+        port = launch.take_port()
+        server = Server(variant, launch, port, placement)
         try:
             server.wait_until_serving()
             return server
