@@ -39,6 +39,7 @@ class Measurement:
     p99_ms: float
     max_ms: float
     abandoned: int
+    other_error: str | None = None  # what the last error of kind "other" was
 
     @property
     def rate(self) -> float:
@@ -85,7 +86,7 @@ def _parse(output: str) -> Measurement:
             errors={kind: int(data["errors"].get(kind, 0)) for kind in ERROR_KINDS},
             seconds=float(data["seconds"]), p50_ms=float(data["p50_ms"]),
             p99_ms=float(data["p99_ms"]), max_ms=float(data["max_ms"]),
-            abandoned=int(data["abandoned"]))
+            abandoned=int(data["abandoned"]), other_error=data.get("other_error"))
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise BenchError(f"unreadable load generator output ({e}): {output[:200]!r}") from None
 

@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import json
 import math
+import os
 import select
 import socket
 import struct
@@ -61,7 +62,14 @@ class Run:
         self.in_flight: OrderedDict[int, tuple[socket.socket, float, bytes]] = OrderedDict()
         self.latencies: list[float] = []
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
+        self.other_error: str | None = None  # the last error of kind "other"
         self.started = 0
+
+    def kind_of(self, number: int) -> str:
+        kind = error_kind(number)
+        if kind == "other":
+            self.other_error = os.strerror(number)
+        return kind
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -73,7 +81,7 @@ class Run:
         result = sock.connect_ex(self.address)
         if result not in (0, errno.EINPROGRESS):
             sock.close()
-            self.errors[error_kind(result)] += 1
+            self.errors[self.kind_of(result)] += 1
             return
         fd = sock.fileno()
         self.in_flight[fd] = (sock, started, b"")
@@ -91,7 +99,7 @@ class Run:
         sock, started, received = self.in_flight[fd]
         if events & select.EPOLLERR:
             number = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            self.finish(fd, error_kind(number or errno.ECONNRESET), now)
+            self.finish(fd, self.kind_of(number or errno.ECONNRESET), now)
             return
         room = len(self.expected) + 1 - len(received)  # one byte too many is wrong
         try:
@@ -99,7 +107,7 @@ class Run:
         except BlockingIOError:
             return
         except OSError as e:
-            self.finish(fd, error_kind(e.errno or 0), now)
+            self.finish(fd, self.kind_of(e.errno or 0), now)
             return
         received += data
         if len(received) > len(self.expected):
@@ -156,7 +164,7 @@ class Run:
             rank = max(1, math.ceil(fraction * len(latencies)))
             return latencies[rank - 1] * 1000
 
-        return {
+        summary = {
             "loadgen": "python", "greeted": len(latencies), "errors": self.errors,
             "errors_total": sum(self.errors.values()), "seconds": elapsed,
             "started": self.started, "abandoned": abandoned,
@@ -165,6 +173,9 @@ class Run:
             "p50_ms": percentile_ms(0.5), "p90_ms": percentile_ms(0.9),
             "p99_ms": percentile_ms(0.99), "max_ms": percentile_ms(1.0),
         }
+        if self.other_error:
+            summary["other_error"] = self.other_error
+        return summary
 
 
 def loopback_address(host: str, port: int) -> tuple[int, tuple]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from bench.loadgen import ERROR_KINDS, Measurement
 
-# (key, table heading); every one is a median over the rounds.
+# (key, table heading): medians over the rounds, except max_ms, the slowest
+# connection of any round, so that one stalled connect cannot hide.
 FIGURES = (
     ("greetings_per_s", "greetings/s"),
     ("p50_ms", "p50 ms"),
@@ -48,13 +49,15 @@ class Row:
     concurrency: int
     samples: list[Sample] = field(default_factory=list)
 
-    def medians(self) -> dict[str, float | None]:
-        figures = [sample.figures() for sample in self.samples]
-        medians: dict[str, float | None] = {}
+    def figures(self) -> dict[str, float | None]:
+        """The table's figures: see L{FIGURES}."""
+        per_round = [sample.figures() for sample in self.samples]
+        figures: dict[str, float | None] = {}
         for key, _ in FIGURES:
-            values = [f[key] for f in figures if f[key] is not None]
-            medians[key] = statistics.median(values) if values else None
-        return medians
+            values = [f[key] for f in per_round if f[key] is not None]
+            combine = max if key == "max_ms" else statistics.median
+            figures[key] = combine(values) if values else None
+        return figures
 
     def errors(self) -> dict[str, int]:
         """Errors by kind, summed over the rounds: any error at all matters."""
@@ -74,12 +77,12 @@ class Report:
     skipped: dict[str, str]  # server name -> why it was not measured
 
     def ratios(self, row: Row) -> dict[str, float | None]:
-        """Each median of C{row} over the reference server's, at the same concurrency."""
+        """Each figure of C{row} over the reference server's, at the same concurrency."""
         reference = next((r for r in self.rows if r.server == self.reference
                           and r.concurrency == row.concurrency), None)
-        base = reference.medians() if reference else {}
+        base = reference.figures() if reference else {}
         return {key: (value / base[key] if value is not None and base.get(key) else None)
-                for key, value in row.medians().items()}
+                for key, value in row.figures().items()}
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -87,27 +90,29 @@ class Report:
             "servers": self.legend, "skipped": self.skipped,
             "results": [{
                 "server": row.server, "concurrency": row.concurrency,
-                "median": row.medians(), "ratio": self.ratios(row),
+                "figures": row.figures(), "ratio": self.ratios(row),
                 "errors": row.errors(),
                 "rounds": [{
                     "round": s.round, "greeted": s.measurement.greeted,
                     "seconds": s.measurement.seconds,
                     "abandoned": s.measurement.abandoned,
-                    "errors": s.measurement.errors, "server_cpu_seconds": s.cpu_seconds,
+                    "errors": s.measurement.errors, "other_error": s.measurement.other_error,
+                    "server_cpu_seconds": s.cpu_seconds,
                     **s.figures()} for s in row.samples],
             } for row in self.rows],
         }
 
     def to_text(self) -> str:
         lines = [
-            f"tcpgreet benchmark: medians of {self.settings['rounds']} round(s) of "
-            f"{self.settings['duration']} s per server and concurrency, after "
-            f"{self.settings['warmup']} s of warm-up",
+            f"tcpgreet benchmark: {_count(self.settings['rounds'], 'round')} of "
+            f"{self.settings['duration']:g} s per server and concurrency, each after "
+            f"{self.settings['warmup']:g} s of warm-up",
             *(f"{key}: {value}" for key, value in self.context.items()),
+            "figures: medians over rounds, but max is the slowest connection of any "
+            "round and errors are summed",
             (f"(x): the figure over {self.reference}'s at the same concurrency"
              if any(row.server == self.reference for row in self.rows)
-             else f"no ratios: {self.reference} was not measured")
-            + "; errors are summed over rounds",
+             else f"no ratios: {self.reference} was not measured"),
             "",
         ]
         lines += _align(self._table())
@@ -126,9 +131,9 @@ class Report:
             if previous is not None and row.concurrency != previous:
                 table.append([])
             previous = row.concurrency
-            medians, ratios = row.medians(), self.ratios(row)
-            cells = [f"{_FORMATS[key](medians[key])} {_ratio(ratios[key])}"
-                     if medians[key] is not None else "-" for key, _ in FIGURES]
+            figures, ratios = row.figures(), self.ratios(row)
+            cells = [f"{_FORMATS[key](figures[key])} {_ratio(ratios[key])}"
+                     if figures[key] is not None else "-" for key, _ in FIGURES]
             table.append([str(row.concurrency), row.server, *cells[:4],
                           str(sum(row.errors().values())), cells[4]])
         return table
@@ -138,9 +143,17 @@ class Report:
         for row in self.rows:
             errors = {kind: n for kind, n in row.errors().items() if n}
             if errors:
-                kinds = ", ".join(f"{n} {kind}" for kind, n in errors.items())
+                what = {s.measurement.other_error for s in row.samples} - {None}
+                kinds = ", ".join(
+                    f"{n} {kind}" + (f" ({'; '.join(sorted(what))})"
+                                     if kind == "other" and what else "")
+                    for kind, n in errors.items())
                 details.append(f"  {row.server} at C={row.concurrency}: {kinds}")
         return ["", "errors:", *details] if details else []
+
+
+def _count(number: object, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _ms(value: float) -> str:
