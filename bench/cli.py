@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         loadgen=args.loadgen, normal_close=args.normal_close)
     # SIGTERM and a closed terminal stop the run the way Ctrl-C does: every
     # process it started is stopped on the way out.
-    signal.signal(signal.SIGTERM, _stop_on_signal)
-    signal.signal(signal.SIGHUP, _stop_on_signal)
+    for signum in runner.STOP_SIGNALS - {signal.SIGINT}:
+        signal.signal(signum, _stop_on_signal)
 
     def progress(line: str) -> None:
         print(f"bench: {line}", file=sys.stderr, flush=True)
@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json == "-":
         json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
-        sys.stdout.write(report.to_text())
-        if args.json:
+        return 0
+    sys.stdout.write(report.to_text())
+    if args.json:
+        try:
             Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as e:
+            progress(f"cannot write {args.json}: {e.strerror}")
+            return 1
     return 0

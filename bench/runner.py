@@ -24,6 +24,9 @@ from pathlib import Path
 from bench import BenchError, cpus, loadgen, procfs, servers
 from bench.report import Report, Row, Sample
 
+# The signals that end a run; see bench.cli.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -104,13 +107,13 @@ def _running(variant: servers.Variant, launch: servers.Launch,
     try:
         yield server
     finally:
-        # A second Ctrl-C must not cut the clean-up short and leave the
-        # server running in its own session.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A second Ctrl-C (or SIGTERM) must not cut the clean-up short and
+        # leave the server running in its own session: it waits until then.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             server.stop()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _measure(server: servers.Server, concurrency: int, round_number: int,

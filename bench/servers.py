@@ -126,7 +126,9 @@ def tcpgreet_options(twistd: str, directory: Path) -> frozenset[str]:
         reason = (result.stderr or result.stdout).strip().splitlines()[-1:]
         raise BenchError("'twistd tcpgreet --help' failed (is tcpgreet installed "
                          f"where twistd runs?): {' '.join(reason)}")
-    return frozenset(re.findall(r"(--[a-z][a-z0-9-]*)", result.stdout))
+    # Only where an option is defined ("  -q, --quiet  ..." or "      --help"),
+    # not where another option's description happens to mention one.
+    return frozenset(re.findall(r"^ +(?:-\w, )?(--[a-z][a-z0-9-]*)", result.stdout, re.M))
 
 
 class Ports:
