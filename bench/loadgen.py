@@ -52,9 +52,10 @@ class Measurement:
 
 @dataclass(frozen=True)
 class LoadGenerator:
+    """A load generator program, as a command line to which run() adds arguments."""
+
     command: tuple[str, ...]
     description: str
-    is_fallback: bool
 
     def run(self, port: int, concurrency: int, seconds: float, *, expected: bytes,
             placement: Placement, timeout_ms: int = 5000,
@@ -101,8 +102,7 @@ def choose(kind: str, scratch: Path, warn: Callable[[str], object]) -> LoadGener
         (sys.executable, str(PYTHON_SOURCE)),
         "the Python fallback (pyloadgen.py), less able than the C one: its own CPU "
         "caps greetings/s and adds to latency; server CPU per greeting still "
-        "compares servers",
-        is_fallback=True)
+        "compares servers")
     if kind == "python":
         return fallback
     compiler = find_compiler()
@@ -118,8 +118,7 @@ def choose(kind: str, scratch: Path, warn: Callable[[str], object]) -> LoadGener
             raise
         warn(f"{e}; using the Python load generator")
         return fallback
-    return LoadGenerator((str(binary),), f"C epoll (loadgen.c, built with {compiler})",
-                         is_fallback=False)
+    return LoadGenerator((str(binary),), f"C epoll (loadgen.c, built with {compiler})")
 
 
 def find_compiler() -> str | None:

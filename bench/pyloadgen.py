@@ -72,11 +72,15 @@ class Run:
         return kind
 
     def start(self) -> None:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors or memory: the slot waits a pass
+            self.errors[self.kind_of(e.errno or 0)] += 1
+            return
+        self.started += 1
         sock.setblocking(False)
         if self.abortive_close:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE_LINGER)
-        self.started += 1
         started = time.monotonic()
         result = sock.connect_ex(self.address)
         if result not in (0, errno.EINPROGRESS):
