@@ -1,0 +1,59 @@
+"""
+The benchmark in bench/ is not part of the test run, but it must not rot
+unnoticed: a fraction of a second of it at C=1 runs here and must report
+every greeting whole.  Without a C compiler, the first test exercises the
+Python load generator instead; the second always does.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+# "  1  tcpgreet-quiet  4,034 0.97x  0.122 1.09x  3.78 1.04x  5.78 0.75x  0  114.0 1.08x"
+FIGURE = r"[\d,.]+ +(?:\d+\.\d\dx|-)"
+TABLE_ROW = re.compile(rf"^ *(\d+) +([a-z-]+) +(?:{FIGURE} +){{4}}(\d+) +{FIGURE}$", re.M)
+
+
+def run_bench(testcase, *args: str) -> tuple[dict, str]:
+    """Run C{python -m bench} briefly at C=1; its JSON results and its table."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    testcase.addCleanup(os.remove, path)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--rounds", "1", "--duration", "0.3",
+         "--warmup", "0.1", "--concurrency", "1", "--json", path, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    testcase.assertEqual(result.returncode, 0, result.stderr)
+    with open(path) as f:
+        return json.load(f), result.stdout
+
+
+class BenchSmokeTests(SynchronousTestCase):
+    def assertAllGreeted(self, report: dict, table: str, servers: set[str]) -> None:
+        self.assertEqual({(r["server"], r["concurrency"]) for r in report["results"]},
+                         {(server, 1) for server in servers})
+        for result in report["results"]:
+            self.assertEqual(sum(result["errors"].values()), 0, result)
+            self.assertGreater(result["rounds"][0]["greeted"], 0, result)
+            self.assertIsNotNone(result["figures"]["cpu_us_per_greeting"], result)
+        rows = {server: errors for _, server, errors in TABLE_ROW.findall(table)}
+        self.assertEqual(rows, dict.fromkeys(servers, "0"), table)
+
+    def test_tcpgreet_and_the_twisted_baseline(self):
+        report, table = run_bench(self, "--servers", "tcpgreet-quiet,twisted-minimal")
+        self.assertAllGreeted(report, table, {"tcpgreet-quiet", "twisted-minimal"})
+        reference = next(r for r in report["results"] if r["server"] == "twisted-minimal")
+        self.assertEqual(reference["ratio"]["greetings_per_s"], 1.0)
+
+    def test_python_load_generator(self):
+        report, table = run_bench(self, "--servers", "asyncio-minimal", "--loadgen", "python")
+        self.assertAllGreeted(report, table, {"asyncio-minimal"})
+        self.assertIn("Python fallback", report["context"]["load generator"])
+        self.assertIn("less able", table)
