@@ -33,6 +33,50 @@ def fail(message: str) -> SystemExit:
     return SystemExit(1)
 
 
+def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListeningPort:
+    """
+    Listen on C{endpoint} now, or end the process with one line naming
+    C{description} and the reason.
+    """
+    outcome: list = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:  # pragma: no cover - no built-in endpoint does this
+        raise fail(f"listen endpoint {description!r} did not start at once")
+    if isinstance(outcome[0], Failure):
+        message = f"cannot listen on {description!r}: {_listen_reason(outcome[0])}"
+        log.critical("{message}", message=message)
+        raise fail(message)
+    return outcome[0]
+
+
+class MetricsService(service.Service):
+    """Serve Prometheus metrics on an endpoint of their own."""
+
+    name = "metrics"
+
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, site) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.site = site
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.port = listen(self.description, self.endpoint, self.site)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+        log.info("metrics at http://{address}/metrics ({description})",
+                 address=_address(self.port), description=self.description)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening) if port is not None else succeed(None)
+
+
 def raise_descriptor_limit() -> int:
     """
     Raise the soft limit on open descriptors to the hard limit, so that
@@ -58,6 +102,8 @@ class GreetService(service.Service):
     @ivar ports: the listening ports, once listening.
     """
 
+    name = "greeter"
+
     def __init__(self, factory: GreetFactory,
                  endpoints: list[tuple[str, IStreamServerEndpoint]],
                  greeting_file: str | None = None, reactor=None,
@@ -76,16 +122,8 @@ class GreetService(service.Service):
         # before twistd drops privileges, as strports services do.
         super().privilegedStartService()
         self.descriptors = raise_descriptor_limit()
-        for description, endpoint in self.endpoints:
-            outcome: list = []
-            endpoint.listen(self.factory).addBoth(outcome.append)
-            if not outcome:  # pragma: no cover - no built-in endpoint does this
-                raise fail(f"listen endpoint {description!r} did not start at once")
-            if isinstance(outcome[0], Failure):
-                message = f"cannot listen on {description!r}: {_listen_reason(outcome[0])}"
-                log.critical("{message}", message=message)
-                raise fail(message)
-            self.ports.append(outcome[0])
+        self.ports = [listen(description, endpoint, self.factory)
+                      for description, endpoint in self.endpoints]
 
     def startService(self) -> None:
         if not self.ports:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from tcpgreet import greeting
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, server_endpoint
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, fail
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
 
 DEFAULT_LISTEN = "tcp:27679"
 DEFAULT_GREETING = "Thank you for connecting"
@@ -93,6 +93,7 @@ class Options(usage.Options):
         self["rate-per-ip"] = None
         self["timeout"] = DEFAULT_TIMEOUT
         self["drain-timeout"] = DEFAULT_DRAIN_TIMEOUT
+        self["metrics"] = None
         self.greeting: greeting.Greeting | None = None
 
     @_help
@@ -131,6 +132,13 @@ class Options(usage.Options):
         """On SIGTERM or SIGINT, seconds to let greetings in progress finish
         before aborting them. [default: 5]"""
         self["drain-timeout"] = _number("--drain-timeout", value, float, 0)
+
+    @_help
+    def opt_metrics(self, description: str) -> None:
+        """Serve Prometheus metrics at /metrics on this Twisted server endpoint,
+        e.g. tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]).
+        [default: off]"""
+        self["metrics"] = description
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -179,8 +187,27 @@ def makeService(options: Options, reactor=None) -> IService:
         rate=TokenBuckets(*rate) if rate else None)
     factory = GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
                            timeout=options["timeout"], reactor=reactor)
-    return GreetService(factory, endpoints, greeting_file=options["greeting-file"],
-                        reactor=reactor, drain_timeout=options["drain-timeout"])
+    top = MultiService()
+    greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
+                           reactor=reactor, drain_timeout=options["drain-timeout"])
+    greeter.setServiceParent(top)
+    if options["metrics"] is not None:
+        _metrics_service(options["metrics"], greeter, reactor).setServiceParent(top)
+    return top
+
+
+def _metrics_service(description: str, greeter: GreetService, reactor) -> MetricsService:
+    from tcpgreet import metrics
+
+    collector = metrics.GreetCollector(
+        lambda: greeter.factory.stats,
+        lambda: {"open": greeter.factory.limits.open, "listeners": len(greeter.ports)})
+    try:
+        site = metrics.metrics_site(collector)
+        endpoint = server_endpoint(reactor, description)
+    except (metrics.MetricsUnavailableError, EndpointError) as e:
+        raise fail(str(e).replace("listen endpoint", "--metrics endpoint")) from None
+    return MetricsService(description, endpoint, site)
 
 
 __all__ = ["DEFAULT_BACKLOG", "Options", "makeService"]

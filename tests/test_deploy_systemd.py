@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 from unittest import skipUnless
 
@@ -209,8 +210,11 @@ class UnitFileTests(SynchronousTestCase):
         # Drop-ins next to a unit given by path are read with it.
         analyze = require_tool(self, "systemd-analyze")
         socket, service, *drop_ins = self.local_units(drop_ins=True)
-        self.assertEqual([path.name for path in drop_ins], ["tls.conf"])
-        result = subprocess.run([analyze, "verify", str(socket), str(service)],
+        self.assertEqual([path.name for path in drop_ins], ["metrics.conf", "tls.conf"])
+        metrics_socket = self.directory / "tcpgreet-metrics.socket"
+        metrics_socket.write_text((DEPLOY / "tcpgreet-metrics.socket").read_text())
+        result = subprocess.run([analyze, "verify", str(socket), str(metrics_socket),
+                                 str(service)],
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
@@ -288,3 +292,31 @@ class UnitFileTests(SynchronousTestCase):
         result = tls.s_client(self, tls_port, files.trust)
         self.assertEqual((result.returncode, result.stdout), (0, b"over TLS\r\n"),
                          result.stderr)
+
+    def test_metrics_drop_in_serves_metrics_on_its_socket(self):
+        metrics_socket = unit_settings(DEPLOY / "tcpgreet-metrics.socket")
+        self.assertEqual(metrics_socket["Socket.ListenStream"], ["127.0.0.1:9127"])
+        [metrics_name] = metrics_socket["Socket.FileDescriptorName"]
+        drop_in = unit_settings(DEPLOY / "tcpgreet.service.d" / "metrics.conf")
+        self.assertEqual(drop_in["Service.Sockets"],
+                         ["tcpgreet.socket tcpgreet-metrics.socket"])
+        reset, exec_start = drop_in["Service.ExecStart"]
+        self.assertEqual(reset, "")
+        self.assertIn(f"--metrics systemd:domain=INET:name={metrics_name}", exec_start)
+        greeting = self.directory / "greeting.txt"
+        greeting.write_text("measured\n")
+        command = [TWISTD] + [str(greeting) if argument.startswith("/etc/") else argument
+                              for argument in shlex.split(exec_start)[1:]]
+        [name] = self.socket["Socket.FileDescriptorName"]
+        # systemd passes the sockets in the order of Sockets=.
+        program, [port, metrics_port] = socket_activate(
+            self, command, fdnames=[name, metrics_name], sockets=2,
+            preexec_fn=confine.like_the_unit)
+        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT),
+                         b"measured\r\n")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as response:
+            text = response.read().decode()
+        self.assertRegex(text, r"(?m)^tcpgreet_connections_greeted_total 1\.0$")
+        program.stop()
+        self.assertNotIn("Traceback", program.log)

@@ -8,9 +8,11 @@ import signal
 import sys
 import tempfile
 
+from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from tcpgreet import tap
 from tcpgreet.server import GreetFactory
@@ -29,7 +31,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(dict(options), {
             "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
             "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
-            "timeout": 10.0, "drain-timeout": 5.0,
+            "timeout": 10.0, "drain-timeout": 5.0, "metrics": None,
         })
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
 
@@ -44,7 +46,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(dict(options), {
             "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
             "quiet": 1, "max-connections": 5, "max-per-ip": 2, "rate-per-ip": (0.5, 3),
-            "timeout": 2.5, "drain-timeout": 0.0,
+            "timeout": 2.5, "drain-timeout": 0.0, "metrics": None,
         })
         self.assertEqual(options.greeting.static, b"motd\r\n")
 
@@ -111,9 +113,10 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     def make(self, *args):
+        """The greeting service makeService built, under the service it returns."""
         reactor = MemoryReactorClock()
-        service = tap.makeService(parse(*args), reactor=reactor)
-        return reactor, service
+        self.top = tap.makeService(parse(*args), reactor=reactor)
+        return reactor, self.top.getServiceNamed("greeter")
 
     def start(self, service):
         service.privilegedStartService()
@@ -122,6 +125,8 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_default_listens_on_27679_with_a_large_backlog(self):
         reactor, service = self.make()
+        self.assertIsInstance(self.top, MultiService)
+        self.assertEqual([s.name for s in self.top], ["greeter"])
         self.assertIsInstance(service, GreetService)
         self.assertIsInstance(service.factory, GreetFactory)
         self.start(service)
@@ -166,6 +171,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(stderr.getvalue(),
                          "tcpgreet: listen endpoint 'tcp:http': "
                          "invalid literal for int() with base 10: 'http'\n")
+
+    def test_metrics_listen_on_their_own_endpoint(self):
+        reactor, _ = self.make("--listen", "tcp:1", "--metrics", "tcp:9127:interface=127.0.0.1")
+        self.assertEqual([s.name for s in self.top], ["greeter", "metrics"])
+        self.start(self.top)
+        [(greetings, *_), (metrics, site, _, interface)] = reactor.tcpServers
+        self.assertEqual((greetings, metrics, interface), (1, 9127, "127.0.0.1"))
+        self.assertIsInstance(site, Site)
+
+    def test_bad_metrics_endpoint_is_one_line(self):
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        with self.assertRaises(SystemExit):
+            self.make("--metrics", "9127")
+        self.assertEqual(stderr.getvalue(),
+                         "tcpgreet: --metrics endpoint '9127': Unknown endpoint type: '9127'\n")
+
+    def test_metrics_without_prometheus_client(self):
+        from tcpgreet import metrics
+
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        self.patch(metrics, "MetricsResource", None)
+        with self.assertRaises(SystemExit):
+            self.make("--metrics", "tcp:9127")
+        self.assertEqual(stderr.getvalue(), f"tcpgreet: {metrics.MISSING}\n")
+        self.assertIn("pip install 'tcpgreet[metrics]'", metrics.MISSING)
 
     def test_stop_restores_sighup(self):
         before = signal.getsignal(signal.SIGHUP)

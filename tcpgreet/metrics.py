@@ -1,0 +1,121 @@
+"""
+Prometheus metrics at C{/metrics}, with C{prometheus_client}.
+
+The server counts in plain integers on its factory (L{tcpgreet.stats}),
+whether or not metrics are served; a collector turns them into metric
+families only when C{/metrics} is scraped, so serving metrics costs the
+hot path nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from tcpgreet.stats import Stats
+
+try:
+    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+    from prometheus_client.twisted import MetricsResource
+except ImportError:  # pragma: no cover - exercised by the missing-extra test
+    MetricsResource = None
+
+MISSING = ("--metrics needs prometheus_client, which is not installed: "
+           "pip install 'tcpgreet[metrics]'")
+
+
+class MetricsUnavailableError(RuntimeError):
+    """prometheus_client is not installed."""
+
+
+def _reasons(name: str, documentation: str, table: dict[str, int], reasons: tuple[str, ...]):
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    # Known reasons appear from the start at 0, so rate() sees the first one.
+    for reason in sorted(set(reasons) | set(table)):
+        family.add_metric([reason], table.get(reason, 0))
+    return family
+
+
+class GreetCollector:
+    """
+    Metric families read from L{Stats} at scrape time.
+
+    @param stats: returns the current counters (of one process, or summed
+        over several).
+    @param gauges: returns the gauges: C{open} (connections now) and
+        C{listeners}.
+    """
+
+    REJECT_REASONS = ("max-connections", "max-per-ip", "rate-per-ip", "proxy-header")
+    ABORT_REASONS = ("timeout", "drain")
+
+    def __init__(self, stats: Callable[[], Stats],
+                 gauges: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+        self._gauges = gauges
+
+    def collect(self) -> Iterator:
+        stats = self._stats()
+        gauges = self._gauges()
+        yield CounterMetricFamily("tcpgreet_connections_accepted",
+                                  "Connections admitted past every limit.", stats.accepted)
+        yield CounterMetricFamily("tcpgreet_connections_greeted",
+                                  "Connections whose greeting was written whole.",
+                                  stats.greeted)
+        yield _reasons("tcpgreet_connections_rejected",
+                       "Connections refused without a greeting, by reason.",
+                       stats.rejected, self.REJECT_REASONS)
+        yield _reasons("tcpgreet_connections_aborted",
+                       "Connections the server cut short, by reason.",
+                       stats.aborted, self.ABORT_REASONS)
+        yield CounterMetricFamily("tcpgreet_connections_lost",
+                                  "Connections the client ended before its greeting "
+                                  "was written.", stats.lost)
+        yield GaugeMetricFamily("tcpgreet_connections_open", "Connections open now.",
+                                gauges["open"])
+        yield CounterMetricFamily("tcpgreet_greeting_bytes",
+                                  "Greeting bytes written to greeted connections.",
+                                  stats.bytes_sent)
+        durations = stats.durations
+        cumulative, buckets = 0, []
+        for bound, count in zip((*durations.bounds, float("inf")), durations.counts,
+                                strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily("tcpgreet_greeting_duration_seconds",
+                                    "Seconds from accept to close of greeted connections.",
+                                    buckets=buckets, sum_value=durations.sum)
+        yield CounterMetricFamily("tcpgreet_reloads", "Greeting file reloads.",
+                                  stats.reloads)
+        yield CounterMetricFamily("tcpgreet_reload_failures",
+                                  "Greeting file reloads that failed (the old greeting "
+                                  "stayed).", stats.reload_failures)
+        yield GaugeMetricFamily("tcpgreet_listeners", "Listening endpoints.",
+                                gauges["listeners"])
+
+
+def metrics_site(collector: GreetCollector) -> Site:
+    """A web site that serves the collector (and process metrics) at /metrics."""
+    if MetricsResource is None:
+        raise MetricsUnavailableError(MISSING)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = _QuietSite(root)
+    site.noisy = False
+    return site
+
+
+class _QuietSite(Site):
+    def log(self, request) -> None:
+        """A scrape every few seconds is not news: no access log."""
