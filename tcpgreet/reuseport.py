@@ -1,0 +1,131 @@
+"""
+SO_REUSEPORT groups: several listening sockets on one address, one per
+worker, and the kernel program that chooses among them.
+
+Each socket of a group has a queue of its own, and the kernel puts every new
+connection in one of them.  By default it chooses by a hash of the
+connection's addresses and ports, which spreads even the connections of a
+single client evenly.  Per-address limits need the opposite: every
+connection from one address must reach the one worker that counts that
+address.  For them a classic BPF program is attached to the group
+(C{SO_ATTACH_REUSEPORT_CBPF}); it returns the index of the socket to use,
+the client's address modulo the size of the group.  A socket's index is its
+place in the order the group's sockets started listening, so socket I of
+L{bind_group} is index I.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+
+from twisted.internet import abstract
+from twisted.internet.error import CannotListenError
+
+# From <asm-generic/socket.h>; Python's socket module does not name it.
+SO_ATTACH_REUSEPORT_CBPF = 51
+
+# Classic BPF opcodes (<linux/bpf_common.h>, <linux/filter.h>).
+_LD_B_ABS = 0x30  # A = byte at k
+_LD_W_ABS = 0x20  # A = 32-bit word at k, in network byte order
+_ALU_RSH_K = 0x74  # A >>= k
+_ALU_MOD_K = 0x94  # A %= k
+_JEQ_K = 0x15  # if A == k: skip jt, else skip jf
+_JA = 0x05  # skip k
+_RET_A = 0x16  # return A
+
+# Offsets from SKF_NET_OFF (-0x100000) count from the start of the IP header,
+# wherever the packet's data pointer is (past the TCP header, here).
+_NET = 0x100000000 - 0x100000
+_IPV4_SOURCE = 12  # the IPv4 source address
+_IPV6_SOURCE_LAST_WORD = 20  # the last 32 bits of the IPv6 source address
+
+
+def steering_program(count: int) -> bytes:
+    """
+    The classic BPF program that picks socket I{source address mod count}:
+    for IPv4 the whole source address, for IPv6 its last 32 bits.  The IP
+    version is read from the packet, so a dual-stack IPv6 listener steers
+    its IPv4 clients by their IPv4 address too.
+    """
+    if count < 1:
+        raise ValueError("a group has at least one socket")
+    instructions = [
+        (_LD_B_ABS, 0, 0, _NET),  # A = version and header length
+        (_ALU_RSH_K, 0, 0, 4),  # A = IP version
+        (_JEQ_K, 0, 2, 4),  # IPv4? next instruction, else the IPv6 load
+        (_LD_W_ABS, 0, 0, _NET + _IPV4_SOURCE),
+        (_JA, 0, 0, 1),
+        (_LD_W_ABS, 0, 0, _NET + _IPV6_SOURCE_LAST_WORD),
+        (_ALU_MOD_K, 0, 0, count),
+        (_RET_A, 0, 0, 0),
+    ]
+    # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in instructions)
+
+
+def attach_steering(skt: socket.socket, count: int) -> None:
+    """Attach L{steering_program} to the reuseport group of C{skt}."""
+    program = steering_program(count)
+    # struct sock_fprog: the number of instructions and a pointer to them;
+    # ctypes holds the instructions at an address the kernel can read.
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))
+    skt.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def _address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The family and socket address to bind, as Twisted's TCP port has them."""
+    if abstract.isIPv6Address(interface):
+        # Keeps a scope (fe80::1%eth0), as Twisted does.
+        info = socket.getaddrinfo(interface, port, socket.AF_INET6, socket.SOCK_STREAM,
+                                  0, socket.AI_NUMERICHOST)
+        return socket.AF_INET6, info[0][4]
+    return socket.AF_INET, (interface, port)
+
+
+def _socket(family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
+    skt = socket.socket(family, socket.SOCK_STREAM)
+    skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's ports do
+    if reuse_port:
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return skt
+
+
+def bind_group(interface: str, port: int, backlog: int, count: int,
+               steer: bool = False) -> list[socket.socket]:
+    """
+    C{count} non-blocking sockets listening on C{interface} and C{port}
+    (port 0: the port the first one gets), in one reuseport group, steered
+    by L{steering_program} when C{steer} is true.
+
+    @raise CannotListenError: as Twisted's own TCP port raises it, so that
+        a port in use or a privileged port reads the same as without workers.
+    """
+    family, address = _address(interface, port)
+    # With SO_REUSEPORT, a bind succeeds where another process of the same
+    # user already listens with it, and the two would share connections.
+    # A plain socket bound first fails as a single process would.
+    try:
+        with _socket(family, reuse_port=False) as probe:
+            probe.bind(address)
+            address = (address[0], probe.getsockname()[1], *address[2:])
+    except OSError as e:
+        raise CannotListenError(interface, port, e) from None
+    group: list[socket.socket] = []
+    try:
+        for index in range(count):
+            skt = _socket(family, reuse_port=True)
+            group.append(skt)
+            if index == 0 and steer:
+                # Before the group takes its first connection.
+                attach_steering(skt, count)
+            skt.bind(address)
+            skt.setblocking(False)
+            skt.listen(backlog)
+    except OSError as e:
+        for skt in group:
+            skt.close()
+        raise CannotListenError(interface, port, e) from None
+    return group
