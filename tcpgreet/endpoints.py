@@ -38,7 +38,7 @@ class EndpointError(ValueError):
     """An endpoint string that cannot be used; the message names it."""
 
 
-def _split(description: str) -> list[str]:
+def split_description(description: str) -> list[str]:
     """Split on the colons that are not escaped with a backslash."""
     parts, current, escaped = [], [], False
     for char in description:
@@ -62,7 +62,7 @@ def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> st
     Return C{description} with C{backlog=} added when its endpoint type takes
     a backlog and the string does not set one.
     """
-    parts = _split(description)
+    parts = split_description(description)
     kind = 0
     while kind < len(parts) - 1 and parts[kind] in _WRAPPER_TYPES:
         kind += 1
@@ -102,7 +102,7 @@ class GreetReactor:
         return listening
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
-        actual = _family(fileDescriptor)
+        actual = socket_family(fileDescriptor)
         if actual != addressFamily and {actual, addressFamily} <= _INET:
             # systemd's ListenStream=PORT is an IPv6 socket that also takes
             # IPv4; read as the family the string names, every address
@@ -118,7 +118,8 @@ class GreetReactor:
 _INET = {socket.AF_INET, socket.AF_INET6}
 
 
-def _family(fileDescriptor: int) -> socket.AddressFamily:
+def socket_family(fileDescriptor: int) -> socket.AddressFamily:
+    """The address family of the socket at C{fileDescriptor}."""
     probe = socket.socket(fileno=os.dup(fileDescriptor))
     try:
         return probe.family
@@ -131,7 +132,7 @@ def server_endpoint(reactor, description: str) -> IStreamServerEndpoint:
     Parse C{description} into an endpoint, raising L{EndpointError} with one
     line that names the string and what is wrong with it.
     """
-    parts = _split(description)
+    parts = split_description(description)
     if parts[0] == "haproxy" and len(parts) > 1:
         # Our own PROXY wrapper, not Twisted's: see tcpgreet.proxy.
         inner = description[len("haproxy:"):]

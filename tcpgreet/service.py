@@ -5,6 +5,7 @@ greeting on SIGHUP, and failing at start with one line instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import sys
@@ -21,6 +22,22 @@ from tcpgreet.server import DRAIN, GreetFactory
 log = Logger()
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
+
+
+def startup_format(workers: int = 1) -> str:
+    """
+    The format of the start-up line; with workers, it has their number
+    (C{{workers}}) and each one's share of the connections (C{{per_worker}}).
+    """
+    several = workers > 1
+    return ("tcpgreet {version} listening on {listeners}"
+            + (" with {workers} workers" if several else "")
+            + "; greeting from {source} ({size} bytes{template}); "
+            "max-connections {max_connections}"
+            + (" ({per_worker} a worker)" if several else "")
+            + ", max-per-ip {max_per_ip}, rate-per-ip {rate_per_ip}, "
+            "timeout {timeout:g} s, drain-timeout {drain_timeout:g} s, "
+            "{descriptors} descriptors")
 
 
 def fail(message: str) -> SystemExit:
@@ -100,6 +117,8 @@ class GreetService(service.Service):
     greetings in progress finish (for up to C{drain_timeout} seconds).
 
     @ivar ports: the listening ports, once listening.
+    @ivar announce: whether to log the start-up line (a worker's supervisor
+        logs it for the whole service).
     """
 
     name = "greeter"
@@ -107,8 +126,9 @@ class GreetService(service.Service):
     def __init__(self, factory: GreetFactory,
                  endpoints: list[tuple[str, IStreamServerEndpoint]],
                  greeting_file: str | None = None, reactor=None,
-                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, announce: bool = True) -> None:
         self.factory = factory
+        self.announce = announce
         self.endpoints = endpoints
         self.greeting_file = greeting_file
         self.drain_timeout = drain_timeout
@@ -132,28 +152,33 @@ class GreetService(service.Service):
         # SIGHUP's default action ends the process; a server asked to reload
         # must never die of it, whether or not it has a file to re-read.
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        if self.announce:
+            self.logStartup()
+
+    def logStartup(self) -> None:
+        """The start-up line: what listens where, the greeting, every limit."""
+        log.info(startup_format(), **self.startupFields())
+
+    def startupFields(self) -> dict:
+        """The fields of the start-up line."""
         factory = self.factory
         limits = factory.limits
         rate = limits.rate
-        log.info(
-            "tcpgreet {version} listening on {listeners}; greeting from {source} "
-            "({size} bytes{template}); max-connections {max_connections}, "
-            "max-per-ip {max_per_ip}, rate-per-ip {rate_per_ip}, timeout {timeout:g} s, "
-            "drain-timeout {drain_timeout:g} s, {descriptors} descriptors",
-            version=__version__,
-            listeners=", ".join(
+        return {
+            "version": __version__,
+            "listeners": ", ".join(
                 f"{description} ({_address(port)})"
                 for (description, _), port in zip(self.endpoints, self.ports, strict=True)),
-            source=self.greeting_file or "--greeting",
-            size=len(factory.greeting),
-            template="" if factory.greeting.static is not None else ", template",
-            max_connections=limits.max_connections,
-            max_per_ip=limits.max_per_ip or "off",
-            rate_per_ip=f"{rate.rate:g}/{rate.burst:g}" if rate else "off",
-            timeout=factory.timeout,
-            drain_timeout=self.drain_timeout,
-            descriptors=self.descriptors,
-        )
+            "source": self.greeting_file or "--greeting",
+            "size": len(factory.greeting),
+            "template": "" if factory.greeting.static is not None else ", template",
+            "max_connections": limits.max_connections,
+            "max_per_ip": limits.max_per_ip or "off",
+            "rate_per_ip": f"{rate.rate:g}/{rate.burst:g}" if rate else "off",
+            "timeout": factory.timeout,
+            "drain_timeout": self.drain_timeout,
+            "descriptors": self.descriptors,
+        }
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -165,9 +190,9 @@ class GreetService(service.Service):
         # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
         closed = DeferredList([maybeDeferred(port.stopListening) for port in ports])
-        return closed.addCallback(lambda _: self._drain())
+        return closed.addCallback(lambda _: self.drain())
 
-    def _drain(self) -> Deferred:
+    def drain(self) -> Deferred:
         """
         Let the greetings in progress finish; abort what is left after
         C{drain_timeout} seconds.
@@ -246,4 +271,5 @@ def _address(port: IListeningPort) -> str:
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}" if ":" not in host.host else \
             f"[{host.host}]:{host.port}"
-    return str(getattr(host, "name", host))
+    name = getattr(host, "name", host)
+    return os.fsdecode(name) if isinstance(name, bytes) else str(name)
