@@ -30,6 +30,14 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def add(self, other: Histogram) -> None:
+        """Add the observations of C{other}, a histogram with the same bounds."""
+        if other.bounds != self.bounds:
+            raise ValueError("histograms with different buckets do not add up")
+        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts,
+                                                              strict=True)]
+        self.sum += other.sum
+
 
 class Stats:
     """
@@ -44,6 +52,9 @@ class Stats:
     @ivar durations: seconds from accept to close of greeted connections.
     """
 
+    # The plain counters, as opposed to the tables by reason and the histogram.
+    COUNTERS = ("accepted", "greeted", "lost", "bytes_sent", "reloads", "reload_failures")
+
     def __init__(self) -> None:
         self.accepted = 0
         self.greeted = 0
@@ -57,3 +68,20 @@ class Stats:
 
     def count(self, table: dict[str, int], reason: str) -> None:
         table[reason] = table.get(reason, 0) + 1
+
+    def add(self, other: Stats) -> None:
+        """Add the counts of C{other}: the totals of several processes."""
+        for name in self.COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.rejected, other.rejected), (self.aborted, other.aborted)):
+            for reason, count in theirs.items():
+                mine[reason] = mine.get(reason, 0) + count
+        self.durations.add(other.durations)
+
+
+def total(parts: list[Stats]) -> Stats:
+    """The sum of C{parts}, as a new L{Stats}."""
+    summed = Stats()
+    for part in parts:
+        summed.add(part)
+    return summed

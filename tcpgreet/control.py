@@ -1,0 +1,178 @@
+"""
+The control channel between the supervisor and each of its workers: AMP
+over a socket pair, one end of which the worker inherits.
+
+A worker says when it serves (L{Ready}); the supervisor asks each worker for
+its counters when C{/metrics} is scraped (L{GetStats}).  The channel also
+tells a worker that its supervisor is gone: when it closes unasked, the
+worker stops, so no worker outlives a supervisor killed outright.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from twisted.application import service
+from twisted.internet import fdesc
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from tcpgreet.server import GreetFactory
+from tcpgreet.stats import Stats
+
+log = Logger()
+
+_BY_REASON = amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])
+
+
+class GetStats(amp.Command):
+    """The supervisor asks a worker for its counters and open connections."""
+
+    arguments: list = []
+    response = [
+        *((name.encode(), amp.Integer()) for name in Stats.COUNTERS),
+        (b"rejected", _BY_REASON),
+        (b"aborted", _BY_REASON),
+        (b"durations", amp.ListOf(amp.Integer())),
+        (b"durations_sum", amp.Float()),
+        (b"open", amp.Integer()),
+    ]
+
+
+class Ready(amp.Command):
+    """
+    A worker tells its supervisor it serves: its listeners adopted, its
+    signal handlers in place.
+    """
+
+    arguments: list = []
+    response: list = []
+
+
+def stats_response(stats: Stats, open_connections: int) -> dict:
+    """L{GetStats}'s answer for C{stats}."""
+    return {
+        **{name: getattr(stats, name) for name in Stats.COUNTERS},
+        "rejected": [{"reason": r, "count": c} for r, c in stats.rejected.items()],
+        "aborted": [{"reason": r, "count": c} for r, c in stats.aborted.items()],
+        "durations": list(stats.durations.counts),
+        "durations_sum": stats.durations.sum,
+        "open": open_connections,
+    }
+
+
+def stats_from_response(response: dict) -> tuple[Stats, int]:
+    """The L{Stats} and open connections of a L{GetStats} answer."""
+    stats = Stats()
+    for name in Stats.COUNTERS:
+        setattr(stats, name, response[name])
+    stats.rejected = {row["reason"]: row["count"] for row in response["rejected"]}
+    stats.aborted = {row["reason"]: row["count"] for row in response["aborted"]}
+    if len(response["durations"]) != len(stats.durations.counts):
+        raise ValueError("the worker's histogram has other buckets")
+    stats.durations.counts = list(response["durations"])
+    stats.durations.sum = response["durations_sum"]
+    return stats, response["open"]
+
+
+def adopt_channel(reactor, fileDescriptor: int, protocol: amp.AMP) -> None:
+    """
+    Run C{protocol} over the connected socket at C{fileDescriptor}, which
+    the caller may close afterwards (the reactor keeps a copy).
+    """
+    fdesc.setNonBlocking(fileDescriptor)
+    reactor.adoptStreamConnection(fileDescriptor, socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: protocol))
+
+
+class _Channel(amp.AMP):
+    """
+    AMP without its log line for every connection made and lost: a control
+    channel is internal, and its end is the business of its owner, which
+    logs what matters (a worker's exit, a supervisor gone).
+    """
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class SupervisorChannel(_Channel):
+    """The supervisor's end of one worker's channel."""
+
+    def __init__(self, ready: Callable[[], None]) -> None:
+        super().__init__()
+        self._ready = ready
+
+    @Ready.responder
+    def ready(self) -> dict:
+        self._ready()
+        return {}
+
+    def stats(self, timeout: float, clock) -> Deferred:
+        """
+        The worker's L{Stats} and open connections; fails if it does not
+        answer within C{timeout} seconds.
+        """
+        asked = self.callRemote(GetStats)
+        asked.addTimeout(timeout, clock)
+        return asked.addCallback(stats_from_response)
+
+
+class WorkerChannel(_Channel):
+    """A worker's end of its channel: answers with the factory's counters."""
+
+    def __init__(self, factory: GreetFactory, lost: Callable[[], None]) -> None:
+        super().__init__()
+        self._factory = factory
+        self._lost = lost
+
+    @GetStats.responder
+    def stats(self) -> dict:
+        return stats_response(self._factory.stats, self._factory.limits.open)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self._lost()
+
+
+class ControlService(service.Service):
+    """
+    A worker's side of the channel: report ready once every other service
+    has started, answer the supervisor, and stop when the supervisor is gone.
+    """
+
+    name = "control"
+
+    def __init__(self, fileDescriptor: int, factory: GreetFactory, reactor) -> None:
+        self.fileDescriptor = fileDescriptor
+        self.channel = WorkerChannel(factory, self._supervisorGone)
+        self._reactor = reactor
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        adopt_channel(self._reactor, self.fileDescriptor, self.channel)
+        os.close(self.fileDescriptor)
+        # A failure here is the channel closing, which _supervisorGone handles.
+        self.channel.callRemote(Ready).addErrback(lambda _: None)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stopping = True
+        if self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+
+    def _supervisorGone(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.warn("the supervisor has gone away: stopping")
+        self._reactor.stop()
