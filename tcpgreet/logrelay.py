@@ -1,0 +1,128 @@
+"""
+One log for the whole service: a worker's log events, re-emitted by the
+supervisor.
+
+A worker writes its events as JSON Lines (L{tcpgreet.logs.json_observer})
+to a pipe.  The supervisor reads them and emits each one again through its
+own loggers, with the original namespace, level and fields, plus the
+worker's number (C{worker}) and process id (C{pid}); the text says which
+worker spoke.  So C{twistd --logfile} or C{--logger} of the supervisor
+governs every line, and a JSON log keeps a connection's fields (C{peer},
+C{port}, C{outcome}, C{bytes}, C{duration_ms}, C{reason}) as they were.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
+
+# A line longer than this is cut: the pipe must not make the supervisor
+# buffer without bound.
+MAX_LINE = 1 << 20
+
+# What twistd and the reactor say in every process (starting up, a port
+# starting, shutting down); the supervisor says it once for the service.
+_TWISTD_NAMESPACES = ("twisted.scripts.", "twisted.application.app")
+_TWISTD_CHATTER = ("Received SIG", "Main loop terminated", "Log opened")
+_PORT_STARTING = " starting on "
+
+# The fields json_observer writes besides the event's own, and a field name
+# Logger.emit takes for itself (legacy events may have one).
+_RECORD_KEYS = ("time", "level", "namespace", "message", "format")
+
+# The supervisor's loggers, one per namespace the workers use, so that a
+# worker's event keeps the namespace it had.
+_loggers: dict[str, Logger] = {}
+
+
+def _logger(namespace: str) -> Logger:
+    logger = _loggers.get(namespace)
+    if logger is None:
+        logger = _loggers[namespace] = Logger(namespace=namespace)
+    return logger
+
+
+def _level(name: object) -> LogLevel:
+    try:
+        return LogLevel.levelWithName(str(name))
+    except InvalidLogLevelError:
+        return LogLevel.info
+
+
+class Lines:
+    """Split a byte stream into lines, holding at most L{MAX_LINE} bytes."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The lines C{data} completes."""
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LINE:
+            lines.append(self._partial[:MAX_LINE])
+            self._partial = b""
+        yield from lines
+
+    def rest(self) -> Iterator[bytes]:
+        """What is left at the end of the stream, if anything."""
+        rest, self._partial = self._partial, b""
+        if rest:
+            yield rest
+
+
+def _escape(text: str) -> str:
+    """C{text} as a log format that shows it unchanged."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+class LogRelay:
+    """Re-emit the log of the worker C{worker} (its process: C{pid})."""
+
+    def __init__(self, worker: int, pid: int) -> None:
+        self.worker = worker
+        self.pid = pid
+        self._prefix = f"[worker {worker}, pid {pid}] "
+
+    def jsonLine(self, line: bytes) -> None:
+        """One line of the worker's standard output: a JSON event, normally."""
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self.textLine(line, LogLevel.info)
+            return
+        namespace = str(record.get("namespace") or "tcpgreet.worker")
+        level = _level(record.get("level"))
+        message = str(record.get("message", ""))
+        if self._chatter(namespace, level, message):
+            return
+        fields = {key: value for key, value in record.items() if key not in _RECORD_KEYS}
+        if "traceback" in fields:
+            message += "\n" + str(fields["traceback"]).rstrip("\n")
+        fields.update(worker=self.worker, pid=self.pid)
+        _logger(namespace).emit(level, _escape(self._prefix + message), **fields)
+
+    def textLine(self, line: bytes, level: LogLevel = LogLevel.error) -> None:
+        """
+        A line that is not a JSON event: standard error (a start-up error,
+        or what Python prints when it cannot log), or a stray write.
+        """
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text.strip():
+            _logger("tcpgreet.worker").emit(
+                level, _escape(self._prefix + text), worker=self.worker, pid=self.pid)
+
+    @staticmethod
+    def _chatter(namespace: str, level: LogLevel, message: str) -> bool:
+        if level >= LogLevel.warn:
+            return False
+        return namespace.startswith(_TWISTD_NAMESPACES) or (
+            namespace in ("twisted.internet.base", "log_legacy")
+            and message.startswith(_TWISTD_CHATTER)) or (
+            namespace == "log_legacy" and _PORT_STARTING in message)
