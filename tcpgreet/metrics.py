@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from tcpgreet.stats import Stats
 
@@ -50,7 +51,8 @@ class GreetCollector:
     @param stats: returns the current counters (of one process, or summed
         over several).
     @param gauges: returns the gauges: C{open} (connections now) and
-        C{listeners}.
+        C{listeners}; with workers, also C{workers} (running now) and
+        C{worker_restarts} (a counter).
     """
 
     REJECT_REASONS = ("max-connections", "max-per-ip", "rate-per-ip", "proxy-header")
@@ -99,21 +101,55 @@ class GreetCollector:
                                   "stayed).", stats.reload_failures)
         yield GaugeMetricFamily("tcpgreet_listeners", "Listening endpoints.",
                                 gauges["listeners"])
+        if "workers" in gauges:
+            yield GaugeMetricFamily("tcpgreet_workers", "Worker processes running.",
+                                    gauges["workers"])
+            yield CounterMetricFamily("tcpgreet_worker_restarts",
+                                      "Workers restarted after they exited unasked.",
+                                      gauges["worker_restarts"])
 
 
-def metrics_site(collector: GreetCollector) -> Site:
-    """A web site that serves the collector (and process metrics) at /metrics."""
+def metrics_site(collector: GreetCollector,
+                 refresh: Callable[[], Deferred] | None = None) -> Site:
+    """
+    A web site that serves the collector (and process metrics) at /metrics.
+    With C{refresh}, each scrape first waits for the Deferred it returns:
+    the time to fetch figures that live in other processes.
+    """
     if MetricsResource is None:
         raise MetricsUnavailableError(MISSING)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
+    page = MetricsResource(registry=registry)
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))
+    root.putChild(b"metrics", page if refresh is None else _RefreshFirst(page, refresh))
     site = _QuietSite(root)
     site.noisy = False
     return site
+
+
+class _RefreshFirst(Resource):
+    """Render C{page} once C{refresh()} has fired."""
+
+    isLeaf = True
+
+    def __init__(self, page: Resource, refresh: Callable[[], Deferred]) -> None:
+        super().__init__()
+        self._page = page
+        self._refresh = refresh
+
+    def render(self, request) -> object:
+        def render(_) -> None:
+            body = self._page.render(request)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+        # A refresh never fails: figures that cannot be had stay as they were.
+        self._refresh().addCallback(render)
+        return NOT_DONE_YET
 
 
 class _QuietSite(Site):

@@ -9,15 +9,20 @@ here touches a socket.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from tcpgreet import greeting
+from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, server_endpoint
+from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
+from tcpgreet.workers import WorkerSupervisor, per_worker
 
 DEFAULT_LISTEN = "tcp:27679"
 DEFAULT_GREETING = "Thank you for connecting"
@@ -48,6 +53,21 @@ def parse_rate(text: str) -> tuple[float, int]:
     return rate, burst
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def parse_workers(text: str) -> int:
+    """C{N} worker processes, or C{auto}: one for each CPU this process may use."""
+    if text == "auto":
+        return usable_cpus()
+    return _number("--workers", text, int, 1)
+
+
 def _help(method):
     """Fold an option method's docstring into one paragraph: usage.Options
     wraps the text but keeps the source's indentation inside it."""
@@ -66,8 +86,10 @@ class Options(usage.Options):
         "Send a greeting (a banner) to every client that connects, then close "
         "the connection. Anything the client sends is discarded. A greeting may "
         "use the placeholders {peer_host}, {peer_port}, {hostname}, {time} "
-        "(UTC, ISO 8601) and {connection} (1, 2, 3, ... per process); write {{ "
-        "and }} for literal braces. SIGHUP re-reads --greeting-file. Listen "
+        "(UTC, ISO 8601) and {connection} (1, 2, 3, ... per process: with "
+        "--workers, per worker); write {{ "
+        "and }} for literal braces. SIGHUP re-reads --greeting-file. The options "
+        "marked 'Internal' are set by tcpgreet itself for its worker processes. Listen "
         "endpoints are Twisted endpoint strings, e.g. tcp:27679, "
         "tcp6:27679:interface=\\:\\:1, ssl:443:privateKey=key.pem:certKey=cert.pem, "
         "unix:/run/tcpgreet.sock, systemd:domain=INET:index=0, haproxy:tcp:27679."
@@ -94,6 +116,10 @@ class Options(usage.Options):
         self["timeout"] = DEFAULT_TIMEOUT
         self["drain-timeout"] = DEFAULT_DRAIN_TIMEOUT
         self["metrics"] = None
+        self["workers"] = 1
+        self["worker"] = None
+        self["worker-control"] = None
+        self["worker-fds"] = None
         self.greeting: greeting.Greeting | None = None
 
     @_help
@@ -140,9 +166,38 @@ class Options(usage.Options):
         [default: off]"""
         self["metrics"] = description
 
+    @_help
+    def opt_workers(self, value: str) -> None:
+        """N|auto: serve with N worker processes, each accepting on the same
+        listeners, supervised by this one; auto is one per CPU.
+        --max-connections is shared out among them. [default: 1]"""
+        self["workers"] = parse_workers(value)
+
+    @_help
+    def opt_worker(self, value: str) -> None:
+        """Internal, set by --workers for each worker: its number."""
+        self["worker"] = _number("--worker", value, int, 1)
+
+    @_help
+    def opt_worker_control(self, value: str) -> None:
+        """Internal, set by --workers for each worker: the descriptor of its
+        control channel."""
+        self["worker-control"] = _number("--worker-control", value, int, 0)
+
+    @_help
+    def opt_worker_fds(self, value: str) -> None:
+        """Internal, set by --workers for each worker: the descriptors of its
+        listening sockets, one for each --listen."""
+        self["worker-fds"] = [_number("--worker-fds", fd, int, 0) for fd in value.split(",")]
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["workers"] > self["max-connections"]:
+            raise usage.UsageError(
+                f"--workers {self['workers']} is more than --max-connections "
+                f"{self['max-connections']}: each worker needs at least one connection")
+        self._check_worker()
         text, path = self["greeting"], self["greeting-file"]
         if text is not None and path is not None:
             raise usage.UsageError("--greeting and --greeting-file exclude each other; "
@@ -155,6 +210,15 @@ class Options(usage.Options):
                                                    else text)
         except greeting.GreetingError as e:
             raise usage.UsageError(str(e)) from None
+
+    def _check_worker(self) -> None:
+        internal = (self["worker"], self["worker-control"], self["worker-fds"])
+        if internal == (None, None, None):
+            return
+        if None in internal or len(self["worker-fds"]) != len(self["listen"]) or \
+                self["workers"] != 1 or self["metrics"] is not None:
+            raise usage.UsageError("--worker, --worker-control and --worker-fds are set by "
+                                   "tcpgreet for its workers, not by hand; use --workers")
 
     def parseOptions(self, options=None) -> None:
         """
@@ -172,42 +236,111 @@ class Options(usage.Options):
 def makeService(options: Options, reactor=None) -> IService:
     """
     Build the service for parsed L{Options}; the reactor is a parameter so
-    tests can pass a fake one.
+    tests can pass a fake one.  With C{--workers} above 1 it is a supervisor
+    (L{tcpgreet.workers}); a worker it starts builds the ordinary greeting
+    service on the listening sockets it was handed.
     """
     if reactor is None:
         from twisted.internet import reactor
+    if options["workers"] > 1:
+        return _supervisor(options, reactor)
+    worker = options["worker"] is not None
+    facades = ([InheritedReactor(reactor, fd) for fd in options["worker-fds"]] if worker
+               else [reactor] * len(options["listen"]))
+    endpoints = _endpoints(options, facades)
+    factory = _factory(options, reactor)
+    top = MultiService()
+    greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
+                           reactor=reactor, drain_timeout=options["drain-timeout"],
+                           announce=not worker)
+    greeter.setServiceParent(top)
+    if worker:
+        # After the greeter: it reports ready once the greeter serves.
+        ControlService(options["worker-control"], factory, reactor).setServiceParent(top)
+    if options["metrics"] is not None:
+        _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
+                         lambda: {"open": greeter.factory.limits.open,
+                                  "listeners": len(greeter.ports)}).setServiceParent(top)
+    return top
+
+
+def _endpoints(options: Options, facades: list) -> list:
+    """Each --listen string and its endpoint, parsed on its reactor facade."""
     try:
-        endpoints = [(description, server_endpoint(reactor, description))
-                     for description in options["listen"]]
+        return [(description, server_endpoint(facade, description))
+                for description, facade in zip(options["listen"], facades, strict=True)]
     except EndpointError as e:
         raise fail(str(e)) from None
+
+
+def _factory(options: Options, reactor) -> GreetFactory:
     rate = options["rate-per-ip"]
     limits = ConnectionLimits(
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
         rate=TokenBuckets(*rate) if rate else None)
-    factory = GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
-                           timeout=options["timeout"], reactor=reactor)
+    return GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
+                        timeout=options["timeout"], reactor=reactor)
+
+
+def _supervisor(options: Options, reactor) -> IService:
+    count = options["workers"]
+    # Per-address limits are exact only if every connection from one
+    # address reaches the same worker: steer them there.
+    steer = bool(options["max-per-ip"] or options["rate-per-ip"])
+    holder = HoldingReactor(reactor, count, steer=steer)
+    endpoints = _endpoints(options, [holder] * len(options["listen"]))
+    supervisor = WorkerSupervisor(
+        _factory(options, reactor), endpoints, count, worker_arguments(options),
+        greeting_file=options["greeting-file"], reactor=reactor,
+        drain_timeout=options["drain-timeout"])
     top = MultiService()
-    greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
-                           reactor=reactor, drain_timeout=options["drain-timeout"])
-    greeter.setServiceParent(top)
+    supervisor.setServiceParent(top)
     if options["metrics"] is not None:
-        _metrics_service(options["metrics"], greeter, reactor).setServiceParent(top)
+        _metrics_service(
+            options["metrics"], reactor, lambda: supervisor.totals,
+            lambda: {"open": supervisor.openConnections, "listeners": len(supervisor.ports),
+                     "workers": len(supervisor.workers),
+                     "worker_restarts": supervisor.restarts},
+            refresh=supervisor.gather).setServiceParent(top)
     return top
 
 
-def _metrics_service(description: str, greeter: GreetService, reactor) -> MetricsService:
+def worker_arguments(options: Options) -> list[str]:
+    """
+    The options every worker runs with: the supervisor's own, each
+    worker's share of --max-connections, and neither --workers nor
+    --metrics, which are the supervisor's.
+    """
+    arguments = [f"--listen={description}" for description in options["listen"]]
+    if options["greeting-file"] is not None:
+        # twistd may change directory after reading the options.
+        arguments.append(f"--greeting-file={os.path.abspath(options['greeting-file'])}")
+    elif options["greeting"] is not None:
+        arguments.append(f"--greeting={options['greeting']}")
+    if options["quiet"]:
+        arguments.append("--quiet")
+    rate = options["rate-per-ip"]
+    arguments += [
+        f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
+        f"--max-per-ip={options['max-per-ip']}",
+        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate else []),
+        f"--timeout={options['timeout']!r}",
+        f"--drain-timeout={options['drain-timeout']!r}",
+    ]
+    return arguments
+
+
+def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
+                     refresh: Callable | None = None) -> MetricsService:
     from tcpgreet import metrics
 
-    collector = metrics.GreetCollector(
-        lambda: greeter.factory.stats,
-        lambda: {"open": greeter.factory.limits.open, "listeners": len(greeter.ports)})
+    collector = metrics.GreetCollector(stats, gauges)
     try:
-        site = metrics.metrics_site(collector)
+        site = metrics.metrics_site(collector, refresh=refresh)
         endpoint = server_endpoint(reactor, description)
     except (metrics.MetricsUnavailableError, EndpointError) as e:
         raise fail(str(e).replace("listen endpoint", "--metrics endpoint")) from None
     return MetricsService(description, endpoint, site)
 
 
-__all__ = ["DEFAULT_BACKLOG", "Options", "makeService"]
+__all__ = ["DEFAULT_BACKLOG", "Options", "makeService", "worker_arguments"]

@@ -4,6 +4,7 @@ Options parsing, the help text, and what makeService builds.
 
 import io
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -32,6 +33,7 @@ class OptionsTests(SynchronousTestCase):
             "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
             "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
             "timeout": 10.0, "drain-timeout": 5.0, "metrics": None,
+            "workers": 1, "worker": None, "worker-control": None, "worker-fds": None,
         })
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
 
@@ -42,11 +44,12 @@ class OptionsTests(SynchronousTestCase):
         os.close(fd)
         options = parse("-l", "tcp:1", "--listen", "tcp6:2", "-f", path, "-q",
                         "--max-connections", "5", "--max-per-ip", "2", "--rate-per-ip",
-                        "0.5/3", "--timeout", "2.5", "--drain-timeout", "0")
+                        "0.5/3", "--timeout", "2.5", "--drain-timeout", "0", "--workers", "3")
         self.assertEqual(dict(options), {
             "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
             "quiet": 1, "max-connections": 5, "max-per-ip": 2, "rate-per-ip": (0.5, 3),
             "timeout": 2.5, "drain-timeout": 0.0, "metrics": None,
+            "workers": 3, "worker": None, "worker-control": None, "worker-fds": None,
         })
         self.assertEqual(options.greeting.static, b"motd\r\n")
 
@@ -65,10 +68,51 @@ class OptionsTests(SynchronousTestCase):
             (["--timeout", "nan"], "--timeout: 'nan' must be at least 0.001"),
             (["--timeout", "0"], "--timeout: '0' must be at least 0.001"),
             (["--drain-timeout", "inf"], "--drain-timeout: 'inf' must be at least 0"),
+            (["--workers", "0"], "--workers: '0' must be at least 1"),
+            (["--workers", "two"], "--workers: 'two' is not a whole number"),
+            (["--workers", "3", "--max-connections", "2"],
+             "--workers 3 is more than --max-connections 2: each worker needs at least "
+             "one connection"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
                 parse(*args)
             self.assertEqual(str(caught.exception), message)
+
+    def test_workers_auto_is_the_usable_cpus(self):
+        self.assertEqual(parse("--workers", "auto")["workers"], len(os.sched_getaffinity(0)))
+        self.assertEqual(parse("--workers", "2")["workers"], 2)
+
+    def test_worker_options_are_internal(self):
+        options = parse("--listen", "tcp:1", "--listen", "tcp:2", "--worker", "2",
+                        "--worker-control", "3", "--worker-fds", "4,5")
+        self.assertEqual((options["worker"], options["worker-control"], options["worker-fds"]),
+                         (2, 3, [4, 5]))
+        for args in (["--worker", "1"],  # the rest missing
+                     ["--worker", "1", "--worker-control", "3", "--worker-fds", "4,5"],
+                     ["--worker", "1", "--worker-control", "3", "--worker-fds", "4",
+                      "--workers", "2"]):
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertIn("set by tcpgreet for its workers", str(caught.exception))
+
+    def test_worker_arguments_reproduce_the_options(self):
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.remove, path)
+        os.close(fd)
+        supervisor = parse("-l", "tcp:1", "-l", r"tcp6:2:interface=\:\:1", "-f", path, "-q",
+                           "--max-connections", "9", "--max-per-ip", "2", "--rate-per-ip",
+                           "0.1/3", "--timeout", "2.5", "--drain-timeout", "0.25",
+                           "--workers", "4", "--metrics", "tcp:9127")
+        arguments = tap.worker_arguments(supervisor)
+        self.assertNotIn("--metrics", " ".join(arguments))
+        worker = parse(*arguments, "--worker", "1", "--worker-control", "3",
+                       "--worker-fds", "4,5")
+        expected = dict(supervisor, **{"max-connections": 2, "workers": 1, "metrics": None,
+                                       "worker": 1, "worker-control": 3, "worker-fds": [4, 5],
+                                       "greeting-file": os.path.abspath(path)})
+        self.assertEqual(dict(worker), expected)
+        greeted = parse(*tap.worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2")))
+        self.assertEqual(greeted["greeting"], "-{{x}}- ")
 
     def test_greeting_text(self):
         self.assertEqual(parse("-g", "hello").greeting.static, b"hello\r\n")
@@ -107,8 +151,11 @@ class OptionsTests(SynchronousTestCase):
                        "--quiet", "-q", "tcp:27679", "Thank you for connecting",
                        "{peer_host}", "SIGHUP", "--max-connections", "[default: 10000]",
                        "--max-per-ip", "--rate-per-ip", "R[/BURST]", "--timeout",
-                       "[default: 10]", "--drain-timeout", "[default: 5]"):
+                       "[default: 10]", "--drain-timeout", "[default: 5]", "--workers",
+                       "N|auto", "per worker"):
             self.assertIn(option, text)
+        for internal in ("--worker=", "--worker-control=", "--worker-fds="):
+            self.assertRegex(text, re.escape(internal) + r" +Internal, set by --workers")
 
 
 class MakeServiceTests(SynchronousTestCase):

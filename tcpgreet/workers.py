@@ -1,0 +1,368 @@
+"""
+The supervisor of C{--workers N}: N worker processes serve the listeners it
+holds, and it keeps them running.
+
+The supervisor binds every listener itself (L{tcpgreet.handover}), before
+twistd drops privileges, and never accepts.  It starts each worker with
+C{reactor.spawnProcess}, handing it its listening sockets, a control
+channel (L{tcpgreet.control}) and a pipe for its log (L{tcpgreet.logrelay}).
+A worker that exits unasked is restarted at once, or after a growing delay
+if it keeps dying young (L{RestartBackoff}).  SIGHUP is passed on to every
+worker; SIGTERM and SIGINT stop them all, each with its own graceful drain,
+and SIGKILL whatever is still running once the drain should be over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from functools import partial
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcpgreet.control import SupervisorChannel, adopt_channel
+from tcpgreet.handover import handover
+from tcpgreet.logrelay import Lines, LogRelay
+from tcpgreet.server import GreetFactory
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, startup_format
+from tcpgreet.stats import Stats, total
+
+log = Logger()
+
+# A worker that dies before it serves, or within this many seconds of it,
+# died young; one that keeps doing so is restarted ever more slowly.
+YOUNG = 1.0
+FIRST_DELAY = 0.5
+MAX_DELAY = 30.0
+
+# After SIGTERM, a worker drains for up to --drain-timeout; past that and
+# this margin, it is killed.
+KILL_MARGIN = 5.0
+
+# How long a scrape of /metrics waits for a worker's counters.
+STATS_TIMEOUT = 1.0
+
+# The environment variables systemd passes sockets with: a worker gets its
+# own (see tcpgreet.worker).
+_SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def per_worker(max_connections: int, workers: int) -> int:
+    """Each worker's share of C{--max-connections}: the total never exceeds it."""
+    return max(1, max_connections // workers)
+
+
+class RestartBackoff:
+    """
+    How long to wait before restarting a worker that exited unasked: not at
+    all after one that served for a while; after one that died young, a
+    delay that doubles with each young death in a row, up to a cap.
+    """
+
+    def __init__(self, young: float = YOUNG, first: float = FIRST_DELAY,
+                 cap: float = MAX_DELAY) -> None:
+        self.young = young
+        self.first = first
+        self.cap = cap
+        self.young_deaths = 0
+
+    def delay(self, served_for: float | None) -> float:
+        """
+        The delay before the next start, after a worker that served for
+        C{served_for} seconds (L{None}: it never served).
+        """
+        if served_for is not None and served_for >= self.young:
+            self.young_deaths = 0
+            return 0.0
+        self.young_deaths += 1
+        return min(self.cap, self.first * 2 ** (self.young_deaths - 1))
+
+
+def exit_description(reason: Failure) -> str:
+    """How a process ended, for a log line: "exited with status 1"..."""
+    value = reason.value
+    if isinstance(value, ProcessTerminated) and value.signal is not None:
+        try:
+            name = signal.Signals(value.signal).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {value.signal} ({name})"
+    if isinstance(value, (ProcessDone, ProcessTerminated)):
+        return f"exited with status {value.exitCode}"
+    return f"ended: {reason.getErrorMessage()}"
+
+
+class Worker:
+    """
+    One worker process, from its start to its exit.
+
+    @ivar number: which worker it is, from 1; a restarted worker keeps it.
+    @ivar stats: its counters, as it last reported them.
+    @ivar ended: fires once the process has exited and its pipes are closed.
+    """
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.pid: int | None = None
+        self.process = None
+        self.channel: SupervisorChannel | None = None
+        self.served_since: float | None = None
+        self.stats = Stats()
+        self.open = 0
+        self.reload_pending = False
+        self.exited = False
+        self.ended: Deferred = Deferred()
+
+    def signal(self, name: str) -> None:
+        """Send signal C{name} ("TERM", "HUP", "KILL"), unless it is gone already."""
+        with contextlib.suppress(ProcessExitedAlready):
+            self.process.signalProcess(name)
+
+
+class WorkerProcess(ProcessProtocol):
+    """A worker as the reactor sees it: its log on two pipes, then its exit."""
+
+    def __init__(self, worker: Worker, ended) -> None:
+        self.worker = worker
+        self._ended = ended
+        self._lines = {1: Lines(), 2: Lines()}
+        self.relay: LogRelay | None = None
+
+    def connectionMade(self) -> None:
+        self.relay = LogRelay(self.worker.number, self.transport.pid)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._relay(childFD, self._lines[childFD].feed(data))
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD in self._lines:
+            self._relay(childFD, self._lines[childFD].rest())
+
+    def _relay(self, childFD: int, lines) -> None:
+        # Standard output carries JSON events, standard error plain text.
+        emit = self.relay.jsonLine if childFD == 1 else self.relay.textLine
+        for line in lines:
+            emit(line)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._ended(self.worker, reason)
+
+
+class WorkerSupervisor(GreetService):
+    """
+    A greeting service whose connections are served by worker processes.
+
+    It listens as L{GreetService} does, on endpoints whose listening only
+    binds (L{tcpgreet.handover.HoldingReactor}); its drain is the workers'
+    drain, its reload theirs.  Its factory describes what each worker runs
+    and serves no connection itself.
+
+    @ivar workers: the running workers, by number.
+    @ivar restarts: how many times a worker was restarted.
+    @ivar totals: the counters of every worker, past ones included, as of
+        the last L{gather}.
+    @ivar openConnections: connections open in all workers, as of then.
+    """
+
+    name = "supervisor"
+
+    def __init__(self, factory: GreetFactory,
+                 endpoints: list[tuple[str, IStreamServerEndpoint]], count: int,
+                 arguments: list[str], greeting_file: str | None = None, reactor=None,
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                 executable: str = sys.executable) -> None:
+        super().__init__(factory, endpoints, greeting_file=greeting_file, reactor=reactor,
+                         drain_timeout=drain_timeout)
+        self.count = count
+        self.arguments = arguments
+        self.executable = executable
+        self.workers: dict[int, Worker] = {}
+        self.restarts = 0
+        self.totals = Stats()
+        self.openConnections = 0
+        self._retired = Stats()
+        self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
+        self._restarting: dict[int, object] = {}  # number -> the pending IDelayedCall
+        self._stopping = False
+
+    # -- starting ----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for number in range(1, self.count + 1):
+            self._start(number)
+
+    def logStartup(self) -> None:
+        log.info(startup_format(self.count), **self.startupFields(), workers=self.count,
+                 per_worker=per_worker(self.factory.limits.max_connections, self.count))
+
+    def _start(self, number: int) -> None:
+        """Start worker C{number}; on failure, try again later."""
+        self._restarting.pop(number, None)
+        reactor = self._reactor_()
+        worker = Worker(number)
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with here, there:
+            plan = handover(
+                [(description, port) for (description, _), port
+                 in zip(self.endpoints, self.ports, strict=True)],
+                number - 1, there.fileno())
+            arguments = [
+                self.executable, "-m", "tcpgreet.worker", *self.arguments,
+                "--worker", str(number), "--worker-control", str(plan.control_fd),
+                "--worker-fds", ",".join(map(str, plan.listen_fds)),
+            ]
+            try:
+                worker.process = reactor.spawnProcess(
+                    WorkerProcess(worker, self._ended), self.executable, arguments,
+                    env=self._environment(plan.environment),
+                    childFDs={0: "w", 1: "r", 2: "r", **plan.child_fds})
+            except OSError as e:  # fork failed: out of memory or processes
+                log.error("cannot start worker {worker}: {error}", worker=number,
+                          error=e.strerror or str(e))
+                self._restartLater(number, self._backoff[number].delay(None))
+                return
+            worker.process.closeStdin()
+            worker.pid = worker.process.pid
+            worker.channel = SupervisorChannel(partial(self._ready, worker))
+            adopt_channel(reactor, here.fileno(), worker.channel)
+        self.workers[number] = worker
+
+    @staticmethod
+    def _environment(systemd: dict[str, str]) -> dict[str, str]:
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in _SYSTEMD_VARIABLES}
+        environment.update(systemd)
+        # The log pipe carries UTF-8 JSON, whatever the locale.
+        environment["PYTHONIOENCODING"] = "utf-8:backslashreplace"
+        return environment
+
+    def _ready(self, worker: Worker) -> None:
+        worker.served_since = self._reactor_().seconds()
+        log.info("worker {worker} (pid {pid}) ready", worker=worker.number, pid=worker.pid)
+        if worker.reload_pending:
+            worker.reload_pending = False
+            worker.signal("HUP")
+
+    # -- exits and restarts ------------------------------------------------
+
+    def _ended(self, worker: Worker, reason: Failure) -> None:
+        worker.exited = True
+        self._retired.add(worker.stats)
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        how = exit_description(reason)
+        if self._stopping:
+            if not (reason.check(ProcessDone) or
+                    getattr(reason.value, "signal", None) == signal.SIGTERM):
+                log.warn("worker {worker} (pid {pid}) {how} while stopping",
+                         worker=worker.number, pid=worker.pid, how=how)
+        else:
+            now = self._reactor_().seconds()
+            served = None if worker.served_since is None else now - worker.served_since
+            delay = self._backoff[worker.number].delay(served)
+            self.restarts += 1
+            if delay:
+                log.error("worker {worker} (pid {pid}) {how} before serving for {young:g} s "
+                          "({young_deaths} time(s) in a row); restarting it in {delay:g} s",
+                          worker=worker.number, pid=worker.pid, how=how, delay=delay,
+                          young=self._backoff[worker.number].young,
+                          young_deaths=self._backoff[worker.number].young_deaths)
+            else:
+                log.warn("worker {worker} (pid {pid}) {how}; restarting it",
+                         worker=worker.number, pid=worker.pid, how=how, delay=delay)
+            self._restartLater(worker.number, delay)
+        worker.ended.callback(None)
+
+    def _restartLater(self, number: int, delay: float) -> None:
+        if self._stopping:
+            return
+        self._restarting[number] = self._reactor_().callLater(delay, self._start, number)
+
+    # -- signals -----------------------------------------------------------
+
+    def reload(self) -> bool:
+        """
+        Pass SIGHUP on to every worker: each re-reads the greeting file.  A
+        worker still starting gets it once it serves; one not started yet
+        reads the file when it starts.
+        """
+        workers = list(self.workers.values())
+        log.info("SIGHUP: passing it on to {count} worker(s)", count=len(workers))
+        for worker in workers:
+            if worker.served_since is None:
+                worker.reload_pending = True
+            else:
+                worker.signal("HUP")
+        return True
+
+    def stopService(self) -> Deferred:
+        self._stopping = True
+        for call in self._restarting.values():
+            call.cancel()
+        self._restarting.clear()
+        return super().stopService()
+
+    def drain(self) -> Deferred:
+        """
+        Stop every worker with SIGTERM (each drains its own connections),
+        wait for all to exit, and kill those still running after the drain
+        timeout and a margin.
+        """
+        workers = list(self.workers.values())
+        if not workers:
+            return succeed(None)
+        log.info("stopping {count} worker(s), each draining for up to {timeout:g} s",
+                 count=len(workers), timeout=self.drain_timeout)
+        for worker in workers:
+            worker.signal("TERM")
+        reactor = self._reactor_()
+        deadline = self.drain_timeout + KILL_MARGIN
+        killer = reactor.callLater(deadline, self._killRemaining, deadline)
+
+        def stopped(result):
+            if killer.active():
+                killer.cancel()
+            log.info("all workers stopped")
+            return result
+
+        return DeferredList([worker.ended for worker in workers]).addCallback(stopped)
+
+    def _killRemaining(self, after: float) -> None:
+        for worker in list(self.workers.values()):
+            log.warn("worker {worker} (pid {pid}) still running {seconds:g} s after SIGTERM: "
+                     "killing it", worker=worker.number, pid=worker.pid, seconds=after)
+            worker.signal("KILL")
+
+    # -- counters ----------------------------------------------------------
+
+    def gather(self) -> Deferred:
+        """
+        Ask every worker for its counters and update L{totals} and
+        L{openConnections}.  A worker that does not answer within
+        L{STATS_TIMEOUT} counts with what it said last; the last word of a
+        worker that exited stays in the totals, so no counter goes back.
+        """
+        asked = []
+        for worker in list(self.workers.values()):
+            answer = worker.channel.stats(STATS_TIMEOUT, self._reactor_())
+            asked.append(answer.addCallbacks(partial(self._answered, worker),
+                                             lambda failure: None))
+        return DeferredList(asked).addCallback(lambda _: self._sum())
+
+    def _answered(self, worker: Worker, answer: tuple[Stats, int]) -> None:
+        if not worker.exited:  # else its last word is in the retired totals already
+            worker.stats, worker.open = answer
+
+    def _sum(self) -> None:
+        workers = list(self.workers.values())
+        self.totals = total([self._retired, *(worker.stats for worker in workers)])
+        self.openConnections = sum(worker.open for worker in workers)
