@@ -348,3 +348,13 @@ def assert_fails_in_one_line(testcase, result: subprocess.CompletedProcess,
     testcase.assertEqual(len(lines), 1, result.stderr)
     testcase.assertRegex(lines[0], pattern)
     return lines[0]
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process C{pid} has exited (a zombie not yet reaped counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")

@@ -16,8 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from tcpgreet import tap
+from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
+from tcpgreet.workers import WorkerSupervisor
 
 
 def parse(*args):
@@ -245,6 +247,32 @@ class MakeServiceTests(SynchronousTestCase):
             self.make("--metrics", "tcp:9127")
         self.assertEqual(stderr.getvalue(), f"tcpgreet: {metrics.MISSING}\n")
         self.assertIn("pip install 'tcpgreet[metrics]'", metrics.MISSING)
+
+    def test_workers_make_a_supervisor_of_held_sockets(self):
+        self.top = tap.makeService(parse("--workers", "3", "--listen", "tcp:0:interface=127.0.0.1",
+                                         "--max-per-ip", "2", "--metrics", "tcp:9127"),
+                                   reactor=MemoryReactorClock())
+        self.assertEqual([s.name for s in self.top], ["supervisor", "metrics"])
+        supervisor = self.top.getServiceNamed("supervisor")
+        self.assertIsInstance(supervisor, WorkerSupervisor)
+        self.assertEqual(supervisor.count, 3)
+        self.assertIn("--max-connections=3333", supervisor.arguments)
+        supervisor.privilegedStartService()
+        [held] = supervisor.ports
+        self.addCleanup(held.stopListening)
+        self.assertIsInstance(held, HeldListener)
+        self.assertEqual(len(held.sockets), 3)
+
+    def test_a_worker_greets_on_what_it_inherited_and_reports_to_its_supervisor(self):
+        top = tap.makeService(parse("--listen", "tcp:1", "--worker", "2", "--worker-control", "7",
+                                    "--worker-fds", "8"), reactor=MemoryReactorClock())
+        self.assertEqual([s.name for s in top], ["greeter", "control"])
+        greeter, control = top.getServiceNamed("greeter"), top.getServiceNamed("control")
+        self.assertFalse(greeter.announce)  # the supervisor's line says it all
+        self.assertEqual(control.fileDescriptor, 7)
+        [(_, endpoint)] = greeter.endpoints
+        self.assertIsInstance(endpoint._reactor, InheritedReactor)
+        self.assertEqual(endpoint._reactor._fd, 8)
 
     def test_stop_restores_sighup(self):
         before = signal.getsignal(signal.SIGHUP)
