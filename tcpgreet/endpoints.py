@@ -57,6 +57,11 @@ def split_description(description: str) -> list[str]:
     return parts
 
 
+def proxied(description: str) -> bool:
+    """Whether C{description} reads a PROXY header (C{haproxy:...})."""
+    return split_description(description)[0] in _WRAPPER_TYPES
+
+
 def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
     """
     Return C{description} with C{backlog=} added when its endpoint type takes

@@ -146,7 +146,7 @@ class HoldingReactor:
     def __init__(self, reactor, workers: int, steer: bool) -> None:
         self._reactor = reactor
         self._workers = workers
-        self._steer = steer
+        self.steer = steer
 
     def __getattr__(self, name: str):
         return getattr(self._reactor, name)
@@ -154,7 +154,7 @@ class HoldingReactor:
     def listenTCP(self, portNumber: int, factory, backlog: int = 50,
                   interface: str = "") -> HeldListener:
         return HeldListener(bind_group(interface, portNumber, backlog, self._workers,
-                                       steer=self._steer))
+                                       steer=self.steer))
 
     def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
                   interface: str = "") -> HeldListener:

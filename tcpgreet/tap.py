@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from tcpgreet import greeting
 from tcpgreet.control import ControlService
-from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, server_endpoint
+from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
@@ -285,10 +285,13 @@ def _factory(options: Options, reactor) -> GreetFactory:
 def _supervisor(options: Options, reactor) -> IService:
     count = options["workers"]
     # Per-address limits are exact only if every connection from one
-    # address reaches the same worker: steer them there.
-    steer = bool(options["max-per-ip"] or options["rate-per-ip"])
-    holder = HoldingReactor(reactor, count, steer=steer)
-    endpoints = _endpoints(options, [holder] * len(options["listen"]))
+    # address reaches the same worker: steer them there.  Not behind a
+    # proxy, where the address the kernel sees is the proxy's: steered, all
+    # its connections would go to one worker.
+    per_address = bool(options["max-per-ip"] or options["rate-per-ip"])
+    endpoints = _endpoints(options, [
+        HoldingReactor(reactor, count, steer=per_address and not proxied(description))
+        for description in options["listen"]])
     supervisor = WorkerSupervisor(
         _factory(options, reactor), endpoints, count, worker_arguments(options),
         greeting_file=options["greeting-file"], reactor=reactor,

@@ -263,6 +263,18 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(held, HeldListener)
         self.assertEqual(len(held.sockets), 3)
 
+    def test_steering_only_where_the_kernel_sees_the_client(self):
+        def steered(*args):
+            top = tap.makeService(parse("--workers", "2", *args), reactor=MemoryReactorClock())
+            return [endpoint._wrapped._reactor.steer if hasattr(endpoint, "_wrapped")
+                    else endpoint._reactor.steer
+                    for _, endpoint in top.getServiceNamed("supervisor").endpoints]
+
+        both = ("--listen", "tcp:1", "--listen", "haproxy:tcp:2")
+        self.assertEqual(steered(*both), [False, False])
+        self.assertEqual(steered(*both, "--max-per-ip", "3"), [True, False])
+        self.assertEqual(steered(*both, "--rate-per-ip", "3"), [True, False])
+
     def test_a_worker_greets_on_what_it_inherited_and_reports_to_its_supervisor(self):
         top = tap.makeService(parse("--listen", "tcp:1", "--worker", "2", "--worker-control", "7",
                                     "--worker-fds", "8"), reactor=MemoryReactorClock())

@@ -281,15 +281,19 @@ class ListenerTests(SynchronousTestCase):
         self.assertNotIn("Traceback", program.log)
 
     def test_behind_haproxy(self):
+        # Per-address limits on: still not steered, since every connection
+        # comes from HAProxy; the workers share them.
         server = start_workers(self, "--listen", "haproxy:tcp:0:interface=127.0.0.1",
-                               "--greeting", "{peer_host}")
+                               "--greeting", "{peer_host}", "--max-per-ip", "100")
         proxy = start_haproxy(self, [f"{server.host}:{server.port} send-proxy-v2"])
-        for _ in range(4):
+        for _ in range(30):
             with socket.create_connection((proxy.host, proxy.port), 10,
                                           source_address=("127.0.0.2", 0)) as s:
                 self.assertEqual(b"".join(iter(lambda s=s: s.recv(4096), b"")),
                                  b"127.0.0.2\r\n")
-        self.assertEqual({peer for _, _, peer in greeted(server, 4)}, {"127.0.0.2"})
+        lines = greeted(server, 30)
+        self.assertEqual({peer for _, _, peer in lines}, {"127.0.0.2"})
+        self.assertEqual({worker for worker, _, _ in lines}, {1, 2})
 
     def test_unix_socket_shared_by_the_workers(self):
         directory = tempfile.mkdtemp()
