@@ -141,6 +141,9 @@ class HoldingReactor:
     The reactor as the supervisor's endpoints see it: listening binds the
     sockets the workers will accept from, and nothing more.  The factory an
     endpoint passes is never used: the workers build their own.
+
+    @ivar steer: whether a TCP listener's group steers each client address
+        to one worker (L{tcpgreet.reuseport.steering_program}).
     """
 
     def __init__(self, reactor, workers: int, steer: bool) -> None:
