@@ -160,11 +160,13 @@ class SupervisionTests(SynchronousTestCase):
         server = start_workers(self, "--listen", LOCAL, "--greeting-file", path)
         os.remove(path)
         os.kill(ready_pids(server)[1], signal.SIGKILL)
-        # Its replacement fails at start, in one line, and again a second later.
+        # Its replacement fails at start, saying why in one line; the next
+        # one is started a little later, and so on.
         server.wait_for(rf"\[worker 1, pid \d+\] tcpgreet: greeting file {re.escape(path)}: "
                         r"No such file or directory")
         server.wait_for(r"worker 1 \(pid \d+\) exited with status 1 before serving for 1 s "
-                        r"\(3 time\(s\) in a row\); restarting it in 2 s")
+                        r"\(2 time\(s\) in a row\); restarting it in 1 s")
+        self.assertRegex(server.log, r"\(1 time\(s\) in a row\); restarting it in 0\.5 s")
         with open(path, "wb") as f:
             f.write(content)
         server.wait_for_count(READY, 3, timeout=15)
