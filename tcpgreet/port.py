@@ -22,6 +22,7 @@ a count.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -57,9 +58,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _FIONREAD = termios.FIONREAD
 
 
+_unread_count = array.array("i", [0])
+
+
 def _unread(skt: socket.socket) -> int:
     """How many bytes the client has sent that nobody has read yet."""
-    return struct.unpack("i", fcntl.ioctl(skt.fileno(), _FIONREAD, b"\0\0\0\0"))[0]
+    fcntl.ioctl(skt.fileno(), _FIONREAD, _unread_count, True)
+    return _unread_count[0]
 
 
 class DirectTransport:
@@ -126,9 +131,11 @@ class DirectTransport:
         try:
             if _unread(self.socket):
                 return self._handOver().loseWriteConnection()
-            self.socket.shutdown(socket.SHUT_WR)
         except OSError as e:
             return self._lost(e)
+        # The FIN is owed, not yet sent: a protocol that closes in
+        # writeConnectionLost (ours does) gets it from close() without a
+        # shutdown call; one that stays open gets the shutdown on upgrade.
         self._halfClosed = True
         writeConnectionLost = getattr(self.protocol, "writeConnectionLost", None)
         if writeConnectionLost is not None:
@@ -189,6 +196,14 @@ class DirectTransport:
             self.server = server = port.transport(
                 self.socket, self.protocol, self._addr, port, port.sessionno, port.reactor)
             self.protocol.transport = server
+            if self._halfClosed:
+                # Pay the half-close owed since loseWriteConnection, and
+                # tell the transport its write side is gone (as its own
+                # loseWriteConnection would have) so it neither writes nor
+                # shuts down again.
+                with contextlib.suppress(OSError):
+                    self.socket.shutdown(socket.SHUT_WR)
+                server._writeDisconnecting = server._writeDisconnected = True
         return self.server
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -281,6 +296,7 @@ class GreetPort(tcp.Port):
 
     _direct = False
     _paused = None
+    _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -292,6 +308,7 @@ class GreetPort(tcp.Port):
         _reserve.take()
         super().startListening()
         self._direct = bool(getattr(self.factory, "directTransport", False))
+        self._socketKind = (int(self.socket.family), int(self.socket.type))
 
     def _logConnectionLostMsg(self) -> None:
         """The service logs what it listens on and when it stops."""
@@ -307,14 +324,20 @@ class GreetPort(tcp.Port):
 
     def _acceptBatch(self, limit: int) -> int:
         """Accept and serve up to C{limit} connections; how many were accepted."""
-        accept = self.socket.accept
+        # socket.accept() looks the family and type up through enum
+        # conversions for every connection; the listening socket's own
+        # numbers, read once, are all a connected socket needs.
+        accept = self.socket._accept
+        family, kind = self._socketKind
+        Socket = socket.socket
         factory = self.factory
         direct = self._direct
         buildAddr = self._buildAddr
         accepted = 0
         for _ in range(limit):
             try:
-                skt, addr = accept()
+                fd, addr = accept()
+                skt = Socket(family, kind, 0, fd)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -358,8 +381,7 @@ class GreetPort(tcp.Port):
             # instead of timing out in the backlog.
             try:
                 for _ in range(self.numberAccepts):
-                    skt, _addr = self.socket.accept()
-                    skt.close()
+                    os.close(self.socket._accept()[0])
                     shed += 1
             except OSError:
                 pass

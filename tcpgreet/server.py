@@ -86,6 +86,19 @@ def _limit_send_buffer(transport) -> None:
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LONG_GREETING_SEND_BUFFER)
 
 
+def _bytes_out(protocol: GreetProtocol) -> int:
+    """
+    How much of the greeting left the server: what the protocol wrote, less
+    what a byte-stream transport still held when the connection ended.
+    """
+    transport = protocol.transport
+    held = getattr(transport, "dataBuffer", None)
+    if held is None:
+        return protocol.written
+    unsent = len(held) - transport.offset + getattr(transport, "_tempDataLen", 0)
+    return max(0, protocol.written - unsent)
+
+
 def peer_host_port(address: IAddress) -> tuple[str, int]:
     """
     The host and port of an address, for templates and logs.  A UNIX socket
@@ -339,7 +352,7 @@ class GreetFactory(Factory):
                      duration_ms=round(duration * 1000, 3), reason=why, tls=tls)
         else:
             log.info(_CUT_SHORT_TLS if tls else _CUT_SHORT,
-                     peer=host, port=port, outcome=outcome, bytes=protocol.written,
+                     peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol),
                      length=protocol.length, duration_ms=round(duration * 1000, 3),
                      reason=why, tls=tls)
 
