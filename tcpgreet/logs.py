@@ -22,6 +22,7 @@ logged in one system call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -43,22 +44,28 @@ class RateLimitedLog:
     separately.
 
     C{format} may use C{{count}} (occurrences since the last line) and
-    C{{interval}}, besides the fields given to L{note}.
+    C{{interval}}, besides the fields given to L{note}: the latest value of
+    each, except the fields named in C{sums}, which are added up.
     """
 
     def __init__(self, logger: Logger, format: str, interval: float = 1.0,
-                 level: LogLevel = LogLevel.warn, clock=None) -> None:
+                 level: LogLevel = LogLevel.warn, clock=None,
+                 sums: tuple[str, ...] = ()) -> None:
         self._log = logger
         self._format = format
         self._interval = interval
         self._level = level
         self._clock = clock
-        # key -> [occurrences not yet logged, latest fields]
+        self._sums = sums
+        # key -> [occurrences not yet logged, fields to log]
         self._windows: dict[object, list] = {}
 
     def note(self, key: object = None, **fields: object) -> None:
         window = self._windows.get(key)
         if window is not None:
+            if window[0]:
+                for name in self._sums:
+                    fields[name] += window[1][name]
             window[0] += 1
             window[1] = fields
             return
@@ -165,6 +172,8 @@ class BatchingObserver:
     Render each event to a line and write the lines of one turn of the event
     loop together, flushing when the turn is over (or when C{BATCH_LIMIT}
     bytes are pending, or at once while the event loop is not running).
+
+    @ivar lost: lines that could not be written.
     """
 
     def __init__(self, out: IO[str], render: Callable[[dict], str | None],
@@ -176,6 +185,8 @@ class BatchingObserver:
         self._size = 0
         self._scheduled = False
         self._watching = False
+        self._failing = False
+        self.lost = 0
 
     def __call__(self, event: dict) -> None:
         text = self._render(event)
@@ -192,12 +203,27 @@ class BatchingObserver:
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._pending:
-            text = "".join(self._pending)
-            self._pending.clear()
-            self._size = 0
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        lines = len(self._pending)
+        self._pending.clear()
+        self._size = 0
+        try:
             self._out.write(text)
             self._out.flush()
+        except (OSError, ValueError) as e:
+            # A full disk or a reader that went away must not become a log
+            # event of its own (which would bring us right back here): the
+            # lines are lost, and standard error hears of it once.
+            self.lost += lines
+            if not self._failing:
+                self._failing = True
+                with contextlib.suppress(OSError, ValueError):
+                    print(f"tcpgreet: cannot write the log ({e}); dropping log lines",
+                          file=sys.__stderr__, flush=True)
+        else:
+            self._failing = False
 
     def _reactor_(self):
         if not self._watching:

@@ -17,15 +17,20 @@ from twisted.web.server import Site
 from tcpgreet.stats import Stats
 
 try:
-    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        PlatformCollector,
+        ProcessCollector,
+        generate_latest,
+    )
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
         HistogramMetricFamily,
     )
-    from prometheus_client.twisted import MetricsResource
 except ImportError:  # pragma: no cover - exercised by the missing-extra test
-    MetricsResource = None
+    generate_latest = None
 
 MISSING = ("--metrics needs prometheus_client, which is not installed: "
            "pip install 'tcpgreet[metrics]'")
@@ -103,17 +108,35 @@ class GreetCollector:
 
 def metrics_site(collector: GreetCollector) -> Site:
     """A web site that serves the collector (and process metrics) at /metrics."""
-    if MetricsResource is None:
+    if generate_latest is None:
         raise MetricsUnavailableError(MISSING)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))
+    root.putChild(b"metrics", MetricsPage(registry))
     site = _QuietSite(root)
     site.noisy = False
     return site
+
+
+class MetricsPage(Resource):
+    """
+    The exposition, rendered on the reactor's thread: the counters it reads
+    are changed by the reactor, so reading them from a thread pool (as
+    C{prometheus_client}'s Twisted resource does) could see them mid-update.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
 
 
 class _QuietSite(Site):

@@ -4,6 +4,7 @@ The rate-limited log and the JSON Lines observer.
 
 import io
 import json
+import sys
 import time
 
 from twisted.internet.task import Clock
@@ -156,3 +157,27 @@ class TextObserverTests(SynchronousTestCase):
         for _ in range(2000):
             log.info("x" * 100)
         self.assertGreater(len(out.getvalue()), 65536)
+
+
+class BrokenSink(io.StringIO):
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+
+class FailingSinkTests(SynchronousTestCase):
+    def test_a_sink_that_fails_loses_lines_but_loops_nothing(self):
+        clock = RunningClock()
+        observer = text_observer(BrokenSink(), clock)
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        log = Logger(namespace="n", observer=observer)
+        for _ in range(3):
+            log.info("lost")
+        clock.advance(0)
+        self.assertEqual(observer.lost, 3)
+        self.assertEqual(clock.getDelayedCalls(), [])  # nothing rescheduled
+        log.info("lost too")
+        clock.advance(0)
+        self.assertEqual(observer.lost, 4)
+        self.assertEqual(stderr.getvalue().count("cannot write the log"), 1)
+        self.assertIn("No space left on device", stderr.getvalue())

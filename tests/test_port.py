@@ -132,6 +132,31 @@ class HandOverTests(TestCase):
         self.assertEqual(heard, b"and goodbye")
 
 
+class BrokenGreeting(TestCase):
+    @defer.inlineCallbacks
+    def test_a_protocol_that_raises_is_cut_off_and_counted_out(self):
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True)
+        calls = []
+
+        def greetingFor(peer):
+            calls.append(peer)
+            if len(calls) == 1:
+                raise RuntimeError("broken")
+            return b"hi\r\n"
+
+        factory.greetingFor = greetingFor
+        listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        address = ("127.0.0.1", listening.getHost().port)
+        with self.assertRaises(ConnectionResetError):  # aborted, not left hanging
+            yield threads.deferToThread(blocking_fetch, address)
+        second = yield threads.deferToThread(blocking_fetch, address)
+        self.assertEqual(second, b"hi\r\n")
+        self.assertEqual(factory.limits.open, 0)
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "broken")
+
+
 class FakeListeningSocket:
     """
     A listening socket whose accept fails with C{errno}, except that with
@@ -195,7 +220,19 @@ class AcceptErrorTests(SynchronousTestCase):
             self.assertEqual(client.recv(10), b"")  # closed, without a greeting
             client.close()
         [failure] = [e for e in events if "accept failed" in e.get("log_format", "")]
-        self.assertIn("closed 3 waiting connection(s)", failure["action"])
+        self.assertEqual(failure["shed"], 3)
+
+    def test_the_summary_adds_up_what_was_shed(self):
+        clock, listening, events = self.make(errno.EMFILE)
+        for batch in (1, 2, 3):  # three episodes within one second
+            pairs = [socket.socketpair() for _ in range(batch)]
+            self.addCleanup(lambda pairs=pairs: [b.close() for _, b in pairs])
+            listening.socket.waiting = [a for a, _ in pairs]
+            listening.doRead()
+            clock.advance(port.ACCEPT_PAUSE)
+        clock.advance(1)
+        failures = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertEqual([(e["count"], e["shed"]) for e in failures], [(1, 1), (2, 5)])
 
     def test_accept_errors_are_logged_at_most_once_a_second(self):
         clock, listening, events = self.make(errno.ENOBUFS)
