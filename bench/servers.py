@@ -88,6 +88,17 @@ VARIANTS = {variant.name: variant for variant in [
             lambda launch, port, directory: _tcpgreet(
                 launch, port, twistd_options=(f"--logfile={directory / 'tcpgreet.log'}",)),
             is_tcpgreet=True),
+    # tcpgreet's own observers write standard output, which is a file here.
+    Variant("tcpgreet-log-text",
+            "twistd -n --logger tcpgreet.logs.text_observer tcpgreet (the same lines)",
+            lambda launch, port, directory: _tcpgreet(
+                launch, port, twistd_options=("--logger", "tcpgreet.logs.text_observer")),
+            is_tcpgreet=True),
+    Variant("tcpgreet-log-json",
+            "twistd -n --logger tcpgreet.logs.json_observer tcpgreet (JSON Lines)",
+            lambda launch, port, directory: _tcpgreet(
+                launch, port, twistd_options=("--logger", "tcpgreet.logs.json_observer")),
+            is_tcpgreet=True),
     Variant("tcpgreet-metrics", "twistd -n tcpgreet --quiet --metrics tcp:PORT",
             lambda launch, port, directory: _tcpgreet(
                 launch, port, "--quiet", "--metrics", _listen(launch.take_port())),

@@ -12,6 +12,7 @@ IPv6-rotated) addresses must not grow the server's memory without limit.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 
@@ -95,7 +96,7 @@ class ConnectionLimits:
         self.max_per_ip = max_per_ip
         self.rate = rate
         self.open = 0
-        # host -> open connections; only hosts with open connections.
+        # address_key(host) -> open connections; only those with some.
         self.per_ip: dict[str, int] = {}
         self._by_address = bool(max_per_ip) or rate is not None
 
@@ -106,23 +107,63 @@ class ConnectionLimits:
         L{None} for connections without an address (UNIX sockets), which
         only the total limit applies to.
         """
+        refused = self.reserve()
+        if refused is None and host is not None:
+            refused = self.admit_address(host)
+            if refused is not None:
+                self.open -= 1
+        return refused
+
+    def reserve(self) -> str | None:
+        """
+        Count a connection in under the total limit only, before its client
+        is known (a PROXY header still to come); L{admit_address} follows,
+        or L{cancel}.
+        """
         if self.open >= self.max_connections:
             return MAX_CONNECTIONS
-        if self._by_address and host is not None:
-            if self.max_per_ip and self.per_ip.get(host, 0) >= self.max_per_ip:
-                return MAX_PER_IP
-            if self.rate is not None and not self.rate.take(host):
-                return RATE_PER_IP
-            self.per_ip[host] = self.per_ip.get(host, 0) + 1
         self.open += 1
         return None
+
+    def admit_address(self, host: str) -> str | None:
+        """Count a reserved connection in under the per-address limits."""
+        if self._by_address:
+            key = address_key(host)
+            if self.max_per_ip and self.per_ip.get(key, 0) >= self.max_per_ip:
+                return MAX_PER_IP
+            if self.rate is not None and not self.rate.take(key):
+                return RATE_PER_IP
+            self.per_ip[key] = self.per_ip.get(key, 0) + 1
+        return None
+
+    def cancel(self) -> None:
+        """Give back a reservation whose connection never got an address."""
+        self.open -= 1
 
     def release(self, host: str | None) -> None:
         """Count a connection admitted for C{host} out again."""
         self.open -= 1
         if self._by_address and host is not None:
-            left = self.per_ip[host] - 1
+            key = address_key(host)
+            left = self.per_ip[key] - 1
             if left:
-                self.per_ip[host] = left
+                self.per_ip[key] = left
             else:
-                del self.per_ip[host]
+                del self.per_ip[key]
+
+
+def address_key(host: str) -> str:
+    """
+    The addresses that count as one client: an IPv4 address, or an IPv6
+    /64 (a host is given a whole /64 and may use any address in it, so
+    keying on the address alone would let it walk around the limits).
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"

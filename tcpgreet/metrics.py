@@ -18,15 +18,20 @@ from twisted.web.server import NOT_DONE_YET, Site
 from tcpgreet.stats import Stats
 
 try:
-    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        PlatformCollector,
+        ProcessCollector,
+        generate_latest,
+    )
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
         HistogramMetricFamily,
     )
-    from prometheus_client.twisted import MetricsResource
 except ImportError:  # pragma: no cover - exercised by the missing-extra test
-    MetricsResource = None
+    generate_latest = None
 
 MISSING = ("--metrics needs prometheus_client, which is not installed: "
            "pip install 'tcpgreet[metrics]'")
@@ -116,35 +121,44 @@ def metrics_site(collector: GreetCollector,
     With C{refresh}, each scrape first waits for the Deferred it returns:
     the time to fetch figures that live in other processes.
     """
-    if MetricsResource is None:
+    if generate_latest is None:
         raise MetricsUnavailableError(MISSING)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    page = MetricsResource(registry=registry)
     root = Resource()
-    root.putChild(b"metrics", page if refresh is None else _RefreshFirst(page, refresh))
+    root.putChild(b"metrics", MetricsPage(registry, refresh))
     site = _QuietSite(root)
     site.noisy = False
     return site
 
 
-class _RefreshFirst(Resource):
-    """Render C{page} once C{refresh()} has fired."""
+class MetricsPage(Resource):
+    """
+    The exposition, rendered on the reactor's thread: the counters it reads
+    are changed by the reactor, so reading them from a thread pool (as
+    C{prometheus_client}'s Twisted resource does) could see them mid-update.
+    With C{refresh}, rendered once the Deferred it returns has fired.
+    """
 
     isLeaf = True
 
-    def __init__(self, page: Resource, refresh: Callable[[], Deferred]) -> None:
+    def __init__(self, registry, refresh: Callable[[], Deferred] | None = None) -> None:
         super().__init__()
-        self._page = page
+        self._registry = registry
         self._refresh = refresh
 
-    def render(self, request) -> object:
+    def render_GET(self, request) -> bytes | object:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if self._refresh is None:
+            return generate_latest(self._registry)
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+
         def render(_) -> None:
-            body = self._page.render(request)
-            if body is not NOT_DONE_YET:
-                request.write(body)
+            if not gone:  # the client may have given up meanwhile
+                request.write(generate_latest(self._registry))
                 request.finish()
 
         # A refresh never fails: figures that cannot be had stay as they were.

@@ -22,6 +22,7 @@ a count.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -57,9 +58,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _FIONREAD = termios.FIONREAD
 
 
+_unread_count = array.array("i", [0])
+
+
 def _unread(skt: socket.socket) -> int:
     """How many bytes the client has sent that nobody has read yet."""
-    return struct.unpack("i", fcntl.ioctl(skt.fileno(), _FIONREAD, b"\0\0\0\0"))[0]
+    fcntl.ioctl(skt.fileno(), _FIONREAD, _unread_count, True)
+    return _unread_count[0]
 
 
 class DirectTransport:
@@ -126,9 +131,11 @@ class DirectTransport:
         try:
             if _unread(self.socket):
                 return self._handOver().loseWriteConnection()
-            self.socket.shutdown(socket.SHUT_WR)
         except OSError as e:
             return self._lost(e)
+        # The FIN is owed, not yet sent: a protocol that closes in
+        # writeConnectionLost (ours does) gets it from close() without a
+        # shutdown call; one that stays open gets the shutdown on upgrade.
         self._halfClosed = True
         writeConnectionLost = getattr(self.protocol, "writeConnectionLost", None)
         if writeConnectionLost is not None:
@@ -136,17 +143,16 @@ class DirectTransport:
         return None
 
     def loseConnection(self) -> None:
+        """
+        Close now: everything written is already in the kernel.  Like a
+        reactor transport's close, this answers unread client bytes with a
+        reset; a protocol whose client may still be talking half-closes
+        instead (L{loseWriteConnection}), as L{GreetProtocol} does.
+        """
         if self.server is not None:
             return self.server.loseConnection()
         if not self.connected:
             return None
-        try:
-            if not self._halfClosed and _unread(self.socket):
-                # Closing now would answer the unread bytes with a reset,
-                # which can destroy the greeting on its way.
-                return self._handOver().loseConnection()
-        except OSError as e:
-            return self._lost(e)
         return self._close(connectionDone)
 
     def abortConnection(self) -> None:
@@ -189,6 +195,14 @@ class DirectTransport:
             self.server = server = port.transport(
                 self.socket, self.protocol, self._addr, port, port.sessionno, port.reactor)
             self.protocol.transport = server
+            if self._halfClosed:
+                # Pay the half-close owed since loseWriteConnection, and
+                # tell the transport its write side is gone (as its own
+                # loseWriteConnection would have) so it neither writes nor
+                # shuts down again.
+                with contextlib.suppress(OSError):
+                    self.socket.shutdown(socket.SHUT_WR)
+                server._writeDisconnecting = server._writeDisconnected = True
         return self.server
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -281,17 +295,20 @@ class GreetPort(tcp.Port):
 
     _direct = False
     _paused = None
+    _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._acceptErrors = RateLimitedLog(
-            log, "accept failed: {error} ({count} in the last {interval:g} s); {action}",
-            clock=self.reactor)
+            log, "accept failed: {error} ({count} in the last {interval:g} s); "
+            "closed {shed} waiting connection(s); {action}",
+            clock=self.reactor, sums=("shed",))
 
     def startListening(self) -> None:
         _reserve.take()
         super().startListening()
         self._direct = bool(getattr(self.factory, "directTransport", False))
+        self._socketKind = (int(self.socket.family), int(self.socket.type))
 
     def _logConnectionLostMsg(self) -> None:
         """The service logs what it listens on and when it stops."""
@@ -307,14 +324,20 @@ class GreetPort(tcp.Port):
 
     def _acceptBatch(self, limit: int) -> int:
         """Accept and serve up to C{limit} connections; how many were accepted."""
-        accept = self.socket.accept
+        # socket.accept() looks the family and type up through enum
+        # conversions for every connection; the listening socket's own
+        # numbers, read once, are all a connected socket needs.
+        accept = self.socket._accept
+        family, kind = self._socketKind
+        Socket = socket.socket
         factory = self.factory
         direct = self._direct
         buildAddr = self._buildAddr
         accepted = 0
         for _ in range(limit):
             try:
-                skt, addr = accept()
+                fd, addr = accept()
+                skt = Socket(family, kind, 0, fd)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -327,6 +350,7 @@ class GreetPort(tcp.Port):
                 # An IPv6 link-local peer: keep its scope in the host.
                 host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                 addr = (host[0], *addr[1:])
+            transport = None
             try:
                 protocol = factory.buildProtocol(buildAddr(addr))
                 if protocol is None:
@@ -339,40 +363,55 @@ class GreetPort(tcp.Port):
                         transport.upgrade()
                 else:
                     self.sessionno += 1
-                    protocol.makeConnection(self.transport(
-                        skt, protocol, addr, self, self.sessionno, self.reactor))
+                    transport = self.transport(
+                        skt, protocol, addr, self, self.sessionno, self.reactor)
+                    protocol.makeConnection(transport)
             except Exception:
                 # One connection's failure must not cost the others theirs.
                 log.failure("error setting up a connection from {peer}", peer=addr[0])
-                skt.close()
+                self._discard(skt, transport)
         return accepted
+
+    def _discard(self, skt: socket.socket, transport) -> None:
+        """
+        End a connection whose set-up failed, through its transport if it
+        has one (so its protocol hears of it and what it counted is
+        released), else by closing the socket.
+        """
+        if transport is not None and getattr(transport, "connected", False):
+            try:
+                transport.abortConnection()
+                return
+            except Exception:
+                log.failure("error aborting a connection that failed to start")
+        skt.close()
 
     def _acceptFailed(self, e: OSError) -> None:
         if e.errno not in _PAUSE_ERRORS:
             self._acceptErrors.note(error=os.strerror(e.errno or 0),
-                                action="continuing", key=e.errno)
+                                    action="continuing", shed=0, key=e.errno)
             return
         shed = 0
         if e.errno in (errno.EMFILE, errno.ENFILE) and _reserve.release():
             # Accept and close what is waiting, so those clients learn now
             # instead of timing out in the backlog.
             try:
-                for _ in range(self.numberAccepts):
-                    skt, _addr = self.socket.accept()
-                    skt.close()
+                # What waits cannot exceed the backlog.
+                for _ in range(self.backlog or 4096):
+                    os.close(self.socket._accept()[0])
                     shed += 1
             except OSError:
                 pass
             _reserve.take()
         self._acceptErrors.note(
-            error=os.strerror(e.errno or 0), key=e.errno,
-            action=(f"closed {shed} waiting connection(s), " if shed else "")
-            + f"pausing accepts for {ACCEPT_PAUSE:g} s")
+            error=os.strerror(e.errno or 0), key=e.errno, shed=shed,
+            action=f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
         self.stopReading()
         self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
 
     def _resume(self) -> None:
         self._paused = None
+        _reserve.take()  # in case taking it back failed while we were out
         if self.connected and not self.disconnecting:
             self.startReading()
 

@@ -18,6 +18,8 @@ The header parsers are Twisted's.
 
 from __future__ import annotations
 
+import ipaddress
+
 from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
@@ -27,7 +29,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import policies
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
@@ -45,6 +46,15 @@ HEADER_TIMEOUT = 3.0
 MAX_HEADER = 4096
 
 PROXY_HEADER = "proxy-header"  # the reason a connection is refused
+
+def _valid(address: IAddress) -> bool:
+    """Whether a header's source is an IP address and a port."""
+    try:
+        ipaddress.ip_address(address.host)
+    except (AttributeError, ValueError):
+        return False
+    return 0 <= address.port <= 65535
+
 
 @implementer(IHalfCloseableProtocol)
 class ProxyHeaderProtocol(policies.ProtocolWrapper):
@@ -67,6 +77,7 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         Protocol.makeConnection(self, transport)
         self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._drop,
                                                    "no header in time")
+        self.factory.waiting(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.wrappedProtocol is not None:
@@ -93,12 +104,15 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         self._buffer = b""
         try:
             info, remaining = self._parser.feed(data)
-        except InvalidProxyHeader:
+        except Exception:  # not only InvalidProxyHeader: int() and decode() too
             self._drop("invalid header")
             return
         if info is None:
             if len(self._parser.buffer) > MAX_HEADER:
                 self._drop("header too long")
+            return
+        if info.source is not None and not _valid(info.source):
+            self._drop("invalid address")
             return
         self._connect(info, remaining)
 
@@ -106,9 +120,10 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         self._info = info
         if self._timer.active():
             self._timer.cancel()
+        self.factory.done(self)
         # A LOCAL (v2) or UNKNOWN (v1) header is the proxy speaking for
         # itself, as in a health check: its own address stands.
-        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        protocol = self.factory.build(self.getPeer())
         if protocol is None:  # refused by a limit, which counted it
             self.transport.loseConnection()
             return
@@ -116,6 +131,10 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         protocol.makeConnection(self)
         if remaining and self.wrappedProtocol is not None:
             protocol.dataReceived(remaining)
+
+    def cut(self, why: str) -> None:
+        """The drain is over and the header never came: close."""
+        self._drop(f"no header before the {why}")
 
     def _drop(self, reason: str) -> None:
         if self._timer is not None and self._timer.active():
@@ -135,7 +154,12 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         return self.transport.getHost()
 
     def loseWriteConnection(self) -> None:
-        self.transport.loseWriteConnection()
+        # Beneath us may be TLS (haproxy:ssl:), which cannot half-close:
+        # closing its TCP transport's write side would cut TLS short.
+        if hasattr(type(self.transport), "loseWriteConnection"):
+            self.transport.loseWriteConnection()
+        else:
+            self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
         if self.wrappedProtocol is None:
@@ -160,6 +184,8 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         protocol, self.wrappedProtocol = self.wrappedProtocol, None
         if protocol is not None:
             protocol.connectionLost(reason)
+        else:
+            self.factory.done(self)
 
 
 class ProxyHeaderFactory(policies.WrappingFactory):
@@ -183,8 +209,30 @@ class ProxyHeaderFactory(policies.WrappingFactory):
             log, "dropped {count} connection(s) in {interval:g} s without a valid "
             "PROXY header (latest from {peer}: {reason})", clock=clock)
 
-    def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol:
+    def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol | None:
+        # The connection counts under --max-connections from now, not only
+        # once its header is in: silent clients must not pile up unlimited.
+        reserve = getattr(self.wrappedFactory, "reserve", None)
+        if reserve is not None and not reserve(addr):
+            return None
         return self.protocol(self)
+
+    def build(self, client: IAddress):
+        """The wrapped factory's protocol for the client the header names."""
+        if hasattr(self.wrappedFactory, "reserve"):
+            return self.wrappedFactory.buildProtocol(client, reserved=True)
+        return self.wrappedFactory.buildProtocol(client)
+
+    def waiting(self, wrapper: ProxyHeaderProtocol) -> None:
+        """A header is awaited: the wrapped factory's drain waits for it."""
+        waiting = getattr(self.wrappedFactory, "waiting", None)
+        if waiting is not None:
+            waiting.add(wrapper)
+
+    def done(self, wrapper: ProxyHeaderProtocol) -> None:
+        done = getattr(self.wrappedFactory, "done", None)
+        if done is not None:
+            done(wrapper)
 
     def refused(self, peer: IAddress, reason: str) -> None:
         host = getattr(peer, "host", "unix")
@@ -192,9 +240,14 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         refuse = getattr(self.wrappedFactory, "refuse", None)
         if refuse is not None:
             refuse(PROXY_HEADER, host)
+        cancel = getattr(self.wrappedFactory, "cancel", None)
+        if cancel is not None:
+            cancel()
 
     def logPrefix(self) -> str:
-        return f"{policies.WrappingFactory.logPrefix(self)} (PROXY)"
+        wrapped = self.wrappedFactory
+        name = wrapped.logPrefix() if hasattr(wrapped, "logPrefix") else type(wrapped).__name__
+        return f"{name} (PROXY)"
 
 
 @implementer(IStreamServerEndpoint)

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     INegotiated,
     IPullProducer,
 )
@@ -86,6 +87,25 @@ def _limit_send_buffer(transport) -> None:
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LONG_GREETING_SEND_BUFFER)
 
 
+def _unsent(transport) -> int | None:
+    """What a reactor transport still held (L{None}: cannot tell)."""
+    held = getattr(transport, "dataBuffer", None)
+    if held is None:
+        return None
+    return len(held) - transport.offset + getattr(transport, "_tempDataLen", 0)
+
+
+def _bytes_out(protocol: GreetProtocol) -> int:
+    """
+    How much of the greeting left the server: what the protocol wrote, less
+    what a byte-stream transport still held when the connection ended.
+    """
+    unsent = _unsent(protocol.transport)
+    if unsent is None:
+        return protocol.written
+    return max(0, protocol.written - unsent)
+
+
 def peer_host_port(address: IAddress) -> tuple[str, int]:
     """
     The host and port of an address, for templates and logs.  A UNIX socket
@@ -123,7 +143,7 @@ class _ChunkedGreeting:
         self._greeting = memoryview(b"")
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class GreetProtocol(Protocol):
     """
     Send the greeting as soon as the connection is made, then close; what
@@ -140,6 +160,8 @@ class GreetProtocol(Protocol):
     heard = False
     readDone = False
     writeDone = False
+    closing = False
+    handshook = False
     cutShort: str | None = None
     _timer = None
 
@@ -168,7 +190,12 @@ class GreetProtocol(Protocol):
         if _is_byte_stream(self.transport):
             self.transport.loseWriteConnection()
         else:
+            self.closing = True
             self.transport.loseConnection()
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done (TLS transports tell their protocol)."""
+        self.handshook = True
 
     def dataReceived(self, data: bytes) -> None:
         """A greeting port has nothing to hear: drop it, buffer nothing."""
@@ -222,8 +249,9 @@ class GreetFactory(Factory):
     @ivar greeting: the L{Greeting} sent now; replacing it (on reload) is a
         single reference swap, so every connection gets one greeting whole.
     @ivar connections: the number of the latest connection (C{{connection}}).
-    @ivar waiting: connections that outlived the accept pass, each with a
-        timer that aborts it after C{timeout} seconds.
+    @ivar waiting: connections that outlived the accept pass (each with a
+        timer that aborts it after C{timeout} seconds), and connections
+        whose PROXY header is still to come; a drain waits for them.
     """
 
     protocol = GreetProtocol
@@ -240,7 +268,7 @@ class GreetFactory(Factory):
         self.timeout = timeout
         self.connections = 0
         self.stats = Stats()
-        self.waiting: set[GreetProtocol] = set()
+        self.waiting: set = set()
         self._idle: list[Deferred] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
@@ -248,12 +276,24 @@ class GreetFactory(Factory):
             log, "refused {count} connection(s) in {interval:g} s by {limit} "
             "(latest from {peer})", clock=reactor)
 
-    def buildProtocol(self, addr: IAddress) -> GreetProtocol | None:
+    def buildProtocol(self, addr: IAddress, reserved: bool = False) -> GreetProtocol | None:
+        """
+        A protocol for a connection from C{addr}, or L{None} if a limit
+        refuses it.  C{reserved}: the connection already holds its place
+        under C{--max-connections} (see L{reserve}).
+        """
         host = getattr(addr, "host", None)
-        refused = self.limits.admit(host)
+        limits = self.limits
+        if not reserved:
+            refused = limits.admit(host)
+        elif host is None:
+            refused = None
+        else:
+            refused = limits.admit_address(host)
+            if refused is not None:
+                limits.cancel()
         if refused is not None:
-            self.refuse(refused, host)
-            self._rejections.note(key=refused, limit=f"--{refused}", peer=host or "unix")
+            self._refused(refused, host)
             return None
         self.stats.accepted += 1
         protocol = GreetProtocol()
@@ -261,9 +301,29 @@ class GreetFactory(Factory):
         protocol.peer = addr
         return protocol
 
+    def reserve(self, peer: IAddress) -> bool:
+        """
+        Hold a place under C{--max-connections} for a connection whose
+        client is not known yet (its PROXY header is still to come), so
+        that connections cannot pile up unlimited before their header.
+        """
+        refused = self.limits.reserve()
+        if refused is not None:
+            self._refused(refused, getattr(peer, "host", None))
+            return False
+        return True
+
+    def cancel(self) -> None:
+        """Give back a place L{reserve} held, for a connection never served."""
+        self.limits.cancel()
+
     def refuse(self, reason: str, host: str | None) -> None:
         """Count a connection refused for C{reason} (a limit, a bad PROXY header)."""
         self.stats.count(self.stats.rejected, reason)
+
+    def _refused(self, limit: str, host: str | None) -> None:
+        self.refuse(limit, host)
+        self._rejections.note(key=limit, limit=f"--{limit}", peer=host or "unix")
 
     def greetingFor(self, peer: IAddress) -> bytes:
         """
@@ -300,20 +360,34 @@ class GreetFactory(Factory):
         self.waiting.add(protocol)
         protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
 
-    def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
-        """Count, release and log one connection: the one line per connection."""
-        stats = self.stats
+    def done(self, connection) -> None:
+        """
+        C{connection} (a protocol or a wrapper of one) is no longer in
+        progress; a drain waiting for the last one is told.
+        """
         waiting = self.waiting
-        if protocol in waiting:
-            waiting.discard(protocol)
+        if connection in waiting:
+            waiting.discard(connection)
             if not waiting and self._idle:
                 idle, self._idle = self._idle, []
                 for d in idle:
                     d.callback(None)
+
+    def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
+        """Count, release and log one connection: the one line per connection."""
+        stats = self.stats
+        if self.waiting:
+            self.done(protocol)
         self.limits.release(getattr(protocol.peer, "host", None))
+        # Greeted: the FIN followed the whole greeting (a byte stream), or,
+        # over TLS, the handshake was done and nothing of the greeting was
+        # left unsent when the connection ended; many TLS clients leave
+        # without close_notify, which Twisted reports as a lost connection.
         if protocol.writeDone or (protocol.written == protocol.length and
                                   protocol.cutShort is None and
-                                  reason.check(error.ConnectionDone)):
+                                  (reason.check(error.ConnectionDone) or
+                                   (protocol.closing and protocol.handshook and
+                                    not _unsent(getattr(protocol.transport, "transport", None))))):
             outcome, why = "greeted", None
             stats.greeted += 1
             stats.bytes_sent += protocol.length
@@ -339,7 +413,7 @@ class GreetFactory(Factory):
                      duration_ms=round(duration * 1000, 3), reason=why, tls=tls)
         else:
             log.info(_CUT_SHORT_TLS if tls else _CUT_SHORT,
-                     peer=host, port=port, outcome=outcome, bytes=protocol.written,
+                     peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol),
                      length=protocol.length, duration_ms=round(duration * 1000, 3),
                      reason=why, tls=tls)
 

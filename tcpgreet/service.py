@@ -32,7 +32,7 @@ def startup_format(workers: int = 1) -> str:
     several = workers > 1
     return ("tcpgreet {version} listening on {listeners}"
             + (" with {workers} workers" if several else "")
-            + "; greeting from {source} ({size} bytes{template}); "
+            + "; greeting from {source} ({size}); "
             "max-connections {max_connections}"
             + (" ({per_worker} a worker)" if several else "")
             + ", max-per-ip {max_per_ip}, rate-per-ip {rate_per_ip}, "
@@ -142,8 +142,18 @@ class GreetService(service.Service):
         # before twistd drops privileges, as strports services do.
         super().privilegedStartService()
         self.descriptors = raise_descriptor_limit()
+        wanted = self.connectionsPerProcess()
+        if self.announce and wanted + 64 > self.descriptors:
+            log.warn("--max-connections {wanted} is more than the {limit} descriptors "
+                     "this process may open can carry; raise the limit (ulimit -Hn, "
+                     "LimitNOFILE=) or expect descriptors to run out first",
+                     wanted=wanted, limit=self.descriptors)
         self.ports = [listen(description, endpoint, self.factory)
                       for description, endpoint in self.endpoints]
+
+    def connectionsPerProcess(self) -> int:
+        """The most connections one process of this service holds open."""
+        return self.factory.limits.max_connections
 
     def startService(self) -> None:
         if not self.ports:
@@ -170,8 +180,8 @@ class GreetService(service.Service):
                 f"{description} ({_address(port)})"
                 for (description, _), port in zip(self.endpoints, self.ports, strict=True)),
             "source": self.greeting_file or "--greeting",
-            "size": len(factory.greeting),
-            "template": "" if factory.greeting.static is not None else ", template",
+            "size": (f"{len(factory.greeting)} bytes" if factory.greeting.static is not None
+                     else f"a template of {len(factory.greeting)} characters"),
             "max_connections": limits.max_connections,
             "max_per_ip": limits.max_per_ip or "off",
             "rate_per_ip": f"{rate.rate:g}/{rate.burst:g}" if rate else "off",
@@ -182,15 +192,35 @@ class GreetService(service.Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        # Until the drain is over, a second SIGTERM or SIGINT is only noted
+        # (Twisted's handler would stop the stopping reactor again, and
+        # raise), and SIGHUP still reloads rather than killing the process.
+        previous = {signum: signal.signal(signum, self._stopping)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
         # Every listener stops accepting now, in this same call, before any
         # of them has finished closing; a closing port serves its backlog
         # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
         closed = DeferredList([maybeDeferred(port.stopListening) for port in ports])
-        return closed.addCallback(lambda _: self.drain())
+        closed.addCallback(lambda _: self.drain())
+        return closed.addBoth(self._restoreSignals, previous)
+
+    def _restoreSignals(self, result, previous: dict):
+        if self._previous_sighup is not None:
+            previous[signal.SIGHUP] = self._previous_sighup
+            self._previous_sighup = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        return result
+
+    def _stopping(self, signum, frame) -> None:
+        self._reactor_().callFromThread(self.signalledWhileStopping,
+                                        signal.Signals(signum).name)
+
+    def signalledWhileStopping(self, name: str) -> None:
+        """Say what a stop signal that came during the drain waits for."""
+        log.info("{signal} while stopping: still draining {count} connection(s)",
+                 signal=name, count=len(self.factory.waiting))
 
     def drain(self) -> Deferred:
         """

@@ -202,7 +202,10 @@ class WorkerSupervisor(GreetService):
 
     def logStartup(self) -> None:
         log.info(startup_format(self.count), **self.startupFields(), workers=self.count,
-                 per_worker=per_worker(self.factory.limits.max_connections, self.count))
+                 per_worker=self.connectionsPerProcess())
+
+    def connectionsPerProcess(self) -> int:
+        return per_worker(self.factory.limits.max_connections, self.count)
 
     def _start(self, number: int) -> None:
         """Start worker C{number}; on failure, try again later."""
@@ -335,6 +338,10 @@ class WorkerSupervisor(GreetService):
             return result
 
         return DeferredList([worker.ended for worker in workers]).addCallback(stopped)
+
+    def signalledWhileStopping(self, name: str) -> None:
+        log.info("{signal} while stopping: still waiting for {count} worker(s)",
+                 signal=name, count=len(self.workers))
 
     def _killRemaining(self, after: float) -> None:
         for worker in list(self.workers.values()):

@@ -97,19 +97,27 @@ class DirectClientTests(SynchronousTestCase):
     broken one, gets no greeting; the server logs it and no traceback.
     """
 
-    def assertNotGreeted(self, send: bytes):
+    def assertNotGreeted(self, send: bytes, reason: str):
         server = start_server(self, "--listen", PROXIED)
         self.assertEqual(fetch(server.host, server.port, send=send), b"")
+        server.wait_for(r"dropped 1 connection\(s\) .* without a valid PROXY header "
+                        rf"\(latest from 127\.0\.0\.1: {reason}\)")
         server.stop()
         self.assertNotIn("greeted", server.log)
         self.assertNotIn("Traceback", server.log)
 
     def test_no_header(self):
-        self.assertNotGreeted(b"")
+        self.assertNotGreeted(b"", "no header in time")
 
 
     def test_broken_header(self):
-        self.assertNotGreeted(b"PROXY TCP4 not-an-address\r\n")
+        self.assertNotGreeted(b"PROXY TCP4 not-an-address\r\n", "invalid header")
+
+    def test_header_with_a_bad_port(self):
+        self.assertNotGreeted(b"PROXY TCP4 192.0.2.1 127.0.0.1 http 80\r\n", "invalid header")
+
+    def test_something_else_entirely(self):
+        self.assertNotGreeted(b"GET / HTTP/1.0\r\n\r\n", "not a PROXY header")
 
 
 

@@ -11,6 +11,8 @@ warning.
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -96,6 +98,22 @@ class TLSGreetingTests(SynchronousTestCase):
         server.wait_for(r"127\.0\.0\.1 port \d+: lost over TLS \(.*wrong version number")
         server.stop()
         self.assertNotIn("Traceback", server.log)
+
+    def test_a_client_that_leaves_without_close_notify_was_greeted(self):
+        # Python's ssl, like many TLS clients, closes the socket without
+        # TLS's close_notify once it has read what it wanted.
+        files = tls.self_signed(self.directory)
+        server = start_server(self, "--listen", ssl_listener(files))
+        context = ssl.create_default_context(cafile=str(files.trust))
+        with socket.create_connection((server.host, server.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as secure:
+            received = b""
+            while not received.endswith(b"\r\n"):
+                received += secure.recv(100)
+        self.assertEqual(received, DEFAULT)
+        server.wait_for(r"127\.0\.0\.1 port \d+: greeted over TLS, 26 bytes")
+        server.stop()
+        self.assertNotIn("lost", server.log)
 
     def test_connection_log_says_tls(self):
         files = tls.self_signed(self.directory)

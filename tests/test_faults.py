@@ -284,6 +284,26 @@ class SignalTests(SynchronousTestCase):
         self.assertNotIn("Traceback", server.log)
         self.assertIn("Main loop terminated", server.log)
 
+    def test_signals_during_the_drain(self):
+        path, expected = greeting_file(self, MiB)
+        server = start_server(self, "--listen", LOCAL, "--greeting-file", path,
+                              "--drain-timeout", "10")
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.connect((server.host, server.port))
+            first = slow.recv(1000)  # being served, and held up by its window
+            server.signal(signal.SIGTERM)
+            server.wait_for(r"draining 1 connection")
+            server.signal(signal.SIGHUP)  # would kill a process without a handler
+            server.signal(signal.SIGTERM)
+            server.wait_for(r"SIGTERM while stopping: still draining 1 connection")
+            received = first + b"".join(iter(lambda: slow.recv(MiB), b""))
+        self.assertEqual(received, expected)
+        self.assertIn(server.process.wait(10), (0, -signal.SIGTERM))
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+        self.assertIn("drained 1 connection", server.log)
+
     def test_sighup_storm_never_mixes_greetings(self):
         first_path, first = greeting_file(self, 100 * 1024, "a")
         second_path, second = greeting_file(self, 60 * 1024, "b")

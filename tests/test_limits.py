@@ -11,6 +11,7 @@ from tcpgreet.limits import (
     RATE_PER_IP,
     ConnectionLimits,
     TokenBuckets,
+    address_key,
 )
 
 
@@ -62,6 +63,38 @@ class PerAddressTests(SynchronousTestCase):
         limits.admit("192.0.2.1")
         self.assertEqual(limits.admit("192.0.2.1"), MAX_PER_IP)
         self.assertEqual((limits.open, limits.per_ip), (1, {"192.0.2.1": 1}))
+
+
+class AddressKeyTests(SynchronousTestCase):
+    def test_one_ipv6_host_is_its_64(self):
+        limits = ConnectionLimits(max_per_ip=2)
+        self.assertIsNone(limits.admit("2001:db8:1:2::1"))
+        self.assertIsNone(limits.admit("2001:db8:1:2:ffff::9"))
+        self.assertEqual(limits.admit("2001:db8:1:2:abcd::1"), MAX_PER_IP)
+        self.assertIsNone(limits.admit("2001:db8:1:3::1"))
+        self.assertEqual(limits.per_ip, {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1})
+        limits.release("2001:db8:1:2::1")
+        self.assertEqual(limits.per_ip["2001:db8:1:2::/64"], 1)
+
+    def test_keys(self):
+        self.assertEqual(address_key("192.0.2.1"), "192.0.2.1")
+        self.assertEqual(address_key("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(address_key("fe80::1%eth0"), "fe80::/64")
+        self.assertEqual(address_key("not an address"), "not an address")
+
+
+class ReservationTests(SynchronousTestCase):
+    def test_reserve_then_admit_the_address(self):
+        limits = ConnectionLimits(max_connections=2, max_per_ip=1)
+        self.assertIsNone(limits.reserve())
+        self.assertIsNone(limits.reserve())
+        self.assertEqual(limits.reserve(), MAX_CONNECTIONS)
+        self.assertIsNone(limits.admit_address("192.0.2.1"))
+        self.assertEqual(limits.admit_address("192.0.2.1"), MAX_PER_IP)
+        limits.cancel()
+        self.assertEqual(limits.open, 1)
+        limits.release("192.0.2.1")
+        self.assertEqual((limits.open, limits.per_ip), (0, {}))
 
 
 class RateTests(SynchronousTestCase):

@@ -2,21 +2,30 @@
 A worker's log lines, re-emitted by the supervisor as its own events.
 """
 
+import io
 import json
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.logrelay import MAX_LINE, Lines, LogRelay
-from tcpgreet.logs import eventAsJSONLine
+from tcpgreet.logs import json_observer
+
+
+def as_json(event) -> str:
+    """An event as the JSON observer (a worker's, or the supervisor's) writes it."""
+    out = io.StringIO()
+    json_observer(out, reactor=MemoryReactorClock())(event)  # not running: written at once
+    return out.getvalue()
 
 
 def worker_line(format, namespace="tcpgreet.server", level=LogLevel.info, **fields):
     """What a worker's JSON observer writes for one event."""
     events = []
     Logger(namespace=namespace, observer=events.append).emit(level, format, **fields)
-    return eventAsJSONLine(events[0]).rstrip("\n").encode()
+    return as_json(events[0]).rstrip("\n").encode()
 
 
 class LinesTests(SynchronousTestCase):
@@ -59,7 +68,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual((event["log_namespace"], event["log_level"]),
                          ("tcpgreet.server", LogLevel.info))
         # And as the supervisor's own JSON log writes it:
-        record = json.loads(eventAsJSONLine(event))
+        record = json.loads(as_json(event))
         self.assertEqual((record["peer"], record["pid"], record["namespace"]),
                          ("192.0.2.7", 4242, "tcpgreet.server"))
 
@@ -74,7 +83,7 @@ class RelayTests(SynchronousTestCase):
     def test_a_failure_brings_its_traceback(self):
         events = []
         Logger(observer=events.append).failure("it broke", Failure(ZeroDivisionError("no")))
-        self.relay.jsonLine(eventAsJSONLine(events[0]).encode())
+        self.relay.jsonLine(as_json(events[0]).encode())
         [event] = self.events
         self.assertIn("it broke\nTraceback", formatEvent(event))
         self.assertIn("ZeroDivisionError", formatEvent(event))

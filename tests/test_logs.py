@@ -4,13 +4,15 @@ The rate-limited log and the JSON Lines observer.
 
 import io
 import json
+import sys
+import time
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.logs import RateLimitedLog, json_observer
+from tcpgreet.logs import RateLimitedLog, json_observer, text_observer
 
 
 class RateLimitedLogTests(SynchronousTestCase):
@@ -47,10 +49,27 @@ class RateLimitedLogTests(SynchronousTestCase):
         self.assertEqual(self.events[0]["log_level"], LogLevel.warn)
 
 
+class StoppedReactor:
+    """A reactor that is not running: observers write through."""
+
+    running = False
+
+    def addSystemEventTrigger(self, *args):
+        pass
+
+
+class RunningClock(Clock):
+    running = True
+
+    def addSystemEventTrigger(self, phase, event, f):
+        self.shutdown = f
+
+
 class JSONObserverTests(SynchronousTestCase):
     def emit(self, *args, **kwargs):
         out = io.StringIO()
-        log = Logger(namespace="tcpgreet.server", observer=LogPublisher(json_observer(out)))
+        log = Logger(namespace="tcpgreet.server",
+                     observer=LogPublisher(json_observer(out, StoppedReactor())))
         log.info(*args, **kwargs)
         return out.getvalue()
 
@@ -72,12 +91,93 @@ class JSONObserverTests(SynchronousTestCase):
 
     def test_failures_carry_their_traceback(self):
         out = io.StringIO()
-        log = Logger(observer=LogPublisher(json_observer(out)))
+        log = Logger(observer=LogPublisher(json_observer(out, StoppedReactor())))
         try:
             raise ZeroDivisionError("it broke")
         except ZeroDivisionError:
             log.failure("it broke", Failure())
         record = json.loads(out.getvalue())
-        self.assertEqual(record["message"], "it broke")
+        self.assertEqual(record["message"].splitlines()[0], "it broke")
         self.assertIn("ZeroDivisionError", record["traceback"])
         self.assertEqual(record["level"], "critical")
+
+
+class TextObserverTests(SynchronousTestCase):
+    """The lines are those twistd's own log file would have."""
+
+    def assertSameAsTwisted(self, event):
+        out = io.StringIO()
+        text_observer(out, StoppedReactor())(dict(event))
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(dict(event)))
+
+    def test_like_twistds_log_file(self):
+        now = time.time()
+        base = {"log_time": now, "log_namespace": "tcpgreet.server",
+                "log_level": LogLevel.info}
+        self.assertSameAsTwisted({**base, "log_format": "{peer} port {port}: {outcome}",
+                                  "peer": "::1", "port": 5, "outcome": "greeted"})
+        self.assertSameAsTwisted({**base, "log_format": "{x!r} {y:>4} {{literal}}",
+                                  "x": "a", "y": 7})
+        self.assertSameAsTwisted({**base, "log_format": "two\nlines"})
+        self.assertSameAsTwisted({**base, "log_format": "{log_text}", "log_text": "legacy",
+                                  "log_system": "-"})
+        self.assertSameAsTwisted({**base, "log_format": "missing {nothing}"})
+        self.assertSameAsTwisted({**base, "log_format": "call {f()}", "f": lambda: 42})
+
+    def test_failures_keep_their_traceback(self):
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            failure = Failure()
+        self.assertSameAsTwisted({"log_time": time.time(), "log_namespace": "x",
+                                  "log_level": LogLevel.critical, "log_format": "oops",
+                                  "log_failure": failure})
+
+    def test_one_write_per_turn_of_the_event_loop(self):
+        out = io.StringIO()
+        writes = []
+        out.write = writes.append
+        clock = RunningClock()
+        observer = text_observer(out, clock)
+        log = Logger(namespace="n", observer=observer)
+        for i in range(100):
+            log.info("line {i}", i=i)
+        self.assertEqual(writes, [])
+        clock.advance(0)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(writes[0].count("\n"), 100)
+        log.info("at shutdown")
+        clock.shutdown()
+        self.assertEqual(len(writes), 2)
+
+    def test_a_large_batch_is_written_at_once(self):
+        out = io.StringIO()
+        observer = text_observer(out, RunningClock())
+        log = Logger(namespace="n", observer=observer)
+        for _ in range(2000):
+            log.info("x" * 100)
+        self.assertGreater(len(out.getvalue()), 65536)
+
+
+class BrokenSink(io.StringIO):
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+
+class FailingSinkTests(SynchronousTestCase):
+    def test_a_sink_that_fails_loses_lines_but_loops_nothing(self):
+        clock = RunningClock()
+        observer = text_observer(BrokenSink(), clock)
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        log = Logger(namespace="n", observer=observer)
+        for _ in range(3):
+            log.info("lost")
+        clock.advance(0)
+        self.assertEqual(observer.lost, 3)
+        self.assertEqual(clock.getDelayedCalls(), [])  # nothing rescheduled
+        log.info("lost too")
+        clock.advance(0)
+        self.assertEqual(observer.lost, 4)
+        self.assertEqual(stderr.getvalue().count("cannot write the log"), 1)
+        self.assertIn("No space left on device", stderr.getvalue())

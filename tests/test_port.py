@@ -7,9 +7,12 @@ import errno
 import socket
 
 from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from tcpgreet import greeting, port
 from tcpgreet.server import GreetFactory
@@ -77,21 +80,101 @@ class DirectPathTests(TestCase):
         self.assertEqual(factory.stats.greeted, 1)
 
 
+@implementer(IHalfCloseableProtocol)
+class HalfCloseAndListen(Protocol):
+    """Says hello, closes its write side, then listens until the client is done."""
+
+    def connectionMade(self):
+        self.heard = b""
+        self.transport.write(b"hello\r\n")
+        self.transport.loseWriteConnection()
+
+    def writeConnectionLost(self):
+        self.factory.writeClosed = True
+
+    def dataReceived(self, data):
+        self.heard += data
+
+    def readConnectionLost(self):
+        self.factory.heard.callback(self.heard)
+        self.transport.loseConnection()
+
+
+class HalfCloseFactory(Factory):
+    protocol = HalfCloseAndListen
+    directTransport = True
+
+    def __init__(self):
+        self.heard = defer.Deferred()
+        self.writeClosed = False
+
+
+class HandOverTests(TestCase):
+    @defer.inlineCallbacks
+    def test_a_protocol_that_stays_after_half_closing_gets_its_fin_and_keeps_reading(self):
+        factory = HalfCloseFactory()
+        listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        address = ("127.0.0.1", listening.getHost().port)
+
+        def client():
+            with socket.create_connection(address, timeout=10) as s:
+                greeting = b"".join(iter(lambda: s.recv(100), b""))  # EOF: the FIN came
+                s.sendall(b"and goodbye")
+                s.shutdown(socket.SHUT_WR)
+                return greeting, s.recv(100)
+
+        greeting, after = yield threads.deferToThread(client)
+        self.assertEqual(greeting, b"hello\r\n")
+        self.assertEqual(after, b"")
+        self.assertTrue(factory.writeClosed)
+        heard = yield factory.heard
+        self.assertEqual(heard, b"and goodbye")
+
+
+class BrokenGreeting(TestCase):
+    @defer.inlineCallbacks
+    def test_a_protocol_that_raises_is_cut_off_and_counted_out(self):
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True)
+        calls = []
+
+        def greetingFor(peer):
+            calls.append(peer)
+            if len(calls) == 1:
+                raise RuntimeError("broken")
+            return b"hi\r\n"
+
+        factory.greetingFor = greetingFor
+        listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        address = ("127.0.0.1", listening.getHost().port)
+        with self.assertRaises(ConnectionResetError):  # aborted, not left hanging
+            yield threads.deferToThread(blocking_fetch, address)
+        second = yield threads.deferToThread(blocking_fetch, address)
+        self.assertEqual(second, b"hi\r\n")
+        self.assertEqual(factory.limits.open, 0)
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "broken")
+
+
 class FakeListeningSocket:
     """
     A listening socket whose accept fails with C{errno}, except that with
     the reserve descriptor given up it yields C{waiting} connections.
     """
 
+    family = socket.AF_UNIX
+    type = socket.SOCK_STREAM
+
     def __init__(self, code, waiting=()):
         self.code = code
         self.calls = 0
         self.waiting = list(waiting)
 
-    def accept(self):
+    def _accept(self):
         self.calls += 1
         if port._reserve._fd is None and self.waiting:
-            return self.waiting.pop(), ("127.0.0.1", 1)
+            return self.waiting.pop().detach(), ("127.0.0.1", 1)
         if port._reserve._fd is None:
             raise BlockingIOError(errno.EAGAIN, "no more")
         raise OSError(self.code, "fake")
@@ -137,7 +220,19 @@ class AcceptErrorTests(SynchronousTestCase):
             self.assertEqual(client.recv(10), b"")  # closed, without a greeting
             client.close()
         [failure] = [e for e in events if "accept failed" in e.get("log_format", "")]
-        self.assertIn("closed 3 waiting connection(s)", failure["action"])
+        self.assertEqual(failure["shed"], 3)
+
+    def test_the_summary_adds_up_what_was_shed(self):
+        clock, listening, events = self.make(errno.EMFILE)
+        for batch in (1, 2, 3):  # three episodes within one second
+            pairs = [socket.socketpair() for _ in range(batch)]
+            self.addCleanup(lambda pairs=pairs: [b.close() for _, b in pairs])
+            listening.socket.waiting = [a for a, _ in pairs]
+            listening.doRead()
+            clock.advance(port.ACCEPT_PAUSE)
+        clock.advance(1)
+        failures = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertEqual([(e["count"], e["shed"]) for e in failures], [(1, 1), (2, 5)])
 
     def test_accept_errors_are_logged_at_most_once_a_second(self):
         clock, listening, events = self.make(errno.ENOBUFS)

@@ -128,6 +128,64 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(self.greeter.stats.rejected, {"proxy-header": 1})
         self.assertFalse(wrapper._timer.active())
 
+    def test_malformed_headers_are_dropped_cleanly(self):
+        for header in [b"PROXY TCP4 1.2.3.4 5.6.7.8 abc 80\r\n",
+                       b"PROXY TCP4 \xff\xfe 5.6.7.8 1 80\r\n",
+                       b"PROXY TCP4 not-an-ip 5.6.7.8 1 80\r\n"]:
+            wrapper, transport = self.connect()
+            wrapper.dataReceived(header)  # raises nothing
+            self.assertEqual(transport.value(), b"")
+            self.assertTrue(transport.disconnecting, header)
+        reasons = [e["reason"] for e in self.events if "PROXY header" in e.get("log_format", "")]
+        self.assertEqual(reasons, ["invalid header"])  # then rate-limited
+        self.assertEqual(self.greeter.stats.rejected, {"proxy-header": 3})
+        self.assertEqual(self.greeter.limits.open, 0)
+
+    def test_a_source_that_is_not_an_address_is_dropped(self):
+        self.assertFalse(proxy._valid(IPv4Address("TCP", "not-an-ip", 1)))
+        self.assertFalse(proxy._valid(IPv4Address("TCP", "192.0.2.1", 99999999)))
+        self.assertTrue(proxy._valid(IPv4Address("TCP", "192.0.2.1", 40000)))
+
+    def test_waiting_for_headers_counts_toward_max_connections(self):
+        self.greeter.limits.max_connections = 2
+        first, _ = self.connect()
+        second, _ = self.connect()
+        self.assertIsNone(self.factory.buildProtocol(HAPROXY))
+        self.assertEqual(self.greeter.stats.rejected, {"max-connections": 1})
+        self.assertEqual(self.greeter.limits.open, 2)
+        first.dataReceived(V1)  # served: still one place each
+        self.assertEqual(self.greeter.limits.open, 2)
+        second.connectionLost(Failure(error.ConnectionDone()))  # gone before its header
+        self.assertEqual(self.greeter.limits.open, 1)
+
+    def test_a_drain_waits_for_headers_in_progress(self):
+        wrapper, _ = self.connect()
+        self.assertIn(wrapper, self.greeter.waiting)
+        idle = self.greeter.whenIdle()
+        self.assertNoResult(idle)
+        wrapper.dataReceived(V1)
+        # Handed over: now the greeting protocol is what the drain waits for.
+        self.assertNotIn(wrapper, self.greeter.waiting)
+        self.assertIn(wrapper.wrappedProtocol, self.greeter.waiting)
+        wrapper.connectionLost(Failure(error.ConnectionDone()))
+        self.successResultOf(idle)
+
+    def test_the_drain_ends_a_header_that_never_comes(self):
+        wrapper, transport = self.connect()
+        wrapper.cut("drain")
+        self.assertTrue(transport.disconnecting)
+        wrapper.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.greeter.waiting, set())
+        self.assertEqual(self.greeter.limits.open, 0)
+
+    def test_tls_beneath_is_closed_not_half_closed(self):
+        wrapper = self.factory.buildProtocol(HAPROXY)
+        transport = StringTransport(peerAddress=HAPROXY)  # no half-close, like TLS
+        wrapper.makeConnection(transport)
+        wrapper.dataReceived(V1)
+        self.assertEqual(transport.value(), b"hi 192.0.2.7:40001\r\n")
+        self.assertTrue(transport.disconnecting)
+
     def test_limits_see_the_client_not_the_proxy(self):
         first, _ = self.connect()
         first.dataReceived(V1)

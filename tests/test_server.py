@@ -94,7 +94,7 @@ class LogTests(SynchronousTestCase):
     def test_a_lost_connection_is_logged_with_the_reason(self):
         log = CapturedLog(self)
         factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
-        protocol, _ = connect(factory)
+        protocol, _ = open_connection(factory)  # reset before the greeting was out
         protocol.connectionLost(Failure(error.ConnectionLost("reset by peer")))
         [event] = log.events
         self.assertEqual(event["outcome"], "lost")
@@ -107,6 +107,32 @@ class LogTests(SynchronousTestCase):
         protocol, _ = connect(factory)
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(log.events, [])
+
+
+class TLSOutcomeTests(SynchronousTestCase):
+    def test_a_tls_client_that_leaves_without_close_notify_was_greeted(self):
+        # TLS cannot half-close: the protocol closes once the greeting is
+        # handed over, and many clients then drop the connection without
+        # TLS's close_notify, which Twisted reports as a lost connection.
+        log = CapturedLog(self)
+        factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
+        protocol, transport = connect(factory)  # a transport that cannot half-close
+        transport.transport = StringTransport()  # the TCP beneath, all sent
+        self.assertTrue(transport.disconnecting)
+        protocol.handshakeCompleted()
+        protocol.connectionLost(Failure(error.ConnectionLost("non-clean TLS close")))
+        [event] = log.events
+        self.assertEqual(event["outcome"], "greeted")
+        self.assertEqual(factory.stats.greeted, 1)
+
+    def test_a_client_that_never_finished_the_handshake_was_not_greeted(self):
+        log = CapturedLog(self)
+        factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
+        protocol, transport = connect(factory)
+        transport.transport = StringTransport()
+        protocol.connectionLost(Failure(error.ConnectionLost("wrong version number")))
+        [event] = log.events
+        self.assertEqual(event["outcome"], "lost")
 
 
 class AddressTests(SynchronousTestCase):

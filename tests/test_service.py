@@ -3,6 +3,7 @@ GreetService: reload and the graceful drain on stop.
 """
 
 import os
+import signal
 import tempfile
 
 from twisted.internet import error
@@ -58,6 +59,19 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.factory.stats.greeted, 3)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_signals_while_draining(self):
+        protocol, transport = open_connection(self.factory)
+        stopped = self.service.stopService()
+        # A second SIGTERM is noted, not obeyed; SIGHUP still reloads.
+        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stopping)
+        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stopping)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
+        transport.flushed()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.successResultOf(stopped)
+        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stopping)
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
 
     def test_what_is_left_after_the_drain_timeout_is_aborted(self):
         protocol, transport = open_connection(self.factory)

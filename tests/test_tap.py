@@ -242,7 +242,7 @@ class MakeServiceTests(SynchronousTestCase):
 
         stderr = io.StringIO()
         self.patch(sys, "__stderr__", stderr)
-        self.patch(metrics, "MetricsResource", None)
+        self.patch(metrics, "generate_latest", None)
         with self.assertRaises(SystemExit):
             self.make("--metrics", "tcp:9127")
         self.assertEqual(stderr.getvalue(), f"tcpgreet: {metrics.MISSING}\n")
@@ -286,11 +286,12 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(endpoint._reactor, InheritedReactor)
         self.assertEqual(endpoint._reactor._fd, 8)
 
-    def test_stop_restores_sighup(self):
-        before = signal.getsignal(signal.SIGHUP)
+    def test_stop_restores_the_signal_handlers_once_drained(self):
+        before = {signum: signal.getsignal(signum)
+                  for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
         _, service = self.make()
         service.privilegedStartService()
         service.startService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), service._sighup)
         service.stopService()
-        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+        self.assertEqual({signum: signal.getsignal(signum) for signum in before}, before)
