@@ -6,11 +6,17 @@ real scrape of a real twistd before and after N connections.
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from tcpgreet import greeting, metrics
 from tcpgreet.server import GreetFactory
+from tcpgreet.stats import Stats
 
 from .helpers import fetch, start_server
 from .test_server import finish, open_connection
@@ -88,3 +94,39 @@ class ScrapeTests(SynchronousTestCase):
         self.assertEqual(after[("tcpgreet_connections_open", ())], 0)
         self.assertEqual(after[("tcpgreet_listeners", ())], 1)
         self.assertIn(("process_open_fds", ()), after)
+
+
+class RefreshTests(SynchronousTestCase):
+    """With workers, a scrape first fetches their counters: the page waits."""
+
+    def setUp(self):
+        from prometheus_client import CollectorRegistry
+
+        self.stats = Stats()
+        self.refreshing = []
+        registry = CollectorRegistry()
+        registry.register(metrics.GreetCollector(
+            lambda: self.stats, lambda: {"open": 0, "listeners": 1}))
+        self.page = metrics.MetricsPage(registry, refresh=self.refresh)
+
+    def refresh(self):
+        d = Deferred()
+        self.refreshing.append(d)
+        return d
+
+    def test_rendered_once_refreshed(self):
+        request = DummyRequest([b""])
+        self.assertEqual(self.page.render(request), NOT_DONE_YET)
+        self.assertEqual(request.written, [])
+        self.stats.accepted = 5  # what the refresh brought in
+        self.refreshing.pop().callback(None)
+        self.assertEqual(request.finished, 1)
+        self.assertEqual(samples(b"".join(request.written).decode())[
+            ("tcpgreet_connections_accepted_total", ())], 5)
+
+    def test_a_client_gone_meanwhile_gets_nothing(self):
+        request = DummyRequest([b""])
+        self.page.render(request)
+        request.processingFailed(Failure(ConnectionDone()))
+        self.refreshing.pop().callback(None)
+        self.assertEqual(request.written, [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -18,8 +19,10 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
+from . import confine
 from .haproxy import start_haproxy
 from .helpers import (
+    TWISTD,
     Server,
     assert_fails_in_one_line,
     fetch,
@@ -29,7 +32,7 @@ from .helpers import (
     twistd_command,
     wait_until,
 )
-from .test_deploy_systemd import FIRST_GREETING_TIMEOUT, socket_activate
+from .test_deploy_systemd import DEPLOY, FIRST_GREETING_TIMEOUT, socket_activate, unit_settings
 from .test_faults import MiB, greeting_file
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -280,6 +283,32 @@ class ListenerTests(SynchronousTestCase):
             self.assertEqual(fetch("127.0.0.1", port), DEFAULT)
         program.wait_for_count(GREETED, 11)
         program.stop()
+        self.assertNotIn("Traceback", program.log)
+
+    def test_the_systemd_unit_with_workers(self):
+        # deploy/tcpgreet.service's command with --workers, confined as the
+        # unit confines it (no privileges, no new ones, no writable and
+        # executable memory), reloaded as "systemctl reload" does.
+        service = unit_settings(DEPLOY / "tcpgreet.service")
+        [name] = unit_settings(DEPLOY / "tcpgreet.socket")["Socket.FileDescriptorName"]
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        greeting = os.path.join(directory, "greeting.txt")
+        with open(greeting, "w") as f:
+            f.write("first\n")
+        command = [TWISTD] + [greeting if argument.startswith("/etc/") else argument
+                              for argument in shlex.split(service["Service.ExecStart"][0])[1:]]
+        program, [port] = socket_activate(self, [*command, "--workers", "2"], fdnames=[name],
+                                          preexec_fn=confine.like_the_unit)
+        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT), b"first\r\n")
+        program.wait_for_count(READY, 2)
+        with open(greeting, "w") as f:
+            f.write("second\n")
+        program.signal(signal.SIGHUP)
+        program.wait_for_count(r"\[worker \d, pid \d+\] reloaded greeting", 2)
+        self.assertEqual(fetch("127.0.0.1", port), b"second\r\n")
+        program.stop()
+        self.assertIn("all workers stopped", program.log)
         self.assertNotIn("Traceback", program.log)
 
     def test_behind_haproxy(self):
