@@ -23,7 +23,7 @@ from functools import partial
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -190,7 +190,7 @@ class WorkerSupervisor(GreetService):
         self.openConnections = 0
         self._retired = Stats()
         self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
-        self._restarting: dict[int, object] = {}  # number -> the pending IDelayedCall
+        self._restarting: dict[int, IDelayedCall] = {}  # by worker number
         self._stopping = False
 
     # -- starting ----------------------------------------------------------

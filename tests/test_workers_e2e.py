@@ -262,9 +262,8 @@ class LimitTests(SynchronousTestCase):
         self.assertIn("max-connections 2 (1 a worker)", server.log)
         held = [hold(self, server) for _ in range(8)]
         served = [s for s in held if s is not None]
-        # Each worker holds one; the kernel's hash decides which get them.
+        # One each: 2 when the kernel's hash gave both workers some of the 8.
         self.assertIn(len(served), (1, 2))
-        self.assertLessEqual(len(served), 2)
         server.wait_for(r"refused \d+ connection\(s\) .* by --max-connections")
 
 
