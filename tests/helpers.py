@@ -206,11 +206,13 @@ def run_client(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess
 
 
 def fetch(host: str, port: int, timeout: float = 5.0, send: bytes = b"",
-          source: str | None = None) -> bytes:
+          source: str | None = None, rcvbuf: int | None = None) -> bytes:
     """Connect with a raw socket, optionally send, read to EOF."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if source:
             s.bind((source, 0))
         s.connect((host, port))
@@ -282,28 +284,6 @@ class Program(Server):
         self._reader.start()
         self.port = None
         self.host = None
-
-    def wait_for_count(self, pattern: str, count: int, timeout: float = 10.0) -> int:
-        """Wait until C{count} log lines match C{pattern}; fail after C{timeout}."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = sum(1 for line in self.lines if regex.search(line))
-        while seen < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{seen} of {count} log lines matching {pattern!r} "
-                                     f"within {timeout}s")
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"server exited with {seen} of {count} lines matching "
-                                     f"{pattern!r}")
-            self.lines.append(line)
-            if regex.search(line):
-                seen += 1
-        return seen
 
     def _stderr_if_dead(self) -> str:
         return ""  # already in the log

@@ -17,22 +17,12 @@ from zope.interface import implementer
 from tcpgreet import greeting, port
 from tcpgreet.server import GreetFactory
 
+from .helpers import fetch
+
 
 def blocking_fetch(address, send=b"", rcvbuf=None, timeout=10):
     """Read to EOF with a plain blocking socket (run in a thread)."""
-    with socket.socket() as s:
-        if rcvbuf:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        s.settimeout(timeout)
-        s.connect(address)
-        if send:
-            s.sendall(send)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
+    return fetch(*address, timeout=timeout, send=send, rcvbuf=rcvbuf)
 
 
 class CountingServer(tcp.Server):
