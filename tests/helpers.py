@@ -205,6 +205,15 @@ def run_client(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess
                           stdin=subprocess.DEVNULL, env=_env(None), cwd=NEUTRAL_CWD)
 
 
+def temporary_file(testcase, data: bytes = b"", suffix: str = "") -> str:
+    """A file holding C{data}, removed when the test is over; its path."""
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    testcase.addCleanup(os.remove, path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
 def fetch(host: str, port: int, timeout: float = 5.0, send: bytes = b"",
           source: str | None = None, rcvbuf: int | None = None) -> bytes:
     """Connect with a raw socket, optionally send, read to EOF."""

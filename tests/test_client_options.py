@@ -3,10 +3,8 @@ The client's command line: targets, every option's conversion, the whole
 parsed result, and one clear message for each mistake.
 """
 
-import os
 import re
 import socket
-import tempfile
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +13,7 @@ from tcpgreet.clientoptions import ClientOptions, escaped, parse_target
 from tcpgreet.clientoutcome import CRITICAL, OK, WARNING, Checks
 
 from .certificates import make_certificate
+from .helpers import temporary_file
 
 
 def parse(*args):
@@ -176,8 +175,4 @@ class MistakeTests(SynchronousTestCase):
     def ca_file(self, data=None):
         if data is None:
             data = make_certificate(["localhost"]).certificate_pem
-        fd, path = tempfile.mkstemp(suffix=".pem")
-        self.addCleanup(os.remove, path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return path
+        return temporary_file(self, data, ".pem")

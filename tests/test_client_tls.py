@@ -6,7 +6,6 @@ failures in one line.
 """
 
 import json
-import os
 import shutil
 import ssl
 import tempfile
@@ -22,7 +21,7 @@ from tcpgreet.clienttls import TLSClient, UnverifiedTLS, load_ca
 from . import tls
 from .certificates import make_certificate
 from .clientprocess import SocketServer, run
-from .helpers import start_server
+from .helpers import start_server, temporary_file
 
 GREETING = b"Thank you for connecting\n"
 
@@ -53,10 +52,7 @@ class UnitTests(SynchronousTestCase):
     def test_load_several_certificates(self):
         pem = (make_certificate(["a.example"]).certificate_pem
                + make_certificate(["b.example"]).certificate_pem)
-        fd, path = tempfile.mkstemp(suffix=".pem")
-        self.addCleanup(os.remove, path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"a comment before\n" + pem)
+        path = temporary_file(self, b"a comment before\n" + pem, ".pem")
         names = [certificate.original.to_cryptography().subject.rfc4514_string()
                  for certificate in load_ca(path)]
         self.assertEqual(names, ["CN=a.example", "CN=b.example"])

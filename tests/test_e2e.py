@@ -12,7 +12,15 @@ from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import fetch, has_ipv6_loopback, run_client, run_twistd, start_server, twistd
+from .helpers import (
+    fetch,
+    has_ipv6_loopback,
+    run_client,
+    run_twistd,
+    start_server,
+    temporary_file,
+    twistd,
+)
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 DEFAULT = b"Thank you for connecting\r\n"
@@ -122,11 +130,7 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(fetch("127.0.0.1", 27679), DEFAULT)
 
     def greeting_file(self, data):
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.remove, path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return path
+        return temporary_file(self, data)
 
 
 class StartupErrorTests(SynchronousTestCase):
@@ -165,10 +169,7 @@ class StartupErrorTests(SynchronousTestCase):
                          rf"^tcpgreet: greeting file {directory}: Is a directory")
 
     def test_non_utf8_greeting_file(self):
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.remove, path)
-        os.write(fd, b"\x80abc\n")
-        os.close(fd)
+        path = temporary_file(self, b"\x80abc\n")
         self.assertFails(["--greeting-file", path],
                          rf"^tcpgreet: greeting file {path}: not UTF-8 \(invalid byte 0x80")
 

@@ -11,13 +11,12 @@ import re
 import resource
 import signal
 import socket
-import tempfile
 import threading
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import fetch, start_server, wait_until
+from .helpers import fetch, start_server, temporary_file, wait_until
 from .load import rss_kib, run_load
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -29,10 +28,7 @@ def greeting_file(testcase, size, fill="x"):
     """A greeting file of about C{size} bytes in 64-byte lines; its CRLF form."""
     line = (fill * 62)[:62] + "\n"
     text = line * (size // len(line))
-    fd, path = tempfile.mkstemp(suffix=".txt")
-    testcase.addCleanup(os.remove, path)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    path = temporary_file(testcase, text.encode(), ".txt")
     return path, text.replace("\n", "\r\n").encode()
 
 

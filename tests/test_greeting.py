@@ -2,13 +2,14 @@
 Greeting texts, files and the template language.
 """
 
-import os
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet import greeting
 from tcpgreet.greeting import Clock, Greeting, GreetingError
+
+from .helpers import temporary_file
 
 
 def values(**given):
@@ -88,11 +89,7 @@ class LineEndingTests(SynchronousTestCase):
 
 class FileTests(SynchronousTestCase):
     def write(self, data: bytes) -> str:
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.remove, path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return path
+        return temporary_file(self, data)
 
     def test_file_lines_are_sent_with_crlf(self):
         path = self.write(b"Welcome\nto {hostname}\n")

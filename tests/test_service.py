@@ -2,9 +2,7 @@
 GreetService: reload and the graceful drain on stop.
 """
 
-import os
 import signal
-import tempfile
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -17,6 +15,7 @@ from tcpgreet.endpoints import server_endpoint
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
 
+from .helpers import temporary_file
 from .test_server import open_connection
 
 
@@ -90,10 +89,7 @@ class DrainTests(SynchronousTestCase):
 
 class ReloadTests(SynchronousTestCase):
     def test_reload_swaps_the_greeting_or_keeps_it(self):
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.remove, path)
-        os.write(fd, b"one\n")
-        os.close(fd)
+        path = temporary_file(self, b"one\n")
         factory = GreetFactory(greeting.from_file(path), quiet=True)
         service = GreetService(factory, [], greeting_file=path)
         with open(path, "wb") as f:

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
@@ -20,6 +19,8 @@ from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
 from tcpgreet.workers import WorkerSupervisor
+
+from .helpers import temporary_file
 
 
 def parse(*args):
@@ -40,10 +41,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
 
     def test_everything_given(self):
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.remove, path)
-        os.write(fd, b"motd\n")
-        os.close(fd)
+        path = temporary_file(self, b"motd\n")
         options = parse("-l", "tcp:1", "--listen", "tcp6:2", "-f", path, "-q",
                         "--max-connections", "5", "--max-per-ip", "2", "--rate-per-ip",
                         "0.5/3", "--timeout", "2.5", "--drain-timeout", "0", "--workers", "3")
@@ -98,9 +96,7 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn("set by tcpgreet for its workers", str(caught.exception))
 
     def test_worker_arguments_reproduce_the_options(self):
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.remove, path)
-        os.close(fd)
+        path = temporary_file(self)
         supervisor = parse("-l", "tcp:1", "-l", r"tcp6:2:interface=\:\:1", "-f", path, "-q",
                            "--max-connections", "9", "--max-per-ip", "2", "--rate-per-ip",
                            "0.1/3", "--timeout", "2.5", "--drain-timeout", "0.25",
