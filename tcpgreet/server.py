@@ -376,6 +376,7 @@ class GreetFactory(Factory):
     def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
         """Count, release and log one connection: the one line per connection."""
         stats = self.stats
+        duration = time.monotonic() - protocol.started
         if self.waiting:
             self.done(protocol)
         self.limits.release(getattr(protocol.peer, "host", None))
@@ -391,10 +392,8 @@ class GreetFactory(Factory):
             outcome, why = "greeted", None
             stats.greeted += 1
             stats.bytes_sent += protocol.length
-            duration = time.monotonic() - protocol.started
             stats.durations.observe(duration)
         else:
-            duration = time.monotonic() - protocol.started
             if protocol.cutShort is not None:
                 outcome = "aborted"
                 why = protocol.cutShort
