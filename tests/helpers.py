@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -46,6 +47,9 @@ class Server:
                  twistd_args: tuple[str, ...] = ()) -> None:
         self.args = args
         self.lines: list[str] = []
+        # Lines before this index have been matched by wait_for, or passed
+        # over on the way to a match: the next wait_for looks past them.
+        self._cursor = 0
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(
             twistd_command(*args, twistd_args=twistd_args), stdout=subprocess.PIPE,
@@ -62,14 +66,20 @@ class Server:
         self._queue.put(None)
 
     def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match:
-        """Wait for a log line matching C{pattern}; fail after C{timeout}."""
+        """
+        Wait for the next log line matching C{pattern}, one that comes after
+        every line an earlier C{wait_for} matched, so that waiting for an
+        event twice waits for two events; fail after C{timeout}.
+        """
         regex = re.compile(pattern)
-        for line in self.lines:
-            match = regex.search(line)
-            if match:
-                return match
         deadline = time.monotonic() + timeout
         while True:
+            while self._cursor < len(self.lines):
+                line = self.lines[self._cursor]
+                self._cursor += 1
+                match = regex.search(line)
+                if match:
+                    return match
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(
@@ -85,9 +95,6 @@ class Server:
                     f"matching {pattern!r}; log:\n" + "\n".join(self.lines[-40:])
                     + self._stderr_if_dead())
             self.lines.append(line)
-            match = regex.search(line)
-            if match:
-                return match
 
     def wait_for_count(self, pattern: str, count: int, timeout: float = 10.0) -> int:
         """Wait until C{count} log lines match C{pattern}; fail after C{timeout}."""
@@ -184,9 +191,11 @@ def twistd(*args: str, timeout: float = 30.0,
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
     """
-    Poll C{condition} until it returns something true, for at most
-    C{timeout} seconds; for states no event announces (a port that serves
-    again, a count reached in another thread).
+    Poll C{condition} every C{interval} seconds until it returns something
+    true, for at most C{timeout} seconds.  Only for states that nothing
+    announces, such as a port that serves again after a flood: where an
+    event exists (a log line, a process exit, a thread's signal), wait on
+    it instead.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -195,7 +204,7 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
             return result
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        threading.Event().wait(interval)
+        time.sleep(interval)  # polling: there is no event to wait on
 
 
 def run_client(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -284,6 +293,7 @@ class Program(Server):
                  pass_fds: tuple[int, ...] = (), preexec_fn=None) -> None:
         self.args = tuple(command)
         self.lines = []
+        self._cursor = 0
         self._queue = queue.Queue()
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -347,3 +357,20 @@ def process_gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return state in ("Z", "X")
+
+
+def wait_for_exit(pid: int, timeout: float, what: str = "") -> None:
+    """
+    Wait until process C{pid}, which need not be a child of this one, has
+    exited: its pidfd becomes readable then.  Fail after C{timeout}.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not readable:
+        raise AssertionError(f"process {pid} {what or ''} still running after {timeout}s")

@@ -10,6 +10,7 @@ warning.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -115,11 +116,15 @@ class TLSGreetingTests(SynchronousTestCase):
         server.stop()
         self.assertNotIn("lost", server.log)
 
-    def test_connection_log_says_tls(self):
+    def test_connection_event_says_tls(self):
+        # assertGreetedOverTLS checks the text line; the event's field too.
         files = tls.self_signed(self.directory)
-        server = self.assertGreetedOverTLS(ssl_listener(files), files.trust)
-        line = server.wait_for(r"127\.0\.0\.1 port \d+: greeted").string
-        self.assertRegex(line, r"TLS")
+        server = start_server(self, "--listen", ssl_listener(files),
+                              twistd_args=("--logger", "tcpgreet.logs.json_observer"))
+        result = s_client(self, server.port, files.trust)
+        self.assertEqual(result.stdout, DEFAULT)
+        record = json.loads(server.wait_for(r'"outcome": "greeted"').string)
+        self.assertEqual((record["outcome"], record["tls"]), ("greeted", True))
 
 
 

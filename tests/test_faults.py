@@ -69,24 +69,34 @@ class SlowClientTests(SynchronousTestCase):
         sampling = threading.Event()
 
         def sample():
+            # A sample every 50 ms, until the test is over or the server is.
             while not sampling.wait(0.05):
-                peak[0] = max(peak[0], rss_kib(pid_of(server)))
+                try:
+                    peak[0] = max(peak[0], rss_kib(pid_of(server)))
+                except (OSError, ValueError):
+                    return
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        # Ordinary clients while the sleepers hold their connections.
+        # Cleanups run last in, first out: the sampler stops before the server.
+        self.addCleanup(sampler.join, 5)
+        self.addCleanup(sampling.set)
+        # Ordinary clients while the sleepers hold their connections.  The
+        # stall this guards against (the server copying every sleeper's
+        # greeting into the kernel) held clients up for over a second.
         result = run_load(server.host, server.port, 60, 3, expected, timeout=5)
         self.assertEqual(dict(result.errors), {})
-        self.assertLess(result.percentile(result.latencies, 0.99), 0.1)
+        self.assertLess(result.percentile(result.latencies, 0.99), 0.5)
         # Every sleeper is aborted once its 2 s are up.
         server.wait_for_count(r"aborted \(timeout\)", 500,
-                              timeout=started + connected + 2 + 3 - time.monotonic())
+                              timeout=started + connected + 2 + 10 - time.monotonic())
         sampling.set()
         sampler.join(5)
         durations = [float(m) for m in re.findall(r"aborted \(timeout\).*, ([\d.]+) ms",
                                                   server.log)]
         self.assertEqual(len(durations), 500)
-        self.assertTrue(all(2000 <= d < 3500 for d in durations), max(durations))
+        # At 2 s, give or take a busy machine: not at the end of the test.
+        self.assertTrue(all(2000 <= d < 5000 for d in durations), max(durations))
         # They hold a reference to the one shared greeting, not a copy each.
         grown = (peak[0] - before) / 1024
         self.assertLess(grown, 48, f"RSS grew by {grown:.1f} MiB")
@@ -189,36 +199,54 @@ class HostileClientTests(SynchronousTestCase):
 
 class LimitTests(SynchronousTestCase):
     def hold(self, server, count, source="127.0.0.1"):
-        """Open C{count} connections that say something and stay open."""
+        """
+        Open C{count} connections that stay open until closed here: each
+        reads the first bytes of a long greeting and then stops reading, so
+        the server holds it until C{--timeout}, however long it may linger
+        over clients that have spoken.
+        """
         held = []
         self.addCleanup(lambda: [s.close() for s in held])
         for _ in range(count):
             s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.bind((source, 0))
             s.connect((server.host, server.port))
-            s.sendall(b"hold\r\n")
-            self.assertEqual(s.recv(100), DEFAULT)
+            self.assertEqual(s.recv(1), b"x")
             held.append(s)
         return held
 
+    def start(self, *args):
+        path, expected = greeting_file(self, MiB)
+        server = start_server(self, "--listen", LOCAL, "--greeting-file", path,
+                              "--timeout", "60", *args)
+        return server, expected
+
     def test_max_connections(self):
-        server = start_server(self, "--listen", LOCAL, "--max-connections", "5",
-                              "--timeout", "30")
+        server, expected = self.start("--max-connections", "5")
         held = self.hold(server, 5)
         for _ in range(3):
             self.assertEqual(fetch(server.host, server.port), b"")
         server.wait_for(r"refused \d+ connection\(s\) .* by --max-connections")
-        held[0].close()
-        server.wait_for(r"greeted")
-        self.assertEqual(fetch(server.host, server.port), DEFAULT)
+        # Closing a held connection, and nothing else, frees its place.
+        held.pop().close()
+        server.wait_for(r"127\.0\.0\.1 port \d+: lost")
+        self.assertEqual(fetch(server.host, server.port, timeout=30), expected)
+        # One place, no more.
+        self.hold(server, 1)
+        self.assertEqual(fetch(server.host, server.port), b"")
 
     def test_max_per_ip(self):
-        server = start_server(self, "--listen", LOCAL, "--max-per-ip", "2",
-                              "--timeout", "30")
-        self.hold(server, 2, "127.0.0.1")
+        server, expected = self.start("--max-per-ip", "2")
+        held = self.hold(server, 2, "127.0.0.1")
         self.assertEqual(fetch(server.host, server.port, source="127.0.0.1"), b"")
-        self.assertEqual(fetch(server.host, server.port, source="127.0.0.2"), DEFAULT)
+        self.assertEqual(fetch(server.host, server.port, source="127.0.0.2", timeout=30),
+                         expected)
         server.wait_for(r"refused \d+ connection\(s\) .* by --max-per-ip .*127\.0\.0\.1")
+        held.pop().close()
+        server.wait_for(r"127\.0\.0\.1 port \d+: lost")
+        self.assertEqual(fetch(server.host, server.port, source="127.0.0.1", timeout=30),
+                         expected)
 
     def test_rate_per_ip(self):
         server = start_server(self, "--listen", LOCAL, "--rate-per-ip", "1/5")
@@ -254,18 +282,23 @@ class SignalTests(SynchronousTestCase):
                         f"reset after {len(received)} bytes"
                 return "whole" if received == expected else f"short: {len(received)} bytes"
 
+        enough = threading.Event()
+        lock = threading.Lock()
+
         def client():
             while not stop.is_set():
                 outcome = once()
-                outcomes[outcome] += 1
+                with lock:
+                    outcomes[outcome] += 1
+                    if sum(outcomes.values()) >= 200:
+                        enough.set()
                 if outcome == "refused":
                     return
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
         for t in threads:
             t.start()
-        wait_until(lambda: sum(outcomes.values()) >= 200, 30, "200 greetings",
-                   interval=0.01)
+        self.assertTrue(enough.wait(30), f"200 greetings within 30 s: {dict(outcomes)}")
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)
         status = server.process.wait(10)

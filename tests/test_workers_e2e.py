@@ -30,6 +30,7 @@ from .helpers import (
     run_twistd,
     start_server,
     twistd_command,
+    wait_for_exit,
     wait_until,
 )
 from .test_deploy_systemd import DEPLOY, FIRST_GREETING_TIMEOUT, socket_activate, unit_settings
@@ -150,7 +151,7 @@ class SupervisionTests(SynchronousTestCase):
         server.wait_for_count(READY, 3)
         new = ready_pids(server)[1]
         self.assertNotEqual(new, old)
-        wait_until(lambda: process_gone(old), 10, f"process {old} to be gone")
+        wait_for_exit(old, 10, "(the killed worker)")
         for _ in range(30):
             self.assertEqual(fetch(server.host, server.port), DEFAULT)
         server.stop()
@@ -204,8 +205,8 @@ class SupervisionTests(SynchronousTestCase):
         server = start_workers(self, "--listen", LOCAL)
         pids = ready_pids(server).values()
         server.signal(signal.SIGKILL)
-        wait_until(lambda: all(process_gone(pid) for pid in pids), 10,
-                   "every worker to stop")
+        for pid in pids:
+            wait_for_exit(pid, 10, "(a worker of the killed supervisor)")
 
     def test_sighup_reaches_every_worker(self):
         path, _ = greeting_file(self, 100)
