@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
@@ -47,13 +48,38 @@ MAX_HEADER = 4096
 
 PROXY_HEADER = "proxy-header"  # the reason a connection is refused
 
+# The address class a header's family calls for, and the IP version it holds.
+_VERSIONS = {IPv4Address: 4, IPv6Address: 6}
+
+
 def _valid(address: IAddress) -> bool:
-    """Whether a header's source is an IP address and a port."""
+    """
+    Whether a header's address is an IP address of its family (a C{TCP4}
+    line names IPv4 addresses only, C{TCP6} IPv6 ones) and a port.
+    """
     try:
-        ipaddress.ip_address(address.host)
+        version = ipaddress.ip_address(address.host).version
     except (AttributeError, ValueError):
         return False
-    return 0 <= address.port <= 65535
+    return version == _VERSIONS.get(type(address)) and 0 <= address.port <= 65535
+
+
+class _V1Parser(V1Parser):
+    """
+    Twisted's v1 parser, taking also the shortest header there is, C{PROXY
+    UNKNOWN}: what HAProxy sends for a client it cannot name (one on a
+    UNIX socket, say), which Twisted's parser refuses for having nothing
+    after C{UNKNOWN}.
+    """
+
+    @classmethod
+    def parse(cls, line: bytes):
+        if line == b"PROXY UNKNOWN":
+            # The specification has the receiver ignore whatever follows
+            # UNKNOWN; Twisted's parser does, once there is a space to
+            # follow it.
+            line += b" "
+        return super().parse(line)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -88,7 +114,7 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         data = self._buffer + data
         if self._parser is None:
             if data.startswith(V1Parser.PROXYSTR):
-                self._parser = V1Parser()
+                self._parser = _V1Parser()
             elif data.startswith(V2Parser.PREFIX) and len(data) >= 16:
                 if data[12] & 0xF0 != 0x20:
                     self._drop("unsupported PROXY v2 version")
@@ -111,7 +137,8 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             if len(self._parser.buffer) > MAX_HEADER:
                 self._drop("header too long")
             return
-        if info.source is not None and not _valid(info.source):
+        if info.source is not None and not (_valid(info.source) and
+                                            _valid(info.destination)):
             self._drop("invalid address")
             return
         self._connect(info, remaining)

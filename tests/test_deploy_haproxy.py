@@ -119,6 +119,14 @@ class DirectClientTests(SynchronousTestCase):
     def test_something_else_entirely(self):
         self.assertNotGreeted(b"GET / HTTP/1.0\r\n\r\n", "not a PROXY header")
 
+    def test_tcp4_header_naming_an_ipv6_address(self):
+        self.assertNotGreeted(b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n", "invalid address")
+
+    def test_unknown_is_the_connection_itself(self):
+        server = start_server(self, "--listen", PROXIED, "--greeting", "{peer_host}")
+        self.assertEqual(fetch(server.host, server.port, send=b"PROXY UNKNOWN\r\n"),
+                         b"127.0.0.1\r\n")
+
 
 
 class HealthCheckTests(SynchronousTestCase):

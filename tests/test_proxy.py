@@ -30,6 +30,12 @@ def v2(command=0x1, source="192.0.2.8", source_port=40002, tlvs=b""):
             struct.pack("!H", len(addresses)) + addresses)
 
 
+# What HAProxy sends for a client it cannot name (one on a UNIX socket):
+# v1 UNKNOWN, and v2 LOCAL with an unspecified family and no addresses.
+V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
+V2_LOCAL_UNSPEC = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+
 class HalfCloseTransport(StringTransport):
     def loseWriteConnection(self):
         self.writeClosed = True
@@ -77,6 +83,34 @@ class ProxyTests(SynchronousTestCase):
         wrapper, transport = self.connect()
         wrapper.dataReceived(v2(command=0x0))
         self.assertEqual(transport.value(), b"hi 127.0.0.1:50000\r\n")
+
+    def test_unknown_v1_and_local_v2_are_the_proxy_itself(self):
+        # The shortest v1 header, and HAProxy's v2 for a client on a UNIX
+        # socket: the connection's own address stands, from the proxy.
+        for header in (V1_UNKNOWN, b"PROXY UNKNOWN ::1 ::1 1 2\r\n", V2_LOCAL_UNSPEC):
+            wrapper, transport = self.connect()
+            wrapper.dataReceived(header)
+            self.assertEqual(transport.value(), b"hi 127.0.0.1:50000\r\n", header)
+            self.assertEqual(wrapper.getPeer(), HAPROXY)
+            wrapper.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.greeter.stats.rejected, {})
+
+    def test_an_address_of_the_other_family_is_dropped(self):
+        # TCP4 names IPv4 addresses only, TCP6 IPv6 ones: either way round
+        # the header is a lie about its own format.
+        for header in (b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n",
+                       b"PROXY TCP4 192.0.2.7 ::1 1 2\r\n",
+                       b"PROXY TCP6 192.0.2.7 ::1 1 2\r\n"):
+            wrapper, transport = self.connect()
+            wrapper.dataReceived(header)
+            self.assertEqual(transport.value(), b"", header)
+            self.assertTrue(transport.disconnecting, header)
+        reasons = [e["reason"] for e in self.events if "PROXY header" in e.get("log_format", "")]
+        self.assertEqual(reasons, ["invalid address"])  # then rate-limited
+        self.assertEqual(self.greeter.stats.rejected, {"proxy-header": 3})
+        wrapper, transport = self.connect()
+        wrapper.dataReceived(b"PROXY TCP6 2001:db8::7 ::1 40001 27679\r\n")
+        self.assertEqual(transport.value(), b"hi 2001:db8::7:40001\r\n")
 
     def test_bytes_after_the_header_reach_the_protocol(self):
         wrapper, _ = self.connect()
@@ -197,3 +231,4 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(third_transport.value(), b"")
         self.assertTrue(third_transport.disconnecting)
         self.assertEqual(self.greeter.stats.rejected, {"max-per-ip": 1})
+
