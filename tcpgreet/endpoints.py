@@ -22,7 +22,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from tcpgreet import port
-from tcpgreet.proxy import ProxyHeaderEndpoint
+from tcpgreet.proxy import ProxyHeaderEndpoint, TrustedProxies
 
 DEFAULT_BACKLOG = 1024
 
@@ -132,17 +132,21 @@ def socket_family(fileDescriptor: int) -> socket.AddressFamily:
         probe.close()
 
 
-def server_endpoint(reactor, description: str) -> IStreamServerEndpoint:
+def server_endpoint(reactor, description: str,
+                    trusted_proxies: TrustedProxies | None = None) -> IStreamServerEndpoint:
     """
     Parse C{description} into an endpoint, raising L{EndpointError} with one
-    line that names the string and what is wrong with it.
+    line that names the string and what is wrong with it.  A C{haproxy:}
+    endpoint takes PROXY headers from C{trusted_proxies} only (L{None}:
+    from anywhere).
     """
     parts = split_description(description)
     if parts[0] == "haproxy" and len(parts) > 1:
         # Our own PROXY wrapper, not Twisted's: see tcpgreet.proxy.
         inner = description[len("haproxy:"):]
         try:
-            return ProxyHeaderEndpoint(server_endpoint(reactor, inner), clock=reactor)
+            return ProxyHeaderEndpoint(server_endpoint(reactor, inner), clock=reactor,
+                                       trusted=trusted_proxies)
         except EndpointError as e:
             raise EndpointError(f"listen endpoint {description!r}: "
                                 f"{str(e).split(': ', 1)[1]}") from None

@@ -13,12 +13,17 @@ greeting, the log and the per-address limits all see the client; a
 connection whose header is missing, broken or late is dropped without a
 greeting.
 
+Whoever sends a header chooses the address the server believes, so with
+L{TrustedProxies} a connection from anywhere else is refused as it is
+accepted, before any of its bytes are read.
+
 The header parsers are Twisted's.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -46,7 +51,48 @@ HEADER_TIMEOUT = 3.0
 # block and TLVs, a few hundred bytes in practice.
 MAX_HEADER = 4096
 
-PROXY_HEADER = "proxy-header"  # the reason a connection is refused
+# The reasons a connection is refused: a missing or bad header, or one
+# that came from outside the trusted proxies' networks.
+PROXY_HEADER = "proxy-header"
+UNTRUSTED_PROXY = "untrusted-proxy"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+class TrustedProxies:
+    """
+    The networks whose connections may send a PROXY header, parsed once at
+    start; L{admits} is asked once per connection, as it is accepted.
+    """
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self.networks = tuple(networks)
+        # An IPv4 client of an IPv6 socket shows as ::ffff:a.b.c.d; it is
+        # looked up as the IPv4 address it is, so the networks are too.
+        self._networks = tuple(
+            ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF,
+                                   network.prefixlen - 96))
+            if network.version == 6 and network.subnet_of(_IPV4_MAPPED) else network
+            for network in self.networks)
+
+    def admits(self, peer: IAddress) -> bool:
+        """Whether C{peer}, a connection's own address, may send a header."""
+        host = getattr(peer, "host", None)
+        if host is None:
+            return True  # a UNIX socket: who may connect is its file's mode
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def __str__(self) -> str:
+        return ", ".join(str(network) for network in self.networks)
+
 
 # The address class a header's family calls for, and the IP version it holds.
 _VERSIONS = {IPv4Address: 4, IPv6Address: 6}
@@ -222,21 +268,40 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     The wrapped factory learns of refused connections through its
     C{refuse(reason, host)} method, if it has one, so they are counted
     with those its own limits refuse.
+
+    @param trusted: the proxies whose connections may send a header;
+        L{None}, any connection may.
     """
 
     protocol = ProxyHeaderProtocol
     noisy = False
 
-    def __init__(self, wrappedFactory: IProtocolFactory, clock=None) -> None:
+    def __init__(self, wrappedFactory: IProtocolFactory, clock=None,
+                 trusted: TrustedProxies | None = None) -> None:
         super().__init__(wrappedFactory)
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        self.trusted = trusted
         self._drops = RateLimitedLog(
             log, "dropped {count} connection(s) in {interval:g} s without a valid "
             "PROXY header (latest from {peer}: {reason})", clock=clock)
+        self._untrusted = RateLimitedLog(
+            log, "refused {count} connection(s) in {interval:g} s from outside "
+            "--trusted-proxy (latest from {peer})", clock=clock)
 
     def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol | None:
+        # Before anything else: a connection from outside the trusted
+        # networks costs one address lookup, and holds no place under
+        # --max-connections.
+        trusted = self.trusted
+        if trusted is not None and not trusted.admits(addr):
+            host = addr.host
+            self._untrusted.note(peer=host)
+            refuse = getattr(self.wrappedFactory, "refuse", None)
+            if refuse is not None:
+                refuse(UNTRUSTED_PROXY, host)
+            return None
         # The connection counts under --max-connections from now, not only
         # once its header is in: silent clients must not pile up unlimited.
         reserve = getattr(self.wrappedFactory, "reserve", None)
@@ -279,11 +344,16 @@ class ProxyHeaderFactory(policies.WrappingFactory):
 
 @implementer(IStreamServerEndpoint)
 class ProxyHeaderEndpoint:
-    """An endpoint whose connections start with a PROXY header."""
+    """
+    An endpoint whose connections start with a PROXY header, sent from
+    C{trusted} proxies (L{None}: from anywhere).
+    """
 
-    def __init__(self, wrapped: IStreamServerEndpoint, clock=None) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, clock=None,
+                 trusted: TrustedProxies | None = None) -> None:
         self._wrapped = wrapped
         self._clock = clock
+        self.trusted = trusted
 
     def listen(self, factory: IProtocolFactory):
-        return self._wrapped.listen(ProxyHeaderFactory(factory, self._clock))
+        return self._wrapped.listen(ProxyHeaderFactory(factory, self._clock, self.trusted))

@@ -1,16 +1,18 @@
 """
 The PROXY-protocol wrapper, driven through StringTransport: nothing is sent
 before the header is parsed, the wrapped protocol sees the original client,
-and a missing, broken or late header gets no greeting.
+a missing, broken or late header gets no greeting, and with trusted proxies
+a connection from elsewhere is refused before it is read.
 """
 
+import ipaddress
 import socket
 import struct
 
 from twisted.internet import error
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -36,6 +38,10 @@ V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
 V2_LOCAL_UNSPEC = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
 
 
+def trusting(*networks):
+    return proxy.TrustedProxies(ipaddress.ip_network(n) for n in networks)
+
+
 class HalfCloseTransport(StringTransport):
     def loseWriteConnection(self):
         self.writeClosed = True
@@ -52,11 +58,15 @@ class ProxyTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def connect(self):
-        wrapper = self.factory.buildProtocol(HAPROXY)
-        transport = HalfCloseTransport(peerAddress=HAPROXY)
+    def connect(self, peer=HAPROXY):
+        wrapper = self.factory.buildProtocol(peer)
+        transport = HalfCloseTransport(peerAddress=peer)
         wrapper.makeConnection(transport)
         return wrapper, transport
+
+    def untrusted_lines(self):
+        return [formatEvent(e) for e in self.events
+                if "--trusted-proxy" in e.get("log_format", "")]
 
     def test_nothing_is_sent_before_the_header(self):
         wrapper, transport = self.connect()
@@ -231,4 +241,88 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(third_transport.value(), b"")
         self.assertTrue(third_transport.disconnecting)
         self.assertEqual(self.greeter.stats.rejected, {"max-per-ip": 1})
+
+
+class TrustedProxyTests(SynchronousTestCase):
+    """
+    With trusted proxies, a connection from anywhere else is refused as it
+    is accepted: no header read, no greeting, counted, logged at most once
+    a second.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.greeter = GreetFactory(greeting.from_text("hi {peer_host}"), quiet=True,
+                                    reactor=self.clock)
+        self.factory = proxy.ProxyHeaderFactory(self.greeter, self.clock,
+                                                trusting("127.0.0.1/32", "2001:db8::/32"))
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def untrusted_lines(self):
+        return [formatEvent(e) for e in self.events
+                if "--trusted-proxy" in e.get("log_format", "")]
+
+    def greeting_for(self, peer, header=V1):
+        wrapper = self.factory.buildProtocol(peer)
+        self.assertIsNotNone(wrapper, peer)
+        transport = HalfCloseTransport(peerAddress=peer)
+        wrapper.makeConnection(transport)
+        wrapper.dataReceived(header)
+        return transport.value()
+
+    def test_a_trusted_proxy_names_the_client(self):
+        self.assertEqual(self.greeting_for(HAPROXY), b"hi 192.0.2.7\r\n")
+        self.assertEqual(self.greeting_for(IPv6Address("TCP", "2001:db8::1", 1)),
+                         b"hi 192.0.2.7\r\n")
+        self.assertEqual(self.greeter.stats.rejected, {})
+        self.assertEqual(self.untrusted_lines(), [])
+
+    def test_anyone_else_is_refused_before_a_byte_is_read(self):
+        self.greeter.limits.max_connections = 1
+        for port in range(40000, 40005):
+            self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", port)))
+        self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "2001:db9::1", 1)))
+        self.assertEqual(self.greeter.stats.rejected, {"untrusted-proxy": 6})
+        self.assertEqual(self.greeter.stats.accepted, 0)
+        self.assertEqual(self.greeter.limits.open, 0)  # no place held
+        self.assertEqual(self.greeting_for(HAPROXY), b"hi 192.0.2.7\r\n")  # the one place
+
+    def test_refusals_are_logged_at_most_once_a_second(self):
+        for port in range(40000, 40005):
+            self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", port))
+        self.assertEqual(self.untrusted_lines(), [
+            "refused 1 connection(s) in 1 s from outside --trusted-proxy "
+            "(latest from 127.0.0.2)"])
+        self.clock.advance(1)
+        self.assertEqual(self.untrusted_lines()[1:], [
+            "refused 4 connection(s) in 1 s from outside --trusted-proxy "
+            "(latest from 127.0.0.2)"])
+        self.clock.advance(1)
+        self.assertEqual(len(self.untrusted_lines()), 2)  # quiet again
+
+    def test_ipv4_clients_of_an_ipv6_socket(self):
+        mapped = IPv6Address("TCP", "::ffff:127.0.0.1", 50000)
+        self.assertEqual(self.greeting_for(mapped), b"hi 192.0.2.7\r\n")
+        self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "::ffff:127.0.0.2", 1)))
+        # A mapped network given as trusted means its IPv4 addresses.
+        self.assertTrue(trusting("::ffff:10.0.0.0/104").admits(IPv4Address("TCP", "10.1.2.3", 1)))
+        self.assertTrue(trusting("::ffff:10.0.0.0/104").admits(
+            IPv6Address("TCP", "::ffff:10.1.2.3", 1)))
+        self.assertFalse(trusting("10.0.0.0/8").admits(IPv6Address("TCP", "::a01:203", 1)))
+
+    def test_unknown_and_local_from_a_trusted_proxy(self):
+        self.assertEqual(self.greeting_for(HAPROXY, V1_UNKNOWN), b"hi 127.0.0.1\r\n")
+        self.assertEqual(self.greeting_for(HAPROXY, v2(command=0x0)), b"hi 127.0.0.1\r\n")
+        self.assertEqual(self.greeting_for(HAPROXY, V2_LOCAL_UNSPEC), b"hi 127.0.0.1\r\n")
+        self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1)))
+
+    def test_a_unix_socket_is_guarded_by_its_file_mode(self):
+        self.assertTrue(trusting("127.0.0.1").admits(UNIXAddress(b"/run/greet.sock")))
+        self.assertTrue(trusting("127.0.0.1").admits(UNIXAddress(None)))
+
+    def test_the_networks_read_as_given(self):
+        self.assertEqual(str(trusting("127.0.0.1", "10.0.0.0/8", "2001:db8::/32")),
+                         "127.0.0.1/32, 10.0.0.0/8, 2001:db8::/32")
 
