@@ -15,7 +15,9 @@ greeting.
 
 Whoever sends a header chooses the address the server believes, so with
 L{TrustedProxies} a connection from anywhere else is refused as it is
-accepted, before any of its bytes are read.
+accepted, before any of its bytes are read.  Behind C{haproxy:ssl:} the
+header comes in clear and TLS starts after it, as HAProxy sends it
+(C{server ... send-proxy-v2 ssl}).
 
 The header parsers are Twisted's.
 """
@@ -37,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
@@ -126,6 +129,15 @@ class _V1Parser(V1Parser):
             # follow it.
             line += b" "
         return super().parse(line)
+
+
+def _half_closeable(protocol) -> bool:
+    """
+    Whether C{protocol}'s class takes half-closes.  Asked of the class, not
+    the object: TLS copies its transport's interfaces onto itself (this
+    wrapper's among them), and would hand a half-close straight back.
+    """
+    return IHalfCloseableProtocol.implementedBy(type(protocol))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -227,27 +239,22 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         return self.transport.getHost()
 
     def loseWriteConnection(self) -> None:
-        # Beneath us may be TLS (haproxy:ssl:), which cannot half-close:
-        # closing its TCP transport's write side would cut TLS short.
+        # Beneath us may be a transport that cannot half-close (TLS, when
+        # this wrapper is put inside it).
         if hasattr(type(self.transport), "loseWriteConnection"):
             self.transport.loseWriteConnection()
         else:
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
-        if self.wrappedProtocol is None:
-            self.transport.loseConnection()
-            return
-        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if half is not None:
-            half.readConnectionLost()
+        if _half_closeable(self.wrappedProtocol):
+            self.wrappedProtocol.readConnectionLost()
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if half is not None:
-            half.writeConnectionLost()
+        if _half_closeable(self.wrappedProtocol):
+            self.wrappedProtocol.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
@@ -275,6 +282,7 @@ class ProxyHeaderFactory(policies.WrappingFactory):
 
     protocol = ProxyHeaderProtocol
     noisy = False
+    _tls: TLSMemoryBIOFactory | None = None
 
     def __init__(self, wrappedFactory: IProtocolFactory, clock=None,
                  trusted: TrustedProxies | None = None) -> None:
@@ -289,6 +297,14 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         self._untrusted = RateLimitedLog(
             log, "refused {count} connection(s) in {interval:g} s from outside "
             "--trusted-proxy (latest from {peer})", clock=clock)
+
+    def tlsAfterHeader(self, contextFactory) -> None:
+        """
+        Speak TLS, with C{contextFactory}'s certificate, once the header
+        (which comes in clear) is read.
+        """
+        self._tls = TLSMemoryBIOFactory(contextFactory, False, self.wrappedFactory,
+                                        clock=self.clock)
 
     def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol | None:
         # Before anything else: a connection from outside the trusted
@@ -310,10 +326,18 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         return self.protocol(self)
 
     def build(self, client: IAddress):
-        """The wrapped factory's protocol for the client the header names."""
+        """
+        The wrapped factory's protocol for the client the header names
+        (inside TLS, with L{tlsAfterHeader}).
+        """
         if hasattr(self.wrappedFactory, "reserve"):
-            return self.wrappedFactory.buildProtocol(client, reserved=True)
-        return self.wrappedFactory.buildProtocol(client)
+            protocol = self.wrappedFactory.buildProtocol(client, reserved=True)
+        else:
+            protocol = self.wrappedFactory.buildProtocol(client)
+        tls = self._tls
+        if protocol is None or tls is None:
+            return protocol
+        return tls.protocol(tls, protocol)
 
     def waiting(self, wrapper: ProxyHeaderProtocol) -> None:
         """A header is awaited: the wrapped factory's drain waits for it."""

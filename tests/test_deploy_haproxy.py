@@ -1,8 +1,8 @@
 """
 tcpgreet behind the real HAProxy: plain TCP relaying, the PROXY protocol
-(v1 and v2) carrying the original client's address, --trusted-proxy,
-health checks, load balancing over several instances, and
-deploy/haproxy.cfg itself.
+(v1 and v2) carrying the original client's address, --trusted-proxy, TLS
+after the header, health checks, load balancing over several instances,
+and deploy/haproxy.cfg itself.
 
 Clients connect from 127.0.0.2 (every 127/8 address is loopback on Linux),
 so the original client and HAProxy (127.0.0.1) can be told apart.
@@ -10,15 +10,18 @@ so the original client and HAProxy (127.0.0.1) can be told apart.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from . import tls
 from .haproxy import start_haproxy
 from .helpers import (
     assert_fails_in_one_line,
@@ -198,6 +201,41 @@ class TrustedProxyTests(SynchronousTestCase):
         assert_fails_in_one_line(
             self, run_twistd("--listen", PLAIN, "--trusted-proxy", "127.0.0.1"),
             r"^tcpgreet: --trusted-proxy applies to haproxy: listeners, and no --listen is one")
+
+
+class TLSAfterHeaderTests(SynchronousTestCase):
+    """
+    C{haproxy:ssl:}: HAProxy (C{send-proxy-v2 ssl}) sends the header in
+    clear, then starts TLS.
+    """
+
+    def setUp(self):
+        self.files = tls.self_signed(temporary_directory(self))
+        self.listener = (f"haproxy:ssl:0:interface=127.0.0.1:privateKey={self.files.key}"
+                         f":certKey={self.files.cert}")
+
+    def test_haproxy_send_proxy_v2_ssl(self):
+        server = start_server(self, "--listen", self.listener, "--trusted-proxy", "127.0.0.1",
+                              "--greeting", "{peer_host}")
+        proxy = start_haproxy(self, [f"{server.host}:{server.port} send-proxy-v2 ssl "
+                                     f"verify required ca-file {self.files.trust}"])
+        data, local_port = greeted_from(CLIENT, proxy.host, proxy.port)
+        self.assertEqual(data, b"127.0.0.2\r\n")
+        server.wait_for(rf"{re.escape(CLIENT)} port {local_port}: greeted over TLS, 11 bytes")
+
+    def test_a_client_gone_without_close_notify_was_greeted(self):
+        # It read the greeting and the server's close_notify, and closed the
+        # TCP connection without a close_notify of its own.
+        server = start_server(self, "--listen", self.listener)
+        context = ssl.create_default_context(cafile=str(self.files.trust))
+        with socket.create_connection((server.host, server.port), 10) as raw:
+            raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 27679\r\n")
+            with context.wrap_socket(raw, server_hostname=tls.SERVER_NAME) as s:
+                self.assertEqual(b"".join(iter(lambda: s.recv(65536), b"")), DEFAULT)
+                os.close(s.detach())  # no unwrap(): no close_notify
+        server.wait_for(r"192\.0\.2\.7 port 40001: greeted over TLS, 26 bytes")
+        server.stop()
+        self.assertNotIn("lost", server.log)
 
 
 class DirectClientTests(SynchronousTestCase):

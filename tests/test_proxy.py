@@ -7,10 +7,12 @@ a connection from elsewhere is refused before it is read.
 
 import ipaddress
 import socket
+import ssl
 import struct
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -19,6 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcpgreet import greeting, proxy
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import GreetFactory
+
+from .certificates import make_certificate
 
 HAPROXY = IPv4Address("TCP", "127.0.0.1", 50000)
 V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 27679\r\n"
@@ -326,3 +330,66 @@ class TrustedProxyTests(SynchronousTestCase):
         self.assertEqual(str(trusting("127.0.0.1", "10.0.0.0/8", "2001:db8::/32")),
                          "127.0.0.1/32, 10.0.0.0/8, 2001:db8::/32")
 
+
+def pump(wrapper, transport, client, incoming, outgoing, clock):
+    """Move bytes between the wrapper and an in-memory TLS client until
+    neither has more to say; what the client read."""
+    received = b""
+    for _ in range(20):
+        clock.advance(0)  # TLS gathers small writes for one turn
+        data = transport.value()
+        transport.clear()
+        if data:
+            incoming.write(data)
+        try:
+            while chunk := client.read(65536):
+                received += chunk
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+        sent = outgoing.read()
+        if sent:
+            wrapper.dataReceived(sent)
+        elif not data:
+            return received
+    raise AssertionError("TLS exchange did not settle")
+
+
+class TLSAfterHeaderTests(SynchronousTestCase):
+    """
+    C{haproxy:ssl:}: the header comes in clear, TLS after it, as HAProxy
+    sends them (C{send-proxy-v2 ssl}).
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.greeter = GreetFactory(greeting.from_text("hi {peer_host}"), quiet=True,
+                                    reactor=self.clock)
+        self.factory = proxy.ProxyHeaderFactory(self.greeter, self.clock)
+        certificate = make_certificate(["localhost"])
+        self.factory.tlsAfterHeader(PrivateCertificate.loadPEM(
+            (certificate.key_pem + certificate.certificate_pem).decode()).options())
+        context = ssl.create_default_context(cadata=certificate.certificate_pem.decode())
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = context.wrap_bio(self.incoming, self.outgoing,
+                                       server_hostname="localhost")
+
+    def test_header_in_clear_then_the_handshake(self):
+        wrapper = self.factory.buildProtocol(HAPROXY)
+        transport = HalfCloseTransport(peerAddress=HAPROXY)
+        wrapper.makeConnection(transport)
+        with self.assertRaises(ssl.SSLWantReadError):
+            self.client.do_handshake()  # the ClientHello, now in outgoing
+        wrapper.dataReceived(V1 + self.outgoing.read())
+        received = pump(wrapper, transport, self.client, self.incoming, self.outgoing,
+                        self.clock)
+        self.assertEqual(received, b"hi 192.0.2.7\r\n")
+        self.assertEqual(wrapper.wrappedProtocol.wrappedProtocol.peer,
+                         IPv4Address("TCP", "192.0.2.7", 40001))
+        # The client read its greeting and the server's close_notify, and
+        # closes TCP without a close_notify of its own, as many do: it was
+        # greeted all the same.
+        wrapper.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        wrapper.connectionLost(Failure(error.ConnectionDone()))
+        stats = self.greeter.stats
+        self.assertEqual((stats.greeted, stats.lost, stats.rejected), (1, 0, {}))

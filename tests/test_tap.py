@@ -24,6 +24,7 @@ from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
 from tcpgreet.workers import WorkerSupervisor
 
+from .certificates import make_certificate
 from .helpers import temporary_file
 
 
@@ -311,6 +312,16 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1)))
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)))
         self.assertEqual(service.factory.stats.rejected, {"untrusted-proxy": 1})
+
+    def test_haproxy_ssl_listens_on_tcp_and_speaks_tls_after_the_header(self):
+        key, cert = make_certificate(["localhost"]).write(self)
+        reactor, service = self.make("-l", f"haproxy:ssl:1:privateKey={key}:certKey={cert}")
+        self.start(service)
+        self.assertEqual(reactor.sslServers, [])
+        [(port, factory, _, _)] = reactor.tcpServers
+        self.assertEqual(port, 1)
+        self.assertIsInstance(factory, ProxyHeaderFactory)
+        self.assertIsNotNone(factory._tls)
 
     def test_workers_make_a_supervisor_of_held_sockets(self):
         self.top = tap.makeService(parse("--workers", "3", "--listen", "tcp:0:interface=127.0.0.1",
