@@ -63,6 +63,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
+# How many addresses' verdicts TrustedProxies keeps (see admits).
+REMEMBERED_VERDICTS = 1024
+
 
 class TrustedProxies:
     """
@@ -79,12 +82,25 @@ class TrustedProxies:
                                    network.prefixlen - 96))
             if network.version == 6 and network.subnet_of(_IPV4_MAPPED) else network
             for network in self.networks)
+        # The verdicts on the latest addresses: the connections of a PROXY
+        # listener come from a proxy or two, so parsing each one's address
+        # again would be most of the cost of checking it.
+        self._verdicts: dict[str, bool] = {}
 
     def admits(self, peer: IAddress) -> bool:
         """Whether C{peer}, a connection's own address, may send a header."""
         host = getattr(peer, "host", None)
         if host is None:
             return True  # a UNIX socket: who may connect is its file's mode
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = self._lookup(host)
+            if len(self._verdicts) >= REMEMBERED_VERDICTS:
+                self._verdicts.clear()  # many addresses: a scan, not the proxies
+            self._verdicts[host] = verdict
+        return verdict
+
+    def _lookup(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

@@ -326,6 +326,15 @@ class TrustedProxyTests(SynchronousTestCase):
         self.assertTrue(trusting("127.0.0.1").admits(UNIXAddress(b"/run/greet.sock")))
         self.assertTrue(trusting("127.0.0.1").admits(UNIXAddress(None)))
 
+    def test_verdicts_are_remembered_for_a_bounded_number_of_addresses(self):
+        trusted = trusting("10.0.0.0/8")
+        for n in range(3 * proxy.REMEMBERED_VERDICTS):
+            inside = IPv4Address("TCP", f"10.0.{n // 256}.{n % 256}", 1)
+            outside = IPv4Address("TCP", f"192.0.{n // 256}.{n % 256}", 1)
+            self.assertEqual((trusted.admits(inside), trusted.admits(outside)), (True, False))
+            self.assertLessEqual(len(trusted._verdicts), proxy.REMEMBERED_VERDICTS)
+        self.assertFalse(trusted.admits(IPv4Address("TCP", "not an address", 1)))
+
     def test_the_networks_read_as_given(self):
         self.assertEqual(str(trusting("127.0.0.1", "10.0.0.0/8", "2001:db8::/32")),
                          "127.0.0.1/32, 10.0.0.0/8, 2001:db8::/32")
