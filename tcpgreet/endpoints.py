@@ -22,7 +22,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from tcpgreet import port
-from tcpgreet.proxy import ProxyHeaderEndpoint
+from tcpgreet.proxy import ProxyHeaderEndpoint, ProxyHeaderFactory, TrustedProxies
 
 DEFAULT_BACKLOG = 1024
 
@@ -123,6 +123,27 @@ class GreetReactor:
 _INET = {socket.AF_INET, socket.AF_INET6}
 
 
+class HeaderBeforeTLSReactor:
+    """
+    The reactor as the C{ssl:} endpoint under C{haproxy:} sees it: TLS
+    goes inside the PROXY wrapper rather than around it, since HAProxy
+    (C{server ... send-proxy-v2 ssl}) sends the header in clear, before
+    the TLS handshake.  Whatever listens beneath (a port, a held or an
+    inherited socket) listens on plain TCP.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def listenSSL(self, portNumber: int, factory: ProxyHeaderFactory, contextFactory,
+                  backlog: int = 50, interface: str = ""):
+        factory.tlsAfterHeader(contextFactory)
+        return self._reactor.listenTCP(portNumber, factory, backlog, interface)
+
+
 def socket_family(fileDescriptor: int) -> socket.AddressFamily:
     """The address family of the socket at C{fileDescriptor}."""
     probe = socket.socket(fileno=os.dup(fileDescriptor))
@@ -132,22 +153,27 @@ def socket_family(fileDescriptor: int) -> socket.AddressFamily:
         probe.close()
 
 
-def server_endpoint(reactor, description: str) -> IStreamServerEndpoint:
+def server_endpoint(reactor, description: str,
+                    trusted_proxies: TrustedProxies | None = None) -> IStreamServerEndpoint:
     """
     Parse C{description} into an endpoint, raising L{EndpointError} with one
-    line that names the string and what is wrong with it.
+    line that names the string and what is wrong with it.  A C{haproxy:}
+    endpoint takes PROXY headers from C{trusted_proxies} only (L{None}:
+    from anywhere).
     """
     parts = split_description(description)
+    if isinstance(reactor, PosixReactorBase):  # not a test's fake reactor
+        reactor = GreetReactor(reactor)
     if parts[0] == "haproxy" and len(parts) > 1:
         # Our own PROXY wrapper, not Twisted's: see tcpgreet.proxy.
         inner = description[len("haproxy:"):]
+        beneath = HeaderBeforeTLSReactor(reactor) if parts[1] == "ssl" else reactor
         try:
-            return ProxyHeaderEndpoint(server_endpoint(reactor, inner), clock=reactor)
+            return ProxyHeaderEndpoint(server_endpoint(beneath, inner), clock=reactor,
+                                       trusted=trusted_proxies)
         except EndpointError as e:
             raise EndpointError(f"listen endpoint {description!r}: "
                                 f"{str(e).split(': ', 1)[1]}") from None
-    if isinstance(reactor, PosixReactorBase):  # not a test's fake reactor
-        reactor = GreetReactor(reactor)
     try:
         return serverFromString(reactor, with_default_backlog(description))
     except (ValueError, TypeError, KeyError, IndexError, OSError) as e:

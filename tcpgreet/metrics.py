@@ -60,7 +60,8 @@ class GreetCollector:
         C{worker_restarts} (a counter).
     """
 
-    REJECT_REASONS = ("max-connections", "max-per-ip", "rate-per-ip", "proxy-header")
+    REJECT_REASONS = ("max-connections", "max-per-ip", "rate-per-ip", "proxy-header",
+                      "untrusted-proxy")
     ABORT_REASONS = ("timeout", "drain")
 
     def __init__(self, stats: Callable[[], Stats],

@@ -13,13 +13,21 @@ greeting, the log and the per-address limits all see the client; a
 connection whose header is missing, broken or late is dropped without a
 greeting.
 
+Whoever sends a header chooses the address the server believes, so with
+L{TrustedProxies} a connection from anywhere else is refused as it is
+accepted, before any of its bytes are read.  Behind C{haproxy:ssl:} the
+header comes in clear and TLS starts after it, as HAProxy sends it
+(C{server ... send-proxy-v2 ssl}).
+
 The header parsers are Twisted's.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
@@ -31,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
@@ -45,15 +54,106 @@ HEADER_TIMEOUT = 3.0
 # block and TLVs, a few hundred bytes in practice.
 MAX_HEADER = 4096
 
-PROXY_HEADER = "proxy-header"  # the reason a connection is refused
+# The reasons a connection is refused: a missing or bad header, or one
+# that came from outside the trusted proxies' networks.
+PROXY_HEADER = "proxy-header"
+UNTRUSTED_PROXY = "untrusted-proxy"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+# How many addresses' verdicts TrustedProxies keeps (see admits).
+REMEMBERED_VERDICTS = 1024
+
+
+class TrustedProxies:
+    """
+    The networks whose connections may send a PROXY header, parsed once at
+    start; L{admits} is asked once per connection, as it is accepted.
+    """
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self.networks = tuple(networks)
+        # An IPv4 client of an IPv6 socket shows as ::ffff:a.b.c.d; it is
+        # looked up as the IPv4 address it is, so the networks are too.
+        self._networks = tuple(
+            ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF,
+                                   network.prefixlen - 96))
+            if network.version == 6 and network.subnet_of(_IPV4_MAPPED) else network
+            for network in self.networks)
+        # The verdicts on the latest addresses: the connections of a PROXY
+        # listener come from a proxy or two, so parsing each one's address
+        # again would be most of the cost of checking it.
+        self._verdicts: dict[str, bool] = {}
+
+    def admits(self, peer: IAddress) -> bool:
+        """Whether C{peer}, a connection's own address, may send a header."""
+        host = getattr(peer, "host", None)
+        if host is None:
+            return True  # a UNIX socket: who may connect is its file's mode
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = self._lookup(host)
+            if len(self._verdicts) >= REMEMBERED_VERDICTS:
+                self._verdicts.clear()  # many addresses: a scan, not the proxies
+            self._verdicts[host] = verdict
+        return verdict
+
+    def _lookup(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def __str__(self) -> str:
+        return ", ".join(str(network) for network in self.networks)
+
+
+# The address class a header's family calls for, and the IP version it holds.
+_VERSIONS = {IPv4Address: 4, IPv6Address: 6}
+
 
 def _valid(address: IAddress) -> bool:
-    """Whether a header's source is an IP address and a port."""
+    """
+    Whether a header's address is an IP address of its family (a C{TCP4}
+    line names IPv4 addresses only, C{TCP6} IPv6 ones) and a port.
+    """
     try:
-        ipaddress.ip_address(address.host)
+        version = ipaddress.ip_address(address.host).version
     except (AttributeError, ValueError):
         return False
-    return 0 <= address.port <= 65535
+    return version == _VERSIONS.get(type(address)) and 0 <= address.port <= 65535
+
+
+class _V1Parser(V1Parser):
+    """
+    Twisted's v1 parser, taking also the shortest header there is, C{PROXY
+    UNKNOWN}: what HAProxy sends for a client it cannot name (one on a
+    UNIX socket, say), which Twisted's parser refuses for having nothing
+    after C{UNKNOWN}.
+    """
+
+    @classmethod
+    def parse(cls, line: bytes):
+        if line == b"PROXY UNKNOWN":
+            # The specification has the receiver ignore whatever follows
+            # UNKNOWN; Twisted's parser does, once there is a space to
+            # follow it.
+            line += b" "
+        return super().parse(line)
+
+
+def _half_closeable(protocol) -> bool:
+    """
+    Whether C{protocol}'s class takes half-closes.  Asked of the class, not
+    the object: TLS copies its transport's interfaces onto itself (this
+    wrapper's among them), and would hand a half-close straight back.
+    """
+    return IHalfCloseableProtocol.implementedBy(type(protocol))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -88,7 +188,7 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         data = self._buffer + data
         if self._parser is None:
             if data.startswith(V1Parser.PROXYSTR):
-                self._parser = V1Parser()
+                self._parser = _V1Parser()
             elif data.startswith(V2Parser.PREFIX) and len(data) >= 16:
                 if data[12] & 0xF0 != 0x20:
                     self._drop("unsupported PROXY v2 version")
@@ -111,7 +211,8 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             if len(self._parser.buffer) > MAX_HEADER:
                 self._drop("header too long")
             return
-        if info.source is not None and not _valid(info.source):
+        if info.source is not None and not (_valid(info.source) and
+                                            _valid(info.destination)):
             self._drop("invalid address")
             return
         self._connect(info, remaining)
@@ -154,27 +255,22 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         return self.transport.getHost()
 
     def loseWriteConnection(self) -> None:
-        # Beneath us may be TLS (haproxy:ssl:), which cannot half-close:
-        # closing its TCP transport's write side would cut TLS short.
+        # Beneath us may be a transport that cannot half-close (TLS, when
+        # this wrapper is put inside it).
         if hasattr(type(self.transport), "loseWriteConnection"):
             self.transport.loseWriteConnection()
         else:
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
-        if self.wrappedProtocol is None:
-            self.transport.loseConnection()
-            return
-        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if half is not None:
-            half.readConnectionLost()
+        if _half_closeable(self.wrappedProtocol):
+            self.wrappedProtocol.readConnectionLost()
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if half is not None:
-            half.writeConnectionLost()
+        if _half_closeable(self.wrappedProtocol):
+            self.wrappedProtocol.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
@@ -195,21 +291,49 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     The wrapped factory learns of refused connections through its
     C{refuse(reason, host)} method, if it has one, so they are counted
     with those its own limits refuse.
+
+    @param trusted: the proxies whose connections may send a header;
+        L{None}, any connection may.
     """
 
     protocol = ProxyHeaderProtocol
     noisy = False
+    _tls: TLSMemoryBIOFactory | None = None
 
-    def __init__(self, wrappedFactory: IProtocolFactory, clock=None) -> None:
+    def __init__(self, wrappedFactory: IProtocolFactory, clock=None,
+                 trusted: TrustedProxies | None = None) -> None:
         super().__init__(wrappedFactory)
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        self.trusted = trusted
         self._drops = RateLimitedLog(
             log, "dropped {count} connection(s) in {interval:g} s without a valid "
             "PROXY header (latest from {peer}: {reason})", clock=clock)
+        self._untrusted = RateLimitedLog(
+            log, "refused {count} connection(s) in {interval:g} s from outside "
+            "--trusted-proxy (latest from {peer})", clock=clock)
+
+    def tlsAfterHeader(self, contextFactory) -> None:
+        """
+        Speak TLS, with C{contextFactory}'s certificate, once the header
+        (which comes in clear) is read.
+        """
+        self._tls = TLSMemoryBIOFactory(contextFactory, False, self.wrappedFactory,
+                                        clock=self.clock)
 
     def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol | None:
+        # Before anything else: a connection from outside the trusted
+        # networks costs one address lookup, and holds no place under
+        # --max-connections.
+        trusted = self.trusted
+        if trusted is not None and not trusted.admits(addr):
+            host = addr.host
+            self._untrusted.note(peer=host)
+            refuse = getattr(self.wrappedFactory, "refuse", None)
+            if refuse is not None:
+                refuse(UNTRUSTED_PROXY, host)
+            return None
         # The connection counts under --max-connections from now, not only
         # once its header is in: silent clients must not pile up unlimited.
         reserve = getattr(self.wrappedFactory, "reserve", None)
@@ -218,10 +342,18 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         return self.protocol(self)
 
     def build(self, client: IAddress):
-        """The wrapped factory's protocol for the client the header names."""
+        """
+        The wrapped factory's protocol for the client the header names
+        (inside TLS, with L{tlsAfterHeader}).
+        """
         if hasattr(self.wrappedFactory, "reserve"):
-            return self.wrappedFactory.buildProtocol(client, reserved=True)
-        return self.wrappedFactory.buildProtocol(client)
+            protocol = self.wrappedFactory.buildProtocol(client, reserved=True)
+        else:
+            protocol = self.wrappedFactory.buildProtocol(client)
+        tls = self._tls
+        if protocol is None or tls is None:
+            return protocol
+        return tls.protocol(tls, protocol)
 
     def waiting(self, wrapper: ProxyHeaderProtocol) -> None:
         """A header is awaited: the wrapped factory's drain waits for it."""
@@ -252,11 +384,16 @@ class ProxyHeaderFactory(policies.WrappingFactory):
 
 @implementer(IStreamServerEndpoint)
 class ProxyHeaderEndpoint:
-    """An endpoint whose connections start with a PROXY header."""
+    """
+    An endpoint whose connections start with a PROXY header, sent from
+    C{trusted} proxies (L{None}: from anywhere).
+    """
 
-    def __init__(self, wrapped: IStreamServerEndpoint, clock=None) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, clock=None,
+                 trusted: TrustedProxies | None = None) -> None:
         self._wrapped = wrapped
         self._clock = clock
+        self.trusted = trusted
 
     def listen(self, factory: IProtocolFactory):
-        return self._wrapped.listen(ProxyHeaderFactory(factory, self._clock))
+        return self._wrapped.listen(ProxyHeaderFactory(factory, self._clock, self.trusted))

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
+from tcpgreet.proxy import ProxyHeaderEndpoint
 from tcpgreet.server import DRAIN, GreetFactory
 
 log = Logger()
@@ -24,10 +25,12 @@ log = Logger()
 DEFAULT_DRAIN_TIMEOUT = 5.0
 
 
-def startup_format(workers: int = 1) -> str:
+def startup_format(workers: int = 1, proxied: bool = False) -> str:
     """
     The format of the start-up line; with workers, it has their number
-    (C{{workers}}) and each one's share of the connections (C{{per_worker}}).
+    (C{{workers}}) and each one's share of the connections (C{{per_worker}});
+    with PROXY listeners, whom their headers are taken from
+    (C{{trusted_proxies}}).
     """
     several = workers > 1
     return ("tcpgreet {version} listening on {listeners}"
@@ -36,7 +39,8 @@ def startup_format(workers: int = 1) -> str:
             "max-connections {max_connections}"
             + (" ({per_worker} a worker)" if several else "")
             + ", max-per-ip {max_per_ip}, rate-per-ip {rate_per_ip}, "
-            "timeout {timeout:g} s, drain-timeout {drain_timeout:g} s, "
+            + ("proxy headers trusted from {trusted_proxies}, " if proxied else "")
+            + "timeout {timeout:g} s, drain-timeout {drain_timeout:g} s, "
             "{descriptors} descriptors")
 
 
@@ -167,13 +171,22 @@ class GreetService(service.Service):
 
     def logStartup(self) -> None:
         """The start-up line: what listens where, the greeting, every limit."""
-        log.info(startup_format(), **self.startupFields())
+        fields = self.startupFields()
+        log.info(startup_format(proxied="trusted_proxies" in fields), **fields)
 
     def startupFields(self) -> dict:
         """The fields of the start-up line."""
         factory = self.factory
         limits = factory.limits
         rate = limits.rate
+        proxies = [endpoint for _, endpoint in self.endpoints
+                   if isinstance(endpoint, ProxyHeaderEndpoint)]
+        # Anyone who may send a header chooses the address that the limits
+        # and the log see: the line says who that is.
+        trust = {}
+        if proxies:
+            trusted = proxies[0].trusted  # one --trusted-proxy for them all
+            trust["trusted_proxies"] = "any address" if trusted is None else str(trusted)
         return {
             "version": __version__,
             "listeners": ", ".join(
@@ -188,6 +201,7 @@ class GreetService(service.Service):
             "timeout": factory.timeout,
             "drain_timeout": self.drain_timeout,
             "descriptors": self.descriptors,
+            **trust,
         }
 
     def stopService(self) -> Deferred:

@@ -45,7 +45,8 @@ class Stats:
 
     @ivar accepted: connections admitted (past every limit).
     @ivar greeted: connections whose greeting was written whole.
-    @ivar rejected: refused connections, by limit.
+    @ivar rejected: refused connections, by reason: a limit, a missing or bad
+        PROXY header, a PROXY listener's client outside --trusted-proxy.
     @ivar aborted: connections cut short by the server, by reason.
     @ivar lost: connections the client ended before its greeting was written.
     @ivar bytes_sent: greeting bytes written to greeted connections.

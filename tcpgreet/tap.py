@@ -8,6 +8,7 @@ here touches a socket.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
+from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
 from tcpgreet.workers import WorkerSupervisor, per_worker
@@ -51,6 +53,23 @@ def parse_rate(text: str) -> tuple[float, int]:
     burst = (_number("--rate-per-ip", burst_text, int, 1) if burst_text
              else max(1, math.ceil(rate)))
     return rate, burst
+
+
+def parse_network(text: str) -> Network:
+    """C{--trusted-proxy}: an IP network in CIDR notation, or one address."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise usage.UsageError(
+            f"--trusted-proxy: {text!r} is not an IP address or network "
+            "(such as 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)") from None
+    # 10.0.0.1/8: a typing slip, or a network meant?  Ask rather than guess.
+    raise usage.UsageError(f"--trusted-proxy: {text!r} has host bits set "
+                           f"(the network would be {network})")
 
 
 def usable_cpus() -> int:
@@ -116,6 +135,7 @@ class Options(usage.Options):
         self["timeout"] = DEFAULT_TIMEOUT
         self["drain-timeout"] = DEFAULT_DRAIN_TIMEOUT
         self["metrics"] = None
+        self["trusted-proxy"] = []
         self["workers"] = 1
         self["worker"] = None
         self["worker-control"] = None
@@ -167,6 +187,14 @@ class Options(usage.Options):
         self["metrics"] = description
 
     @_help
+    def opt_trusted_proxy(self, value: str) -> None:
+        """CIDR: on haproxy: listeners, take PROXY headers only from
+        connections from this network (or address), such as the proxy's
+        10.0.0.10; repeatable. A connection from elsewhere is refused
+        without a greeting. [default: from any address]"""
+        self["trusted-proxy"].append(parse_network(value))
+
+    @_help
     def opt_workers(self, value: str) -> None:
         """N|auto: serve with N worker processes, each accepting on the same
         listeners, supervised by this one; auto is one per CPU.
@@ -198,6 +226,9 @@ class Options(usage.Options):
                 f"--workers {self['workers']} is more than --max-connections "
                 f"{self['max-connections']}: each worker needs at least one connection")
         self._check_worker()
+        if self["trusted-proxy"] and not any(proxied(d) for d in self["listen"]):
+            raise usage.UsageError("--trusted-proxy applies to haproxy: listeners, and no "
+                                   "--listen is one")
         text, path = self["greeting"], self["greeting-file"]
         if text is not None and path is not None:
             raise usage.UsageError("--greeting and --greeting-file exclude each other; "
@@ -266,8 +297,9 @@ def makeService(options: Options, reactor=None) -> IService:
 
 def _endpoints(options: Options, facades: list) -> list:
     """Each --listen string and its endpoint, parsed on its reactor facade."""
+    trusted = TrustedProxies(options["trusted-proxy"]) if options["trusted-proxy"] else None
     try:
-        return [(description, server_endpoint(facade, description))
+        return [(description, server_endpoint(facade, description, trusted))
                 for description, facade in zip(options["listen"], facades, strict=True)]
     except EndpointError as e:
         raise fail(str(e)) from None
@@ -329,6 +361,7 @@ def worker_arguments(options: Options) -> list[str]:
         *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate else []),
         f"--timeout={options['timeout']!r}",
         f"--drain-timeout={options['drain-timeout']!r}",
+        *(f"--trusted-proxy={network}" for network in options["trusted-proxy"]),
     ]
     return arguments
 

@@ -201,8 +201,9 @@ class WorkerSupervisor(GreetService):
             self._start(number)
 
     def logStartup(self) -> None:
-        log.info(startup_format(self.count), **self.startupFields(), workers=self.count,
-                 per_worker=self.connectionsPerProcess())
+        fields = self.startupFields()
+        log.info(startup_format(self.count, proxied="trusted_proxies" in fields), **fields,
+                 workers=self.count, per_worker=self.connectionsPerProcess())
 
     def connectionsPerProcess(self) -> int:
         return per_worker(self.factory.limits.max_connections, self.count)

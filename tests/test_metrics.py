@@ -67,6 +67,8 @@ class CollectorTests(SynchronousTestCase):
                               (("reason", "max-per-ip"),))], 1)
         self.assertEqual(got[("tcpgreet_connections_rejected_total",
                               (("reason", "max-connections"),))], 0)
+        self.assertEqual(got[("tcpgreet_connections_rejected_total",
+                              (("reason", "untrusted-proxy"),))], 0)
         self.assertEqual(got[("tcpgreet_connections_aborted_total",
                               (("reason", "timeout"),))], 0)
         self.assertEqual(got[("tcpgreet_greeting_duration_seconds_count", ())], 3)

@@ -3,23 +3,28 @@ Options parsing, the help text, and what makeService builds.
 """
 
 import io
+import ipaddress
 import os
 import re
 import signal
 import sys
 
 from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from tcpgreet import tap
 from tcpgreet.handover import HeldListener, InheritedReactor
+from tcpgreet.proxy import ProxyHeaderFactory
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
 from tcpgreet.workers import WorkerSupervisor
 
+from .certificates import make_certificate
 from .helpers import temporary_file
 
 
@@ -35,7 +40,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(dict(options), {
             "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
             "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
-            "timeout": 10.0, "drain-timeout": 5.0, "metrics": None,
+            "timeout": 10.0, "drain-timeout": 5.0, "metrics": None, "trusted-proxy": [],
             "workers": 1, "worker": None, "worker-control": None, "worker-fds": None,
         })
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
@@ -48,7 +53,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(dict(options), {
             "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
             "quiet": 1, "max-connections": 5, "max-per-ip": 2, "rate-per-ip": (0.5, 3),
-            "timeout": 2.5, "drain-timeout": 0.0, "metrics": None,
+            "timeout": 2.5, "drain-timeout": 0.0, "metrics": None, "trusted-proxy": [],
             "workers": 3, "worker": None, "worker-control": None, "worker-fds": None,
         })
         self.assertEqual(options.greeting.static, b"motd\r\n")
@@ -112,6 +117,42 @@ class OptionsTests(SynchronousTestCase):
         greeted = parse(*tap.worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2")))
         self.assertEqual(greeted["greeting"], "-{{x}}- ")
 
+    def test_trusted_proxies_are_networks(self):
+        options = parse("-l", "haproxy:tcp:1", "--trusted-proxy", "127.0.0.1",
+                        "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "2001:db8::/32")
+        self.assertEqual(options["trusted-proxy"], [
+            ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("2001:db8::/32")])
+
+    def test_a_bad_trusted_proxy_is_named(self):
+        for value, message in [
+            ("10.0.0.300", "--trusted-proxy: '10.0.0.300' is not an IP address or network "
+                           "(such as 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)"),
+            ("proxy.example", "--trusted-proxy: 'proxy.example' is not an IP address"),
+            ("10.0.0.0/33", "--trusted-proxy: '10.0.0.0/33' is not an IP address"),
+            ("", "--trusted-proxy: '' is not an IP address"),
+            ("10.0.0.1/8", "--trusted-proxy: '10.0.0.1/8' has host bits set "
+                           "(the network would be 10.0.0.0/8)"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse("-l", "haproxy:tcp:1", "--trusted-proxy", value)
+            self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
+
+    def test_trusted_proxy_needs_a_proxy_listener(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("-l", "tcp:1", "--trusted-proxy", "127.0.0.1")
+        self.assertEqual(str(caught.exception), "--trusted-proxy applies to haproxy: "
+                                                "listeners, and no --listen is one")
+        parse("-l", "tcp:1", "-l", "haproxy:unix:/run/greet.sock", "--trusted-proxy", "::1")
+
+    def test_worker_arguments_carry_the_trusted_proxies(self):
+        supervisor = parse("-l", "haproxy:tcp:1", "--trusted-proxy", "127.0.0.1",
+                           "--trusted-proxy", "fd00::/8", "--workers", "2")
+        arguments = tap.worker_arguments(supervisor)
+        self.assertIn("--trusted-proxy=127.0.0.1/32", arguments)
+        worker = parse(*arguments, "--worker", "1", "--worker-control", "3", "--worker-fds", "4")
+        self.assertEqual(worker["trusted-proxy"], supervisor["trusted-proxy"])
+
     def test_greeting_text(self):
         self.assertEqual(parse("-g", "hello").greeting.static, b"hello\r\n")
 
@@ -150,7 +191,8 @@ class OptionsTests(SynchronousTestCase):
                        "{peer_host}", "SIGHUP", "--max-connections", "[default: 10000]",
                        "--max-per-ip", "--rate-per-ip", "R[/BURST]", "--timeout",
                        "[default: 10]", "--drain-timeout", "[default: 5]", "--workers",
-                       "N|auto", "per worker"):
+                       "N|auto", "per worker", "--trusted-proxy=",
+                       "[default: from any address]"):
             self.assertIn(option, text)
         for internal in ("--worker=", "--worker-control=", "--worker-fds="):
             self.assertRegex(text, re.escape(internal) + r" +Internal, set by --workers")
@@ -243,6 +285,43 @@ class MakeServiceTests(SynchronousTestCase):
             self.make("--metrics", "tcp:9127")
         self.assertEqual(stderr.getvalue(), f"tcpgreet: {metrics.MISSING}\n")
         self.assertIn("pip install 'tcpgreet[metrics]'", metrics.MISSING)
+
+    def started_line(self, *args):
+        """The start-up line of the service makeService builds for C{args}."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, service = self.make(*args)
+        self.start(service)
+        [line] = [formatEvent(e) for e in events if "listening on" in e.get("log_format", "")]
+        return line
+
+    def test_the_startup_line_says_whom_proxy_headers_come_from(self):
+        self.assertIn("rate-per-ip off, proxy headers trusted from any address, timeout",
+                      self.started_line("-l", "haproxy:tcp:1", "-l", "tcp:2"))
+        self.assertIn("proxy headers trusted from 127.0.0.1/32, 10.0.0.0/8, timeout",
+                      self.started_line("-l", "haproxy:tcp:1", "--trusted-proxy", "127.0.0.1",
+                                        "--trusted-proxy", "10.0.0.0/8"))
+        self.assertNotIn("proxy headers", self.started_line("-l", "tcp:1"))
+
+    def test_trusted_proxies_reach_the_proxy_listeners(self):
+        reactor, service = self.make("-l", "haproxy:tcp:1", "--trusted-proxy", "127.0.0.1")
+        self.start(service)
+        [(_, factory, _, _)] = reactor.tcpServers
+        self.assertIsInstance(factory, ProxyHeaderFactory)
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1)))
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)))
+        self.assertEqual(service.factory.stats.rejected, {"untrusted-proxy": 1})
+
+    def test_haproxy_ssl_listens_on_tcp_and_speaks_tls_after_the_header(self):
+        key, cert = make_certificate(["localhost"]).write(self)
+        reactor, service = self.make("-l", f"haproxy:ssl:1:privateKey={key}:certKey={cert}")
+        self.start(service)
+        self.assertEqual(reactor.sslServers, [])
+        [(port, factory, _, _)] = reactor.tcpServers
+        self.assertEqual(port, 1)
+        self.assertIsInstance(factory, ProxyHeaderFactory)
+        self.assertIsNotNone(factory._tls)
 
     def test_workers_make_a_supervisor_of_held_sockets(self):
         self.top = tap.makeService(parse("--workers", "3", "--listen", "tcp:0:interface=127.0.0.1",

@@ -33,6 +33,7 @@ from .helpers import (
     wait_for_exit,
     wait_until,
 )
+from .test_deploy_haproxy import FORGED, sent_to
 from .test_deploy_systemd import DEPLOY, FIRST_GREETING_TIMEOUT, socket_activate, unit_settings
 from .test_faults import MiB, greeting_file
 
@@ -325,6 +326,25 @@ class ListenerTests(SynchronousTestCase):
         lines = greeted(server, 30)
         self.assertEqual({peer for _, _, peer in lines}, {"127.0.0.2"})
         self.assertEqual({worker for worker, _, _ in lines}, {1, 2})
+
+    def test_every_worker_refuses_untrusted_proxies(self):
+        # Each worker checks its own connections, with the options the
+        # supervisor passed on: whichever worker the kernel picks, a client
+        # outside --trusted-proxy is refused and one inside names anyone.
+        server = start_workers(self, "--listen", "haproxy:tcp:0:interface=127.0.0.1",
+                               "--greeting", "{peer_host}", "--trusted-proxy", "127.0.0.2")
+        self.assertIn("proxy headers trusted from 127.0.0.2/32", server.log)
+        for _ in range(20):
+            self.assertEqual(sent_to("127.0.0.1", server.host, server.port, FORGED), b"")
+            self.assertEqual(sent_to("127.0.0.2", server.host, server.port, FORGED),
+                             b"203.0.113.9\r\n")
+        lines = greeted(server, 20)
+        self.assertEqual({peer for _, _, peer in lines}, {"203.0.113.9"})
+        self.assertEqual({worker for worker, _, _ in lines}, {1, 2})
+        for worker in (1, 2):  # in whichever order their lines came
+            server.wait_for_count(rf"\[worker {worker}, pid \d+\] refused \d+ connection\(s\) "
+                                  r".* from outside --trusted-proxy \(latest from 127\.0\.0\.1\)",
+                                  1)
 
     def test_unix_socket_shared_by_the_workers(self):
         directory = tempfile.mkdtemp()
