@@ -21,18 +21,21 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import BinaryIO
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcpgreet.clientoptions import (
     BANNER,
+    DEFAULT_IDLE,
     DEFAULT_MAX_BYTES,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
@@ -51,18 +54,29 @@ from tcpgreet.clientreport import (
 )
 from tcpgreet.clienttls import TLSClient, handshake_info
 
+# Seconds a connection we closed after its banner gets to finish closing.
+GOODBYE_TIMEOUT = 2.0
+
 
 class ProbeError(Exception):
-    """A failed attempt; the message is the reason, fit to print."""
+    """
+    A failed attempt; the message is the reason, fit to print.  C{refused}
+    and C{empty} mark the failures whose state the user may choose.
+    """
 
-    def __init__(self, message: str, refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, empty: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.empty = empty
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """How to probe: everything one probe needs, and nothing about reporting."""
+    """
+    How to probe: everything one probe needs, and nothing about reporting.
+    C{idle} is the silence after the first bytes that ends the banner;
+    C{None} waits for the server to close.
+    """
 
     host: str
     port: int = DEFAULT_PORT
@@ -73,24 +87,32 @@ class ProbeSettings:
     family: int = socket.AF_UNSPEC
     source: str | None = None
     tls: TLSClient | None = None
+    idle: float | None = DEFAULT_IDLE
 
 
 @implementer(IHandshakeListener)
-class GreetClientProtocol(Protocol):
+class GreetClientProtocol(Protocol, TimeoutMixin):
     """
-    Collect what the server sends until it closes the connection, keeping at
-    most C{factory.max_bytes}: a server that never stops talking must not
-    grow the client's memory.  With C{factory.first_line}, stop at the first
-    newline, for servers that greet and then wait (SMTP, SSH).
+    Collect what the server sends until it closes the connection or, once it
+    has said something, falls silent for C{factory.idle} seconds (SMTP, SSH,
+    FTP greet and then wait for the client), keeping at most
+    C{factory.max_bytes}: a server that never stops talking must not grow
+    the client's memory.  With C{factory.first_line}, stop at the first
+    newline.
     """
 
     def connectionMade(self) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._stopped = False
+        self._last_byte_at: float | None = None
         self.factory.connected(self.transport)
         if self.factory.send:
             self.transport.write(self.factory.send)
+
+    def callLater(self, period: float, call: Callable[[], object]):
+        # The idle timer runs on the factory's reactor, a fake one in tests.
+        return self.factory.clock.callLater(period, call)
 
     def handshakeCompleted(self) -> None:
         self.factory.handshake_completed(self.transport)
@@ -103,28 +125,42 @@ class GreetClientProtocol(Protocol):
             newline = data.find(b"\n", 0, room)
             if newline >= 0:
                 self._keep(data[:newline + 1])
-                self._stop(truncated=False)
                 # Politely: a server that waits for us should see a close,
                 # and a TLS one its close_notify.
                 self.transport.loseConnection()
+                self._stop("newline")
                 return
         if len(data) > room:
             self._keep(data[:room])
-            self._stop(truncated=True)
             self.transport.abortConnection()
+            self._stop("max-bytes")
             return
         self._keep(data)
+        if self.factory.idle is not None:
+            self.setTimeout(self.factory.idle)  # started by the first bytes, reset by each
+
+    def timeoutConnection(self) -> None:
+        """The server spoke and has said nothing since: its banner is over."""
+        self.transport.loseConnection()
+        self._stop("idle", at=self._last_byte_at)
+
+    def received(self) -> bytes:
+        """What the server has sent so far (at most C{max_bytes} of it)."""
+        return b"".join(self._chunks)
 
     def _keep(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
+        self._last_byte_at = self.factory.clock.seconds()
 
-    def _stop(self, truncated: bool) -> None:
+    def _stop(self, ended_by: str, at: float | None = None) -> None:
         self._stopped = True
-        self.factory.stopped_reading(truncated)
+        self.setTimeout(None)
+        self.factory.stopped_reading(self.received(), ended_by, at)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.factory.finished(b"".join(self._chunks), reason)
+        self.setTimeout(None)
+        self.factory.finished(self.received(), reason)
 
 
 class GreetClientFactory(ClientFactory):
@@ -138,23 +174,35 @@ class GreetClientFactory(ClientFactory):
     noisy = False
 
     def __init__(self, clock, max_bytes: int = DEFAULT_MAX_BYTES, *, first_line: bool = False,
-                 send: bytes = b"", tls: TLSClient | None = None) -> None:
+                 send: bytes = b"", tls: TLSClient | None = None,
+                 idle: float | None = None) -> None:
         self.clock = clock
         self.max_bytes = max_bytes
         self.first_line = first_line
         self.send = send
         self.tls = tls
+        self.idle = idle
         self.deferred: defer.Deferred[bytes] = defer.Deferred(self._cancel)
         self.started_at = clock.seconds()
         self.connected_at: float | None = None
         self.handshake_at: float | None = None
         self.ended_at: float | None = None
         self.tls_info = None
-        self.truncated = False
+        self.ended_by: str | None = None
         self.stopped = False
         self.banner = b""
         self.connector = None
         self.transport = None
+        self.reader: GreetClientProtocol | None = None
+        self._goodbye = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.ended_by == "max-bytes"
+
+    def buildProtocol(self, addr) -> GreetClientProtocol:
+        self.reader = super().buildProtocol(addr)
+        return self.reader
 
     def connected(self, transport) -> None:
         self.connected_at = self.clock.seconds()
@@ -164,19 +212,36 @@ class GreetClientFactory(ClientFactory):
         self.handshake_at = self.clock.seconds()
         self.tls_info = handshake_info(transport.getHandle())
 
-    def stopped_reading(self, truncated: bool) -> None:
-        """We have the banner we want; what follows is only the goodbye."""
-        self.ended_at = self.clock.seconds()
+    def stopped_reading(self, banner: bytes, ended_by: str, at: float | None = None) -> None:
+        """
+        We have the banner we want, ended at C{at} (by default now).  What
+        follows is only the goodbye, which the result does not wait for: a
+        TLS server may take its time to answer our close_notify, or never
+        do, so the connection gets L{GOODBYE_TIMEOUT} to close.
+        """
+        self.ended_at = self.clock.seconds() if at is None else at
         self.stopped = True
-        self.truncated = truncated
+        self.ended_by = ended_by
+        self.banner = banner
+        if not self.deferred.called:
+            self._goodbye = self.clock.callLater(GOODBYE_TIMEOUT, self._drop)
+            self.deferred.callback(banner)
 
     def finished(self, banner: bytes, reason: Failure) -> None:
+        if self._goodbye is not None and self._goodbye.active():
+            self._goodbye.cancel()
         if self.ended_at is None:
             self.ended_at = self.clock.seconds()
         self.banner = banner
         if self.deferred.called:
             return
-        if self.stopped or reason.check(error.ConnectionDone) or self._tls_ended(banner, reason):
+        if reason.check(error.ConnectionDone) or self._tls_ended(banner, reason):
+            if not banner:
+                # A refusal by a limit, a proxy listener without its header,
+                # a server that is not up yet: none of them said hello.
+                self.deferred.errback(ProbeError("closed without a banner", empty=True))
+                return
+            self.ended_by = "close"
             self.deferred.callback(banner)
         else:
             self.deferred.errback(ProbeError(self._explain(reason)))
@@ -196,15 +261,29 @@ class GreetClientFactory(ClientFactory):
             self.deferred.errback(ProbeError(describe(reason), refused=refused))
 
     def give_up(self) -> None:
-        """The deadline: stop connecting, or drop the connection."""
-        if not self.deferred.called and not self.stopped:
-            self.deferred.errback(ProbeError("timed out"))
+        """
+        The deadline: stop connecting, or drop the connection, reporting
+        what the server had sent by then.
+        """
+        if not self.deferred.called:
+            self.banner = self.reader.received() if self.reader is not None else b""
+            self.ended_at = self.clock.seconds()
+            self.deferred.errback(ProbeError(self._timed_out()))
         self._drop()
+
+    def _timed_out(self) -> str:
+        if self.banner:
+            return f"timed out after {len(self.banner)} byte{'s' if len(self.banner) > 1 else ''}"
+        if self.connected_at is not None and (self.tls is None or self.handshake_at is not None):
+            return "timed out waiting for a banner"
+        return "timed out"
 
     def _cancel(self, deferred: defer.Deferred) -> None:
         self._drop()
 
     def _drop(self) -> None:
+        if self.reader is not None:
+            self.reader.setTimeout(None)  # the silence no longer matters
         if self.transport is not None:
             self.transport.abortConnection()
         elif self.connector is not None:
@@ -242,7 +321,10 @@ def _lower(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-_FAMILY_NAMES = {socket.AF_INET: " to an IPv4 address", socket.AF_INET6: " to an IPv6 address"}
+_FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+# What the resolver answers for a name without addresses (of one family).
+_NO_ADDRESS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
+               getattr(socket, "EAI_ADDRFAMILY", socket.EAI_NONAME)}
 
 
 async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC) -> list[str]:
@@ -251,17 +333,50 @@ async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC)
     (which honours /etc/gai.conf), without duplicates.
     """
     try:
-        infos = await deferToThreadPool(
-            reactor, reactor.getThreadPool(), socket.getaddrinfo,
-            host, port, family, socket.SOCK_STREAM)
+        infos = await _getaddrinfo(reactor, host, port, family)
     except socket.gaierror as e:
-        raise ProbeError(f"cannot resolve{_FAMILY_NAMES.get(family, '')}: "
-                         f"{e.strerror}") from None
+        raise ProbeError(await _unresolved(reactor, host, port, family, e)) from None
     addresses: list[str] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         if sockaddr[0] not in addresses:
             addresses.append(sockaddr[0])
     return addresses
+
+
+def _getaddrinfo(reactor, host: str, port: int, family: int) -> defer.Deferred[list]:
+    return deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
+                             host, port, family, socket.SOCK_STREAM)
+
+
+async def _unresolved(reactor, host: str, port: int, family: int,
+                      failure: socket.gaierror) -> str:
+    """
+    Why C{host} has no address, in words, for a line that starts with the
+    name: "name not resolved", not the C library's "Name or service not known".
+    """
+    if failure.errno in _NO_ADDRESS and family != socket.AF_UNSPEC:
+        # With -4 or -6 the resolver says the same of a name that does not
+        # exist and of one that has only addresses of the other family.
+        try:
+            await _getaddrinfo(reactor, host, port, socket.AF_UNSPEC)
+        except socket.gaierror:
+            pass
+        else:
+            kind = _FAMILY_NAMES[family]
+            return f"is not an {kind} address" if _is_address(host) else f"has no {kind} address"
+    if failure.errno == socket.EAI_NONAME:
+        return "name not resolved"
+    if failure.errno in _NO_ADDRESS:
+        return "has no address"
+    return f"name not resolved: {_lower(failure.strerror or str(failure))}"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResult:
@@ -288,7 +403,7 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
         return result(error=str(e))
 
     tried: list[str] = []
-    failure = ProbeError("the name has no address")
+    failure = ProbeError("has no address")
     for address in addresses:
         remaining = deadline - reactor.seconds()
         if remaining <= 0:
@@ -296,7 +411,7 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
             break
         tried.append(address)
         attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
-                                     send=settings.send, tls=settings.tls)
+                                     send=settings.send, tls=settings.tls, idle=settings.idle)
         attempt.connector = _connect(reactor, settings, address, attempt, remaining)
         timer = reactor.callLater(remaining, attempt.give_up)
         try:
@@ -308,7 +423,7 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
             # The server answered and then failed: another address would
             # be another server, not a retry of this one.
             return result(address=address, tried=tuple(tried), error=str(e),
-                          banner=attempt.banner or None, **_facts(attempt))
+                          empty=e.empty, banner=attempt.banner or None, **_facts(attempt))
         finally:
             if timer.active():
                 timer.cancel()
@@ -340,6 +455,7 @@ def _facts(attempt: GreetClientFactory) -> dict:
                       else attempt.handshake_at - attempt.started_at),
         "tls": attempt.tls_info,
         "truncated": attempt.truncated,
+        "ended_by": attempt.ended_by,
     }
 
 
@@ -422,7 +538,8 @@ def settings_from(options: ClientOptions) -> ProbeSettings:
     return ProbeSettings(
         host=host, port=options["port"], timeout=options["timeout"],
         max_bytes=options["max-bytes"], first_line=options["first-line"],
-        send=options["send"], family=options["family"], source=options["source"], tls=tls)
+        send=options["send"], family=options["family"], source=options["source"], tls=tls,
+        idle=options["idle"] or None)
 
 
 def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:

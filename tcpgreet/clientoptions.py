@@ -23,6 +23,10 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 27679
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_BYTES = 65536
+# The silence after the first bytes that ends a banner: far longer than the
+# gaps inside one (a retransmission waits 200 ms at least), short enough to
+# keep a probe of a server that greets and waits brisk.
+DEFAULT_IDLE = 1.0
 
 # The report forms; see tcpgreet.clientreport.
 BANNER, LINES, JSON, PLUGIN = "banner", "lines", "json", "plugin"
@@ -75,6 +79,17 @@ def seconds(text: str) -> float:
         raise ValueError("not a number of seconds") from None
     if not 0 < value < float("inf"):
         raise ValueError("not a positive number of seconds")
+    return value
+
+
+def idle(text: str) -> float:
+    """Seconds of silence that end a banner; 0 turns the rule off."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError("not 0 (off) or a positive number of seconds")
     return value
 
 
@@ -187,11 +202,13 @@ class ClientOptions(usage.Options):
 
     synopsis = "Usage: tcpgreet-client [options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT)"
     longdesc = (
-        "Connect to a TCP banner server and print what it sends up to EOF. "
+        "Connect to a TCP banner server and print what it sends until it closes "
+        "the connection, or falls silent for --idle seconds after its first bytes. "
         "With --count, --interval or --timestamp: a line per probe and a summary; "
         "--json: JSON Lines; --plugin: one monitoring-plugin line. Exit status: "
-        "0 OK, 1 WARNING, 2 CRITICAL (refused, timed out, reset, not resolved, "
-        "certificate, expectation or threshold not met), 3 UNKNOWN (bad usage)."
+        "0 OK, 1 WARNING, 2 CRITICAL (refused, closed without a banner, timed out, "
+        "reset, not resolved, certificate, expectation or threshold not met), "
+        "3 UNKNOWN (bad usage)."
     )
     optFlags = [
         ["json", None, "One JSON object per probe and one for the summary (JSON Lines)."],
@@ -201,7 +218,8 @@ class ClientOptions(usage.Options):
         ["insecure", None, "With --tls: accept any certificate."],
         ["ipv4", "4", "Use IPv4 addresses only."],
         ["ipv6", "6", "Use IPv6 addresses only."],
-        ["first-line", None, "Stop reading at the first newline (SMTP, SSH, FTP, POP3)."],
+        ["first-line", None, "Stop reading at the first newline, without waiting for "
+                             "--idle silence (SMTP, SSH, FTP, POP3)."],
         ["raw", None, "Write the banner's bytes unchanged, escape sequences and all."],
         ["timestamp", "D", "Start each probe line with the time (UTC, ISO 8601)."],
     ]
@@ -219,8 +237,13 @@ class ClientOptions(usage.Options):
                                  "seconds.", seconds],
         ["refused-state", None, None, "State when the connection is refused: "
                                           "ok, warn, crit. [default: crit]", state],
+        ["empty-state", None, None, "State when the server closes without a banner: "
+                                        "ok, warn, crit. [default: crit]", state],
         ["mismatch-state", None, None, "State when --expect does not match: "
                                            "ok, warn, crit. [default: crit]", state],
+        ["idle", None, None, "Seconds of silence, once the server has sent something, "
+                             "that end the banner; 0 = wait for the server to close. "
+                             "[default: 1, or half of --timeout if less]", idle],
         ["max-bytes", None, DEFAULT_MAX_BYTES, "Stop reading after this many bytes; the "
                                                "banner is reported truncated.", positive],
         ["send", None, None, "Send this after connecting; \\r \\n \\t \\0 \\\\ \\xNN "
@@ -251,7 +274,11 @@ class ClientOptions(usage.Options):
         # them as they are typed ("crit", not 2) and a given --count or
         # --interval can be told from the default.
         for name, default in (("count", 1), ("interval", 1.0), ("send", b""),
-                              ("refused-state", CRITICAL), ("mismatch-state", CRITICAL)):
+                              ("refused-state", CRITICAL), ("empty-state", CRITICAL),
+                              ("mismatch-state", CRITICAL),
+                              # Half the timeout at most, so that a short
+                              # --timeout still leaves a banner time to end.
+                              ("idle", min(DEFAULT_IDLE, self["timeout"] / 2))):
             if self[name] is None:
                 self[name] = default
         if self["mode"] == PLUGIN and self["count"] == 0:
@@ -259,7 +286,8 @@ class ClientOptions(usage.Options):
         warning_days, critical_days = self["cert-days"] or (None, None)
         self.checks = Checks(
             expect=self["expect"], warning=self["warning"], critical=self["critical"],
-            refused_state=self["refused-state"], mismatch_state=self["mismatch-state"],
+            refused_state=self["refused-state"], empty_state=self["empty-state"],
+            mismatch_state=self["mismatch-state"],
             cert_warning_days=warning_days, cert_critical_days=critical_days)
 
     def _refuse_conflicts(self) -> None:
@@ -272,6 +300,10 @@ class ClientOptions(usage.Options):
         warning, critical = self["warning"], self["critical"]
         if warning is not None and critical is not None and warning > critical:
             raise usage.UsageError(f"--warning {warning:g} is above --critical {critical:g}")
+        idle, timeout = self["idle"], self["timeout"]
+        if idle and idle >= timeout:
+            raise usage.UsageError(f"--idle {idle:g} is not below --timeout {timeout:g}: no "
+                                   "silence could end the banner (--idle 0 waits for the close)")
 
     def _family(self) -> int:
         """

@@ -32,9 +32,14 @@ class ProbeResult:
     """
     The facts of one probe, in seconds.  C{started} is since the epoch;
     C{total} runs from there (name resolution included) to the end of the
-    banner; C{connect} and C{handshake} (TLS) run from the start of the
-    connection attempt to the address that answered.  C{error} is set when
-    no banner could be read; C{banner} may then hold what came before.
+    banner (its last byte, when silence ended it); C{connect} and
+    C{handshake} (TLS) run from the start of the connection attempt to the
+    address that answered.  C{ended_by} says what ended the banner: the
+    server closing (C{"close"}), its silence (C{"idle"}), the first newline
+    (C{"newline"}) or C{--max-bytes}.  C{error} is set when no banner could
+    be read; C{banner} may then hold what came before.  C{refused} and
+    C{empty} (closed without a byte) mark the failures that have a state of
+    their own; no address C{tried} means the name was the problem.
     """
 
     host: str
@@ -48,8 +53,15 @@ class ProbeResult:
     tls: TLSInfo | None = None
     banner: bytes | None = None
     truncated: bool = False
+    ended_by: str | None = None
     error: str | None = None
     refused: bool = False
+    empty: bool = False
+
+    @property
+    def name_failed(self) -> bool:
+        """Whether the probe failed before an address was tried: the name's fault."""
+        return self.error is not None and not self.tried
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class Checks:
     warning: float | None = None
     critical: float | None = None
     refused_state: int = CRITICAL
+    empty_state: int = CRITICAL
     mismatch_state: int = CRITICAL
     cert_warning_days: float | None = None
     cert_critical_days: float | None = None
@@ -68,9 +81,10 @@ class Checks:
 @dataclass(frozen=True)
 class Verdict:
     """
-    The state a probe earns.  C{ok} is false when no banner was read or it
-    did not match C{--expect} (C{error} says why); C{reason} says why the
-    state is not OK, and is C{None} when it is.
+    The state a probe earns.  C{ok} is false when no banner was read (an
+    empty one included) or it did not match C{--expect} (C{error} says
+    why), whatever state C{--refused-state} or C{--empty-state} chose;
+    C{reason} says why the state is not OK, and is C{None} when it is.
     """
 
     state: int
@@ -90,7 +104,8 @@ def banner_text(banner: bytes) -> str:
 def judge(result: ProbeResult, checks: Checks, now: float) -> Verdict:
     """The state C{result} earns under C{checks}, at time C{now}."""
     if result.error is not None:
-        state = checks.refused_state if result.refused else CRITICAL
+        state = (checks.refused_state if result.refused else
+                 checks.empty_state if result.empty else CRITICAL)
         return Verdict(state, False, result.error, result.error if state != OK else None)
     problems: list[tuple[int, str]] = []
     error = None

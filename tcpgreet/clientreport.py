@@ -66,6 +66,11 @@ def target(host: str, port: int, address: str | None = None) -> str:
     return f"{where} ({address})" if address and address != host else where
 
 
+def culprit(result: ProbeResult) -> str:
+    """What a failure is about: the name alone when it did not resolve, else the target."""
+    return result.host if result.name_failed else target(result.host, result.port)
+
+
 class Output:
     """
     A binary stream that writes text as UTF-8 (raw banner bytes, decoded
@@ -139,8 +144,8 @@ class BannerReport(Report):
     """
 
     def probe(self, seq: int, result: ProbeResult, verdict: Verdict) -> None:
-        where = target(result.host, result.port)
-        if result.error is None and result.banner is not None:
+        where = culprit(result)
+        if result.banner:  # also what came before a timeout or a reset
             self.out.write(self._banner(result.banner))
         problem = verdict.reason or verdict.error
         if problem and result.error is None and not verdict.ok:
@@ -173,9 +178,9 @@ class LinesReport(Report):
                        f"{self._details(result, verdict)}\n")
 
     def _details(self, result: ProbeResult, verdict: Verdict) -> str:
-        if result.error is not None:
-            received = f" ({len(result.banner)} bytes)" if result.banner else ""
-            return f"{result.error} after {milliseconds(result.total)}{received}"
+        if result.error is not None and not result.banner:
+            return f"{result.error} after {milliseconds(result.total)}"
+        # A banner, or what came of one before a timeout or a reset.
         banner = result.banner or b""
         times = [f"connect {milliseconds(result.connect or 0.0)}"]
         if result.handshake is not None:
@@ -227,6 +232,7 @@ class JsonReport(Report):
             "banner": (None if result.banner is None
                        else result.banner.decode("utf-8", "backslashreplace")),
             "truncated": result.truncated,
+            "ended_by": result.ended_by,
             "tls_version": tls.version if tls else None,
             "tls_cipher": tls.cipher if tls else None,
             "cert_not_after": iso_time(tls.not_after.timestamp()) if tls else None,
@@ -293,8 +299,11 @@ class PluginReport(Report):
 
     def _text(self, summary: Summary, where: str) -> str:
         result, verdict = summary.worst
+        if summary.probes == 1 and result.name_failed:
+            return f"{result.host}: {result.error}"
         if summary.probes == 1 and result.error is not None:
-            return f"{result.error} on {where}"
+            received = f" [{self.line(result.banner)}]" if result.banner else ""
+            return f"{result.error} on {where}{received}"
         if summary.probes == 1:
             text = f"{result.total:.3f} second response time on {where}"
         else:

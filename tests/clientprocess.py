@@ -1,7 +1,8 @@
 """
-The real client as a subprocess, and small socket servers in threads that
+The real client as a subprocess, small socket servers in threads that
 misbehave on purpose (escape sequences, endless streams, silence, resets),
-for the client's end-to-end tests.  Every wait is bounded.
+and scripted servers in processes of their own (L{start_talker}), for the
+client's end-to-end tests.  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from .helpers import NEUTRAL_CWD
+from .helpers import NEUTRAL_CWD, Program
 
 CLIENT = [sys.executable, "-m", "tcpgreet.client"]
+TALKER = str(Path(__file__).with_name("talker.py"))
 
 
 def _reset_sigint() -> None:
@@ -151,3 +154,14 @@ def sends(data: bytes) -> Callable[[socket.socket], None]:
     """A handler that sends C{data} and closes."""
     return lambda connection: connection.sendall(data)
 
+
+
+def start_talker(testcase, *steps: str) -> Program:
+    """
+    A server process playing C{steps} to each connection (see
+    C{tests/talker.py}); its C{host} and C{port} are set, and each
+    connection's end is a log line (C{connection 1: client closed}).
+    """
+    talker = Program([sys.executable, TALKER, *steps])
+    testcase.addCleanup(talker.stop)
+    return talker.listening()

@@ -11,7 +11,15 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.client import GreetClientFactory, ProbeError, ProbeRun, ProbeSettings, probe
+from tcpgreet import client
+from tcpgreet.client import (
+    GOODBYE_TIMEOUT,
+    GreetClientFactory,
+    ProbeError,
+    ProbeRun,
+    ProbeSettings,
+    probe,
+)
 from tcpgreet.clientoutcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
 from tcpgreet.clientreport import Report
 
@@ -89,6 +97,102 @@ class ProtocolTests(SynchronousTestCase):
         protocol.dataReceived(b"220 hello\r\n")
         protocol.connectionLost(Failure(error.ConnectionAborted()))
         self.assertEqual((results, factory.truncated), ([b"220 "], True))
+
+    def test_close_without_a_byte_is_a_failure(self):
+        factory, protocol, _, results = self.attempt()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        [failure] = results
+        self.assertEqual((str(failure.value), failure.value.empty, failure.value.refused),
+                         ("closed without a banner", True, False))
+        self.assertEqual(factory.ended_by, None)
+
+    def test_silence_after_the_first_bytes_ends_the_banner(self):
+        clock = MemoryReactorClock()
+        factory = GreetClientFactory(clock, idle=1.0)
+        results = []
+        factory.deferred.addBoth(results.append)
+        protocol, transport = connect(factory)
+        clock.advance(30)
+        self.assertFalse(transport.disconnecting, "no idle rule before the first byte")
+        protocol.dataReceived(b"SSH-2.0-")
+        clock.advance(0.75)
+        protocol.dataReceived(b"OpenSSH_9.2\r\n")
+        clock.advance(0.75)
+        self.assertFalse(transport.disconnecting, "a gap shorter than --idle is no end")
+        clock.advance(0.25)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected, "closed politely, not aborted")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(results, [b"SSH-2.0-OpenSSH_9.2\r\n"])
+        self.assertEqual((factory.ended_by, factory.ended_at, factory.truncated),
+                         ("idle", 30.75, False), "the banner ended with its last byte")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_idle_rule_waits_for_the_close(self):
+        clock = MemoryReactorClock()
+        factory = GreetClientFactory(clock, idle=None)
+        protocol, _ = connect(factory)
+        protocol.dataReceived(b"220 ")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual((self.successResultOf(factory.deferred), factory.ended_by),
+                         (b"220 ", "close"))
+
+    def test_first_line_ends_at_silence_too(self):
+        clock = MemoryReactorClock()
+        factory = GreetClientFactory(clock, first_line=True, idle=0.5)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"login: ")
+        clock.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual((self.successResultOf(factory.deferred), factory.ended_by),
+                         (b"login: ", "idle"))
+
+    def test_newline_and_max_bytes_stop_the_idle_timer(self):
+        for settings, data, ended_by in (({"first_line": True}, b"220 hi\r\n", "newline"),
+                                         ({"max_bytes": 2}, b"220", "max-bytes")):
+            clock = MemoryReactorClock()
+            factory = GreetClientFactory(clock, idle=1.0, **settings)
+            protocol, _ = connect(factory)
+            protocol.dataReceived(data)
+            clock.advance(1.0)
+            self.assertEqual(factory.ended_by, ended_by)
+
+    def test_the_result_does_not_wait_for_the_goodbye(self):
+        clock = MemoryReactorClock()
+        factory = GreetClientFactory(clock, idle=1.0)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"* OK IMAP4rev1 ready\r\n")
+        clock.advance(1.0)
+        self.assertEqual(self.successResultOf(factory.deferred), b"* OK IMAP4rev1 ready\r\n")
+        self.assertTrue(transport.disconnecting and not transport.disconnected)
+        # A TLS server that never answers close_notify: the close is cut short.
+        clock.advance(GOODBYE_TIMEOUT)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadline_reports_what_came(self):
+        factory, protocol, transport, results = self.attempt()
+        protocol.dataReceived(b"220-first")
+        factory.give_up()
+        self.assertTrue(transport.disconnected)
+        [failure] = results
+        self.assertEqual((str(failure.value), factory.banner),
+                         ("timed out after 9 bytes", b"220-first"))
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+
+    def test_deadline_messages(self):
+        factory, _, _, results = self.attempt()
+        factory.give_up()
+        self.assertEqual(str(results[0].value), "timed out waiting for a banner")
+        factory, _, _, results = self.attempt(tls=FakeTLS())
+        factory.give_up()
+        self.assertEqual(str(results[0].value), "timed out", "the handshake is not done")
+        factory = GreetClientFactory(MemoryReactorClock())
+        factory.give_up()
+        self.assertEqual(str(self.failureResultOf(factory.deferred).value), "timed out")
 
     def test_send(self):
         _, _, transport, _ = self.attempt(send=b"QUIT\r\n")
@@ -191,7 +295,7 @@ class ProbeTests(SynchronousTestCase):
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.successResultOf(result), ProbeResult(
             host="mail.example", port=25, started=0.0, total=0.875, address="192.0.2.1",
-            tried=("192.0.2.1",), connect=0.125, banner=GREETING),
+            tried=("192.0.2.1",), connect=0.125, banner=GREETING, ended_by="newline"),
             "connect counts from the attempt, total from the start")
         self.assertEqual(calls, [("mail.example", 25, socket.AF_UNSPEC)])
 
@@ -219,15 +323,49 @@ class ProbeTests(SynchronousTestCase):
                          ("127.0.0.1", "connection refused (tried ::1, 127.0.0.1)", True, None))
 
     def test_a_server_that_answered_is_not_retried_elsewhere(self):
-        result = self.start(FakeResolver(["::1", "127.0.0.1"]), timeout=2.0)
+        result = self.start(FakeResolver(["::1", "127.0.0.1"]), timeout=2.0, idle=None)
         protocol, transport = connect(self.attempt(0)[1], self.clock, after=0.5)
         protocol.dataReceived(b"220 ")
         self.clock.advance(1.5)
         self.assertTrue(transport.disconnected)
         result = self.successResultOf(result)
         self.assertEqual((result.error, result.total, result.banner, len(self.clock.tcpClients)),
-                         ("timed out", 2.0, None, 1))
+                         ("timed out after 4 bytes", 2.0, b"220 ", 1))
         protocol.connectionLost(Failure(error.ConnectionAborted()))
+
+    def test_a_trickle_is_cut_by_the_deadline(self):
+        result = self.start(FakeResolver(["192.0.2.1"]), timeout=2.0, idle=1.0)
+        protocol, _ = connect(self.attempt(0)[1])
+        for _ in range(4):
+            protocol.dataReceived(b"x")
+            self.clock.advance(0.5)
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.banner, result.ended_by),
+                         ("timed out after 4 bytes", b"xxxx", None))
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+
+    def test_silence_ends_the_probe(self):
+        result = self.start(FakeResolver(["192.0.2.1"]), timeout=5.0, idle=1.0)
+        factory = self.attempt(0)[1]
+        protocol, transport = connect(factory, self.clock, after=0.25)
+        self.clock.advance(0.25)
+        protocol.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.clock.advance(1.0)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.banner, result.ended_by, result.total),
+                         (None, b"SSH-2.0-OpenSSH_9.2\r\n", "idle", 0.5),
+                         "the total runs to the banner's last byte, not the silence")
+
+    def test_empty_reply(self):
+        result = self.start(FakeResolver(["192.0.2.1"]))
+        protocol, _ = connect(self.attempt(0)[1], self.clock, after=0.25)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.empty, result.refused, result.banner,
+                          result.connect),
+                         ("closed without a banner", True, False, None, 0.25))
 
     def test_timeout_while_connecting(self):
         result = self.start(FakeResolver(["192.0.2.1"]), timeout=3.0)
@@ -251,10 +389,10 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(result).total, 3.0)
 
     def test_resolver_failure(self):
-        result = self.start(FakeResolver(failure=ProbeError("cannot resolve: Name or service "
-                                                            "not known")))
-        self.assertEqual(self.successResultOf(result).error,
-                         "cannot resolve: Name or service not known")
+        result = self.start(FakeResolver(failure=ProbeError("name not resolved")))
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.tried, result.name_failed),
+                         ("name not resolved", (), True))
 
     def test_resolver_that_never_answers(self):
         result = self.start(FakeResolver(hang=True), timeout=2.0)
@@ -281,6 +419,63 @@ class ProbeTests(SynchronousTestCase):
         self.failureResultOf(result, defer.CancelledError)
         self.assertTrue(transport.disconnected)
         self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
+
+
+def unresolvable(code, text):
+    return socket.gaierror(code, text)
+
+
+NONAME = unresolvable(socket.EAI_NONAME, "Name or service not known")
+ADDRESSES = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 25)),
+             (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", 25, 0, 0)),
+             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 25))]
+
+
+class ResolveTests(SynchronousTestCase):
+    """What the resolver's answers become: addresses, or a failure in words."""
+
+    def resolve(self, answers, host="mail.example", family=socket.AF_UNSPEC):
+        """L{client.resolve} with getaddrinfo answering from C{answers[family]}."""
+        self.asked = []
+
+        def getaddrinfo(reactor, host, port, family):
+            self.asked.append(family)
+            answer = answers[family]
+            return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
+
+        self.patch(client, "_getaddrinfo", getaddrinfo)
+        resolving = defer.ensureDeferred(client.resolve(None, host, 25, family))
+        if isinstance(answers.get(family), Exception):
+            return str(self.failureResultOf(resolving, ProbeError).value)
+        return self.successResultOf(resolving)
+
+    def test_addresses_in_order_without_duplicates(self):
+        self.assertEqual(self.resolve({socket.AF_UNSPEC: ADDRESSES}),
+                         ["192.0.2.1", "2001:db8::1"])
+
+    def test_failures_in_words(self):
+        for answer, message in [
+            (NONAME, "name not resolved"),
+            (unresolvable(socket.EAI_NODATA, "No address associated with hostname"),
+             "has no address"),
+            (unresolvable(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+             "name not resolved: temporary failure in name resolution"),
+        ]:
+            self.assertEqual(self.resolve({socket.AF_UNSPEC: answer}), message)
+
+    def test_a_name_with_the_other_family_only(self):
+        answers = {socket.AF_INET6: NONAME, socket.AF_UNSPEC: ADDRESSES[:1]}
+        self.assertEqual(self.resolve(answers, family=socket.AF_INET6), "has no IPv6 address")
+        self.assertEqual(self.asked, [socket.AF_INET6, socket.AF_UNSPEC])
+        answers = {socket.AF_INET: unresolvable(socket.EAI_ADDRFAMILY, "Address family for "
+                                                "hostname not supported"),
+                   socket.AF_UNSPEC: ADDRESSES[1:2]}
+        self.assertEqual(self.resolve(answers, host="::1", family=socket.AF_INET),
+                         "is not an IPv4 address")
+
+    def test_a_name_that_does_not_exist_in_any_family(self):
+        answers = {socket.AF_INET: NONAME, socket.AF_UNSPEC: NONAME}
+        self.assertEqual(self.resolve(answers, family=socket.AF_INET), "name not resolved")
 
 
 class FakeTLS:

@@ -60,9 +60,10 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(
             {key: options[key] for key in (
                 "host", "port", "mode", "count", "interval", "timeout", "max-bytes", "send",
-                "first-line", "raw", "tls", "ca", "insecure", "family", "source", "timestamp")},
+                "first-line", "raw", "tls", "ca", "insecure", "family", "source", "timestamp",
+                "idle")},
             {"host": "localhost", "port": 27679, "mode": "banner", "count": 1,
-             "interval": 1.0, "timeout": 5.0, "max-bytes": 65536, "send": b"",
+             "interval": 1.0, "timeout": 5.0, "max-bytes": 65536, "send": b"", "idle": 1.0,
              "first-line": False, "raw": False, "tls": False, "ca": None, "insecure": False,
              "family": socket.AF_UNSPEC, "source": None, "timestamp": False})
         self.assertEqual(options.checks, Checks())
@@ -110,6 +111,19 @@ class OptionTests(SynchronousTestCase):
                             ("crit", CRITICAL), ("CRITICAL", CRITICAL)]:
             self.assertEqual(parse("--refused-state", text).checks.refused_state, state)
 
+    def test_empty_state(self):
+        self.assertEqual(parse().checks.empty_state, CRITICAL)
+        self.assertEqual(parse("--empty-state", "warn").checks.empty_state, WARNING)
+        self.assertEqual(parse("--empty-state", "ok").checks.empty_state, OK)
+
+    def test_idle(self):
+        self.assertEqual(parse("--idle", "2.5", "-t", "10")["idle"], 2.5)
+        self.assertEqual(parse("--idle", "0")["idle"], 0.0)
+        self.assertEqual(parse("--idle", "0", "-t", "0.5")["idle"], 0.0)
+        # A short timeout leaves the banner half of it to end in silence.
+        self.assertEqual(parse("-t", "1")["idle"], 0.5)
+        self.assertEqual(parse("-t", "30")["idle"], 1.0)
+
     def test_send_escapes(self):
         self.assertEqual(escaped("HELO x\\r\\n\\t\\0\\\\\\x7f\\xFFé"),
                          b"HELO x\r\n\t\0\\\x7f\xff\xc3\xa9")
@@ -137,6 +151,10 @@ class MistakeTests(SynchronousTestCase):
             (["-e", "(220"], "--expect '(220': not a valid regular expression: missing ), "
                              "unterminated subpattern at position 0"),
             (["--refused-state", "maybe"], "--refused-state 'maybe': not one of ok, warn, crit"),
+            (["--empty-state", "fine"], "--empty-state 'fine': not one of ok, warn, crit"),
+            (["--idle", "-1"], "--idle '-1': not 0 (off) or a positive number of seconds"),
+            (["--idle", "inf"], "--idle 'inf': not 0 (off) or a positive number of seconds"),
+            (["--idle", "soon"], "--idle 'soon': not a number of seconds"),
             (["--tls", "--cert-days", "7,30"],
              "--cert-days '7,30': days must be finite with WARN >= CRIT >= 0"),
             (["--tls", "--cert-days", "soon"], "--cert-days 'soon': not WARN[,CRIT] in days"),
@@ -157,6 +175,10 @@ class MistakeTests(SynchronousTestCase):
             (["--insecure"], "--insecure needs --tls"),
             (["--cert-days", "30"], "--cert-days needs --tls"),
             (["-w", "2", "--critical", "1"], "--warning 2 is above --critical 1"),
+            (["--idle", "5"], "--idle 5 is not below --timeout 5: no silence could end the "
+                              "banner (--idle 0 waits for the close)"),
+            (["--idle", "3", "-t", "2"], "--idle 3 is not below --timeout 2: no silence could "
+                                         "end the banner (--idle 0 waits for the close)"),
             (["--plugin", "-c", "0"], "--plugin needs a --count of 1 or more: a check must end"),
             (["-6", "-s", "127.0.0.1"], "--source 127.0.0.1 is not an IPv6 address"),
             (["-4", "-s", "::1"], "--source ::1 is not an IPv4 address"),

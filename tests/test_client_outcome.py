@@ -40,6 +40,13 @@ def failed(error="connection refused", refused=True):
                        error=error, refused=refused)
 
 
+def empty():
+    """A probe whose server closed without a byte."""
+    return ProbeResult(host="mail.example", port=25, started=NOW, total=0.003,
+                       address="192.0.2.1", tried=("192.0.2.1",), connect=0.002,
+                       error="closed without a banner", empty=True)
+
+
 def tls_expiring_in(days):
     not_after = datetime.fromtimestamp(NOW + days * DAY, timezone.utc)
     return TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", not_after)
@@ -63,6 +70,21 @@ class JudgeTests(SynchronousTestCase):
     def test_refused_state_leaves_other_failures_critical(self):
         verdict = judge(failed("timed out", refused=False), Checks(refused_state=OK), NOW)
         self.assertEqual(verdict.state, CRITICAL)
+
+    def test_an_empty_reply_is_critical(self):
+        self.assertEqual(judge(empty(), Checks(), NOW),
+                         Verdict(CRITICAL, False, "closed without a banner",
+                                 "closed without a banner"))
+
+    def test_empty_state_is_chosen(self):
+        for state in (OK, WARNING, CRITICAL):
+            verdict = judge(empty(), Checks(empty_state=state, refused_state=OK), NOW)
+            self.assertEqual((verdict.state, verdict.ok, verdict.error),
+                             (state, False, "closed without a banner"),
+                             "ok stays false: no banner was read")
+            self.assertEqual(verdict.reason,
+                             None if state == OK else "closed without a banner")
+        self.assertEqual(judge(failed(), Checks(empty_state=OK), NOW).state, CRITICAL)
 
     def test_expect_searches_the_decoded_banner(self):
         self.assertTrue(judge(read(), Checks(expect=re.compile("ESMTP$")), NOW).ok)
@@ -148,6 +170,19 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(summary.state, CRITICAL)
         self.assertEqual(summary.exit_status, CRITICAL)
         self.assertEqual(summary.worst[0].error, "connection refused")
+
+    def test_an_empty_reply_is_a_loss(self):
+        summary = Summary("mail.example", 25)
+        for result in (read(), empty(), empty()):
+            summary.add(result, judge(result, Checks(empty_state=WARNING), NOW))
+        self.assertEqual((summary.probes, summary.ok, summary.failed, summary.exit_status),
+                         (3, 1, 2, WARNING))
+        self.assertEqual(summary.total.count, 3, "the empty replies connected and are timed")
+
+    def test_name_failed(self):
+        self.assertTrue(failed("name not resolved", refused=False).name_failed)
+        self.assertFalse(empty().name_failed)
+        self.assertFalse(read().name_failed)
 
     def test_worst_probe_decides(self):
         summary = Summary("mail.example", 25)

@@ -30,6 +30,7 @@ HOSTILE = b"\x1b]0;pwned\x07\x1b[2J caf\xe9 \xc3\xa9\r\nsecond line\r\n"
 
 def read(banner=b"Thank you for connecting\r\n", total=0.0021, **facts):
     facts.setdefault("connect", 0.0004)
+    facts.setdefault("ended_by", "close")
     return ProbeResult(host="localhost", port=27679, started=STARTED, total=total,
                        address="127.0.0.1", tried=("127.0.0.1",), banner=banner, **facts)
 
@@ -38,6 +39,24 @@ def refused():
     return ProbeResult(host="localhost", port=9, started=STARTED, total=0.0003,
                        address="127.0.0.1", tried=("127.0.0.1",),
                        error="connection refused", refused=True)
+
+
+def empty():
+    return ProbeResult(host="localhost", port=27679, started=STARTED, total=0.0005,
+                       address="127.0.0.1", tried=("127.0.0.1",), connect=0.0002,
+                       error="closed without a banner", empty=True)
+
+
+def partial():
+    """A timeout after the first bytes of a banner."""
+    return ProbeResult(host="localhost", port=25, started=STARTED, total=5.0,
+                       address="127.0.0.1", tried=("127.0.0.1",), connect=0.0004,
+                       banner=b"220-partial", error="timed out after 11 bytes")
+
+
+def unresolved():
+    return ProbeResult(host="nosuchhost.invalid", port=25, started=STARTED, total=0.0031,
+                       error="name not resolved")
 
 
 class Run:
@@ -104,6 +123,24 @@ class BannerReportTests(SynchronousTestCase):
         self.assertEqual((out, err), (b"", b"tcpgreet-client: localhost port 9: "
                                            b"connection refused\n"))
 
+    def test_empty_reply(self):
+        out, err = Run(BannerReport)(empty())
+        self.assertEqual((out, err), (b"", b"tcpgreet-client: localhost port 27679: "
+                                           b"closed without a banner\n"))
+        out, err = Run(BannerReport, Checks(empty_state=0))(empty())
+        self.assertEqual(err, b"tcpgreet-client: localhost port 27679: closed without a "
+                              b"banner\n", "still said, as a refusal with --refused-state ok")
+
+    def test_what_came_before_a_timeout_is_shown(self):
+        out, err = Run(BannerReport)(partial())
+        self.assertEqual((out, err), (b"220-partial\n", b"tcpgreet-client: localhost port 25: "
+                                                         b"timed out after 11 bytes\n"))
+
+    def test_a_name_that_does_not_resolve_is_the_culprit(self):
+        out, err = Run(BannerReport)(unresolved())
+        self.assertEqual((out, err), (b"", b"tcpgreet-client: nosuchhost.invalid: "
+                                           b"name not resolved\n"))
+
     def test_mismatch_shows_what_came(self):
         out, err = Run(BannerReport, Checks(expect=re.compile("^220")))(read())
         self.assertEqual(out, b"Thank you for connecting\n")
@@ -163,6 +200,19 @@ class LinesReportTests(SynchronousTestCase):
                          "0.002 s over --warning 0.001 s: \\x1b]0;pwned\\x07\\x1b[2J "
                          "caf\\xe9 é")
 
+    def test_empty_partial_and_unresolved(self):
+        out, _ = Run(LinesReport)(empty(), partial(), unresolved())
+        self.assertEqual(out.decode().splitlines()[:6], [
+            "localhost port 27679 (127.0.0.1) seq=1: CRITICAL closed without a banner after "
+            "0.500 ms",
+            "localhost port 25 (127.0.0.1) seq=2: CRITICAL connect 0.400 ms, total 5000.000 ms, "
+            "11 bytes; timed out after 11 bytes: 220-partial",
+            "nosuchhost.invalid port 25 seq=3: CRITICAL name not resolved after 3.100 ms",
+            "",
+            "--- localhost port 27679 probe statistics ---",
+            "3 probes, 0 ok, 3 failed, 100% loss, state CRITICAL",
+        ])
+
     def test_only_probes_completed_count(self):
         out, _ = Run(LinesReport)(interrupted=True)
         self.assertEqual(out.decode().splitlines()[1:],
@@ -184,7 +234,7 @@ class JsonReportTests(SynchronousTestCase):
             "tried": ["127.0.0.1"], "ok": True, "state": "OK", "error": None,
             "reason": None, "connect_ms": 0.4, "tls_ms": None, "total_ms": 2.1,
             "bytes": 26, "banner": "Thank you for connecting\r\n", "truncated": False,
-            "tls_version": None, "tls_cipher": None, "cert_not_after": None,
+            "ended_by": "close", "tls_version": None, "tls_cipher": None, "cert_not_after": None,
             "cert_days_left": None,
         })
         self.assertEqual(summary, {
@@ -209,6 +259,26 @@ class JsonReportTests(SynchronousTestCase):
         self.assertEqual((summary["probes"], summary["failed"], summary["loss_pct"],
                           summary["state"], summary["exit_status"]),
                          (2, 1, 50.0, "CRITICAL", 2))
+
+    def test_empty_reply(self):
+        fields = ("ok", "state", "error", "reason", "bytes", "banner", "ended_by")
+        probe, summary = self.records(empty())
+        self.assertEqual({key: probe[key] for key in fields},
+                         {"ok": False, "state": "CRITICAL", "error": "closed without a banner",
+                          "reason": "closed without a banner", "bytes": 0, "banner": None,
+                          "ended_by": None})
+        self.assertEqual((summary["ok"], summary["failed"]), (0, 1))
+        probe, _ = self.records(empty(), checks=Checks(empty_state=0))
+        self.assertEqual({key: probe[key] for key in fields},
+                         {"ok": False, "state": "OK", "error": "closed without a banner",
+                          "reason": None, "bytes": 0, "banner": None, "ended_by": None})
+
+    def test_partial_banner(self):
+        probe, _ = self.records(partial())
+        self.assertEqual(
+            {key: probe[key] for key in ("ok", "state", "error", "bytes", "banner", "total_ms")},
+            {"ok": False, "state": "CRITICAL", "error": "timed out after 11 bytes",
+             "bytes": 11, "banner": "220-partial", "total_ms": 5000.0})
 
     def test_hostile_banner_is_plain_ascii_json(self):
         out, _ = Run(JsonReport)(read(HOSTILE))
@@ -248,6 +318,22 @@ class PluginReportTests(SynchronousTestCase):
                                                "localhost port 9")
         self.assertEqual(self.line(refused(), checks=Checks(refused_state=0)),
                          "TCP OK - connection refused on localhost port 9")
+
+    def test_empty_reply(self):
+        self.assertEqual(self.line(empty()),
+                         "TCP CRITICAL - closed without a banner on localhost port 27679"
+                         "|time=0.000500s;;;0.000000;10.000000")
+        self.assertTrue(self.line(empty(), checks=Checks(empty_state=1)).startswith(
+            "TCP WARNING - closed without a banner on localhost port 27679|"))
+
+    def test_partial_banner(self):
+        self.assertEqual(self.line(partial()),
+                         "TCP CRITICAL - timed out after 11 bytes on localhost port 25 "
+                         "[220-partial]|time=5.000000s;;;0.000000;10.000000")
+
+    def test_name_not_resolved(self):
+        self.assertEqual(self.line(unresolved()),
+                         "TCP CRITICAL - nosuchhost.invalid: name not resolved")
 
     def test_several_probes(self):
         line = self.line(read(), refused(), read(total=0.0035))
