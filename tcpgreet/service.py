@@ -184,7 +184,7 @@ class GreetService(service.Service):
                      else f"a template of {len(factory.greeting)} characters"),
             "max_connections": limits.max_connections,
             "max_per_ip": limits.max_per_ip or "off",
-            "rate_per_ip": f"{rate.rate:g}/{rate.burst:g}" if rate else "off",
+            "rate_per_ip": f"{rate.rate:g}/{rate.burst:g}" if rate is not None else "off",
             "timeout": factory.timeout,
             "drain_timeout": self.drain_timeout,
             "descriptors": self.descriptors,

@@ -277,7 +277,7 @@ def _factory(options: Options, reactor) -> GreetFactory:
     rate = options["rate-per-ip"]
     limits = ConnectionLimits(
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
-        rate=TokenBuckets(*rate) if rate else None)
+        rate=TokenBuckets(*rate) if rate is not None else None)
     return GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
                         timeout=options["timeout"], reactor=reactor)
 
@@ -326,7 +326,7 @@ def worker_arguments(options: Options) -> list[str]:
     arguments += [
         f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
         f"--max-per-ip={options['max-per-ip']}",
-        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate else []),
+        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate is not None else []),
         f"--timeout={options['timeout']!r}",
         f"--drain-timeout={options['drain-timeout']!r}",
     ]

@@ -198,6 +198,15 @@ class MakeServiceTests(SynchronousTestCase):
                          (7, 3, 2.0, 4))
         self.assertEqual((service.factory.timeout, service.drain_timeout), (1.5, 0.5))
 
+    def test_the_startup_line_names_the_rate_limit_before_any_client_came(self):
+        _, service = self.make("--rate-per-ip", "2/3", "--max-per-ip", "4")
+        self.start(service)
+        fields = service.startupFields()
+        self.assertEqual((fields["rate_per_ip"], fields["max_per_ip"]), ("2/3", 4))
+        _, unlimited = self.make()
+        self.start(unlimited)
+        self.assertEqual(unlimited.startupFields()["rate_per_ip"], "off")
+
     def test_no_rate_limit_by_default(self):
         limits = self.make()[1].factory.limits
         self.assertEqual((limits.max_connections, limits.max_per_ip, limits.rate),
