@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet.logs import RateLimitedLog
+from tcpgreet.reuseport import bind_address
 
 log = Logger()
 
@@ -305,10 +306,38 @@ class GreetPort(tcp.Port):
             clock=self.reactor, sums=("shed",))
 
     def startListening(self) -> None:
+        """
+        Twisted's, without its "<factory> starting on <port>" line: the
+        service's start-up line says what listens where, once.
+        """
         _reserve.take()
-        super().startListening()
+        skt, self._preexistingSocket = self._preexistingSocket, None
+        if skt is None:
+            skt = self._bind()
+        else:
+            self._shouldShutdown = False  # inherited: others may share it
+        self._realPortNumber = skt.getsockname()[1]
+        self.factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.numberAccepts = 100
         self._direct = bool(getattr(self.factory, "directTransport", False))
-        self._socketKind = (int(self.socket.family), int(self.socket.type))
+        self._socketKind = (int(skt.family), int(skt.type))
+        self.startReading()
+
+    def _bind(self) -> socket.socket:
+        """A socket bound to this port's address and listening."""
+        skt = None
+        try:
+            skt = self.createInternetSocket()
+            skt.bind(bind_address(self.interface, self.port)[1])
+        except OSError as e:
+            if skt is not None:
+                skt.close()
+            raise error.CannotListenError(self.interface, self.port, e) from None
+        skt.listen(self.backlog)
+        return skt
 
     def _logConnectionLostMsg(self) -> None:
         """The service logs what it listens on and when it stops."""

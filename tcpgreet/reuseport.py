@@ -75,7 +75,7 @@ def attach_steering(skt: socket.socket, count: int) -> None:
     skt.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
-def _address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
     """The family and socket address to bind, as Twisted's TCP port has them."""
     if abstract.isIPv6Address(interface):
         # Keeps a scope (fe80::1%eth0), as Twisted does.
@@ -103,7 +103,7 @@ def bind_group(interface: str, port: int, backlog: int, count: int,
     @raise CannotListenError: as Twisted's own TCP port raises it, so that
         a port in use or a privileged port reads the same as without workers.
     """
-    family, address = _address(interface, port)
+    family, address = bind_address(interface, port)
     # With SO_REUSEPORT, a bind succeeds where another process of the same
     # user already listens with it, and the two would share connections.
     # A plain socket bound first fails as a single process would.
