@@ -292,8 +292,14 @@ class GreetPort(tcp.Port):
     C{ITCPTransport}; anything they do that needs the reactor upgrades the
     connection.  Other factories (TLS, PROXY wrappers) get the stock
     transport.
+
+    @ivar ipv6Only: for an IPv6 port, take IPv6 clients only
+        (C{IPV6_V6ONLY}), so that an IPv4 port can share its port number
+        and serve the IPv4 clients, which then come as the dotted quads
+        they are rather than as C{::ffff:} addresses.
     """
 
+    ipv6Only = False
     _direct = False
     _paused = None
     _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
@@ -325,6 +331,12 @@ class GreetPort(tcp.Port):
         self._direct = bool(getattr(self.factory, "directTransport", False))
         self._socketKind = (int(skt.family), int(skt.type))
         self.startReading()
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        if self.ipv6Only and self.addressFamily == socket.AF_INET6:
+            skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return skt
 
     def _bind(self) -> socket.socket:
         """A socket bound to this port's address and listening."""
@@ -465,9 +477,10 @@ class GreetPort(tcp.Port):
 
 
 def listen(reactor, port: int, factory: IProtocolFactory, backlog: int = 50,
-           interface: str = "") -> GreetPort:
-    """Like C{reactor.listenTCP}, with a L{GreetPort}."""
+           interface: str = "", ipv6_only: bool = False) -> GreetPort:
+    """Like C{reactor.listenTCP}, with a L{GreetPort} (see L{GreetPort.ipv6Only})."""
     p = GreetPort(port, factory, backlog, interface, reactor)
+    p.ipv6Only = ipv6_only
     p.startListening()
     return p
 
