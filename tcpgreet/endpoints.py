@@ -11,8 +11,10 @@ least L{DEFAULT_BACKLOG} unless its string sets one.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+from typing import NamedTuple
 
 from OpenSSL.crypto import Error as CryptoError
 from twisted.internet.endpoints import serverFromString
@@ -78,6 +80,38 @@ def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> st
     return f"{description}:backlog={backlog}"
 
 
+class Listener(NamedTuple):
+    """
+    One thing to listen on: an endpoint string and, for the IPv6 half of
+    the default listener, that its socket takes IPv6 clients only (the
+    IPv4 half serves the IPv4 clients on the same port).
+    """
+
+    description: str
+    ipv6_only: bool = False
+
+
+# What a machine without IPv6 (or a process not allowed it) answers.
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
+
+
+def ipv6_unavailable() -> str | None:
+    """
+    Why this process cannot listen on IPv6 at all (the kernel has no IPv6,
+    or the process may not use it: systemd's RestrictAddressFamilies=), or
+    L{None} if it can.  Any other failure is left to the listener itself
+    to report.
+    """
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(("::", 0))
+    except OSError as e:
+        if e.errno in _NO_IPV6:
+            return os.strerror(e.errno).lower()
+    return None
+
+
 class GreetReactor:
     """
     The reactor as endpoints see it: the same, except that TCP listeners
@@ -85,16 +119,21 @@ class GreetReactor:
     endpoint type keeps working; the ones that listen on TCP get the port
     that serves greetings within the accept pass and survives running out
     of descriptors.
+
+    @ivar _ipv6_only: whether the IPv6 TCP listeners it makes take IPv6
+        clients only (L{port.GreetPort.ipv6Only}).
     """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, ipv6_only: bool = False) -> None:
         self._reactor = reactor
+        self._ipv6_only = ipv6_only
 
     def __getattr__(self, name: str):
         return getattr(self._reactor, name)
 
     def listenTCP(self, portNumber: int, factory, backlog: int = 50, interface: str = ""):
-        return port.listen(self._reactor, portNumber, factory, backlog, interface)
+        return port.listen(self._reactor, portNumber, factory, backlog, interface,
+                           ipv6_only=self._ipv6_only)
 
     def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
                   interface: str = ""):
@@ -154,23 +193,26 @@ def socket_family(fileDescriptor: int) -> socket.AddressFamily:
 
 
 def server_endpoint(reactor, description: str,
-                    trusted_proxies: TrustedProxies | None = None) -> IStreamServerEndpoint:
+                    trusted_proxies: TrustedProxies | None = None,
+                    ipv6_only: bool = False) -> IStreamServerEndpoint:
     """
     Parse C{description} into an endpoint, raising L{EndpointError} with one
     line that names the string and what is wrong with it.  A C{haproxy:}
     endpoint takes PROXY headers from C{trusted_proxies} only (L{None}:
-    from anywhere).
+    from anywhere).  C{ipv6_only}: its IPv6 TCP socket takes IPv6 clients
+    only, when C{reactor} is a real one (a facade of one's own binds as it
+    was made to).
     """
     parts = split_description(description)
     if isinstance(reactor, PosixReactorBase):  # not a test's fake reactor
-        reactor = GreetReactor(reactor)
+        reactor = GreetReactor(reactor, ipv6_only=ipv6_only)
     if parts[0] == "haproxy" and len(parts) > 1:
         # Our own PROXY wrapper, not Twisted's: see tcpgreet.proxy.
         inner = description[len("haproxy:"):]
         beneath = HeaderBeforeTLSReactor(reactor) if parts[1] == "ssl" else reactor
         try:
-            return ProxyHeaderEndpoint(server_endpoint(beneath, inner), clock=reactor,
-                                       trusted=trusted_proxies)
+            return ProxyHeaderEndpoint(server_endpoint(beneath, inner, ipv6_only=ipv6_only),
+                                       clock=reactor, trusted=trusted_proxies)
         except EndpointError as e:
             raise EndpointError(f"listen endpoint {description!r}: "
                                 f"{str(e).split(': ', 1)[1]}") from None

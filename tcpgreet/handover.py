@@ -60,6 +60,11 @@ class HeldListener:
         self._lock = lock
 
     @property
+    def socket(self) -> socket.socket:
+        """The first socket: its address and options are every one's."""
+        return self.sockets[0]
+
+    @property
     def shared(self) -> bool:
         """Whether every worker accepts from the same socket."""
         return len(self.sockets) == 1
@@ -144,12 +149,15 @@ class HoldingReactor:
 
     @ivar steer: whether a TCP listener's group steers each client address
         to one worker (L{tcpgreet.reuseport.steering_program}).
+    @ivar ipv6_only: whether an IPv6 TCP listener's sockets take IPv6
+        clients only (for the default listener's IPv6 half).
     """
 
-    def __init__(self, reactor, workers: int, steer: bool) -> None:
+    def __init__(self, reactor, workers: int, steer: bool, ipv6_only: bool = False) -> None:
         self._reactor = reactor
         self._workers = workers
         self.steer = steer
+        self.ipv6_only = ipv6_only
 
     def __getattr__(self, name: str):
         return getattr(self._reactor, name)
@@ -157,7 +165,7 @@ class HoldingReactor:
     def listenTCP(self, portNumber: int, factory, backlog: int = 50,
                   interface: str = "") -> HeldListener:
         return HeldListener(bind_group(interface, portNumber, backlog, self._workers,
-                                       steer=self.steer))
+                                       steer=self.steer, ipv6_only=self.ipv6_only))
 
     def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
                   interface: str = "") -> HeldListener:

@@ -49,7 +49,11 @@ class TokenBuckets:
         # host -> (tokens, time of last update); dict order is LRU order.
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def __len__(self) -> int:
+    # Not __len__: a limiter that remembers no address yet would then be
+    # false, and "if limits.rate:" would read a limit in force as none.
+    @property
+    def tracked(self) -> int:
+        """How many addresses the table remembers now."""
         return len(self._buckets)
 
     def take(self, host: str) -> bool:

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet.logs import RateLimitedLog
+from tcpgreet.reuseport import bind_address
 
 log = Logger()
 
@@ -291,8 +292,14 @@ class GreetPort(tcp.Port):
     C{ITCPTransport}; anything they do that needs the reactor upgrades the
     connection.  Other factories (TLS, PROXY wrappers) get the stock
     transport.
+
+    @ivar ipv6Only: for an IPv6 port, take IPv6 clients only
+        (C{IPV6_V6ONLY}), so that an IPv4 port can share its port number
+        and serve the IPv4 clients, which then come as the dotted quads
+        they are rather than as C{::ffff:} addresses.
     """
 
+    ipv6Only = False
     _direct = False
     _paused = None
     _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
@@ -305,10 +312,44 @@ class GreetPort(tcp.Port):
             clock=self.reactor, sums=("shed",))
 
     def startListening(self) -> None:
+        """
+        Twisted's, without its "<factory> starting on <port>" line: the
+        service's start-up line says what listens where, once.
+        """
         _reserve.take()
-        super().startListening()
+        skt, self._preexistingSocket = self._preexistingSocket, None
+        if skt is None:
+            skt = self._bind()
+        else:
+            self._shouldShutdown = False  # inherited: others may share it
+        self._realPortNumber = skt.getsockname()[1]
+        self.factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.numberAccepts = 100
         self._direct = bool(getattr(self.factory, "directTransport", False))
-        self._socketKind = (int(self.socket.family), int(self.socket.type))
+        self._socketKind = (int(skt.family), int(skt.type))
+        self.startReading()
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        if self.ipv6Only and self.addressFamily == socket.AF_INET6:
+            skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return skt
+
+    def _bind(self) -> socket.socket:
+        """A socket bound to this port's address and listening."""
+        skt = None
+        try:
+            skt = self.createInternetSocket()
+            skt.bind(bind_address(self.interface, self.port)[1])
+        except OSError as e:
+            if skt is not None:
+                skt.close()
+            raise error.CannotListenError(self.interface, self.port, e) from None
+        skt.listen(self.backlog)
+        return skt
 
     def _logConnectionLostMsg(self) -> None:
         """The service logs what it listens on and when it stops."""
@@ -436,9 +477,10 @@ class GreetPort(tcp.Port):
 
 
 def listen(reactor, port: int, factory: IProtocolFactory, backlog: int = 50,
-           interface: str = "") -> GreetPort:
-    """Like C{reactor.listenTCP}, with a L{GreetPort}."""
+           interface: str = "", ipv6_only: bool = False) -> GreetPort:
+    """Like C{reactor.listenTCP}, with a L{GreetPort} (see L{GreetPort.ipv6Only})."""
     p = GreetPort(port, factory, backlog, interface, reactor)
+    p.ipv6Only = ipv6_only
     p.startListening()
     return p
 

@@ -75,7 +75,7 @@ def attach_steering(skt: socket.socket, count: int) -> None:
     skt.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
-def _address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
     """The family and socket address to bind, as Twisted's TCP port has them."""
     if abstract.isIPv6Address(interface):
         # Keeps a scope (fe80::1%eth0), as Twisted does.
@@ -85,30 +85,34 @@ def _address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
     return socket.AF_INET, (interface, port)
 
 
-def _socket(family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
+def _socket(family: socket.AddressFamily, reuse_port: bool,
+            ipv6_only: bool = False) -> socket.socket:
     skt = socket.socket(family, socket.SOCK_STREAM)
     skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's ports do
     if reuse_port:
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if ipv6_only and family == socket.AF_INET6:
+        skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     return skt
 
 
 def bind_group(interface: str, port: int, backlog: int, count: int,
-               steer: bool = False) -> list[socket.socket]:
+               steer: bool = False, ipv6_only: bool = False) -> list[socket.socket]:
     """
     C{count} non-blocking sockets listening on C{interface} and C{port}
     (port 0: the port the first one gets), in one reuseport group, steered
-    by L{steering_program} when C{steer} is true.
+    by L{steering_program} when C{steer} is true; IPv6 sockets take IPv6
+    clients only when C{ipv6_only} is (see L{tcpgreet.port.GreetPort.ipv6Only}).
 
     @raise CannotListenError: as Twisted's own TCP port raises it, so that
         a port in use or a privileged port reads the same as without workers.
     """
-    family, address = _address(interface, port)
+    family, address = bind_address(interface, port)
     # With SO_REUSEPORT, a bind succeeds where another process of the same
     # user already listens with it, and the two would share connections.
     # A plain socket bound first fails as a single process would.
     try:
-        with _socket(family, reuse_port=False) as probe:
+        with _socket(family, reuse_port=False, ipv6_only=ipv6_only) as probe:
             probe.bind(address)
             address = (address[0], probe.getsockname()[1], *address[2:])
     except OSError as e:
@@ -116,7 +120,7 @@ def bind_group(interface: str, port: int, backlog: int, count: int,
     group: list[socket.socket] = []
     try:
         for index in range(count):
-            skt = _socket(family, reuse_port=True)
+            skt = _socket(family, reuse_port=True, ipv6_only=ipv6_only)
             group.append(skt)
             if index == 0 and steer:
                 # Before the group takes its first connection.

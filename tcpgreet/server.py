@@ -15,6 +15,7 @@ import contextlib
 import socket
 import time
 
+from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
@@ -95,15 +96,37 @@ def _unsent(transport) -> int | None:
     return len(held) - transport.offset + getattr(transport, "_tempDataLen", 0)
 
 
-def _bytes_out(protocol: GreetProtocol) -> int:
+def _bytes_out(protocol: GreetProtocol, tls: bool) -> int:
     """
     How much of the greeting left the server: what the protocol wrote, less
     what a byte-stream transport still held when the connection ended.
+    Over TLS, nothing leaves before the handshake is done: the greeting
+    waits for it, never sent in clear.
     """
+    if tls and not protocol.handshook:
+        return 0
     unsent = _unsent(protocol.transport)
     if unsent is None:
         return protocol.written
     return max(0, protocol.written - unsent)
+
+
+def tls_reason(reason: Failure, handshook: bool) -> str:
+    """
+    Why a TLS connection ended, in a few words: OpenSSL's own reasons
+    (C{tlsv1 alert unknown ca}, C{http request}) rather than the list of
+    tuples an C{SSL.Error} prints as, and whether the handshake failed.
+    """
+    details = reason.value.args[0] if reason.check(SSL.Error) and reason.value.args else None
+    reasons = [entry[-1] for entry in details if isinstance(entry, tuple) and entry[-1]] \
+        if isinstance(details, list) else []
+    why = ", ".join(dict.fromkeys(reasons)) or reason.getErrorMessage()
+    if not handshook:
+        if reason.check(error.ConnectionClosed):
+            # Twisted's TLS reports the client's EOF and its reset alike.
+            why = "connection closed"
+        return f"TLS handshake failed: {why}"
+    return f"TLS error: {why}" if reason.check(SSL.Error) else why
 
 
 def peer_host_port(address: IAddress) -> tuple[str, int]:
@@ -380,12 +403,15 @@ class GreetFactory(Factory):
         if self.waiting:
             self.done(protocol)
         self.limits.release(getattr(protocol.peer, "host", None))
-        # Greeted: the FIN followed the whole greeting (a byte stream), or,
-        # over TLS, the handshake was done and nothing of the greeting was
-        # left unsent when the connection ended; many TLS clients leave
-        # without close_notify, which Twisted reports as a lost connection.
+        # Greeted: the FIN followed the whole greeting (a byte stream: the
+        # common case, decided first), or, over TLS, the handshake was done
+        # and nothing of the greeting was left unsent when the connection
+        # ended; many TLS clients leave without close_notify, which Twisted
+        # reports as a lost connection.
+        tls = False if protocol.writeDone else INegotiated.providedBy(protocol.transport)
         if protocol.writeDone or (protocol.written == protocol.length and
                                   protocol.cutShort is None and
+                                  (protocol.handshook or not tls) and
                                   (reason.check(error.ConnectionDone) or
                                    (protocol.closing and protocol.handshook and
                                     not _unsent(getattr(protocol.transport, "transport", None))))):
@@ -400,19 +426,22 @@ class GreetFactory(Factory):
                 stats.count(stats.aborted, why)
             else:
                 outcome = "lost"
-                why = reason.getErrorMessage()
+                why = tls_reason(reason, protocol.handshook) if tls else \
+                    reason.getErrorMessage()
                 stats.lost += 1
         if self.quiet:
             return
         host, port = peer_host_port(protocol.peer)
-        tls = INegotiated.providedBy(protocol.transport)
         if why is None:
             log.info(_GREETED_TLS if tls else _GREETED,
                      peer=host, port=port, outcome=outcome, bytes=protocol.written,
                      duration_ms=round(duration * 1000, 3), reason=why, tls=tls)
         else:
-            log.info(_CUT_SHORT_TLS if tls else _CUT_SHORT,
-                     peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol),
+            # A handshake that failed says TLS in its reason already: the
+            # connection never got to be "over TLS".
+            over_tls = tls and (protocol.handshook or outcome == "aborted")
+            log.info(_CUT_SHORT_TLS if over_tls else _CUT_SHORT,
+                     peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol, tls),
                      length=protocol.length, duration_ms=round(duration * 1000, 3),
                      reason=why, tls=tls)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import sys
 
 from twisted.application import service
@@ -190,14 +191,14 @@ class GreetService(service.Service):
         return {
             "version": __version__,
             "listeners": ", ".join(
-                f"{description} ({_address(port)})"
+                f"{description} ({_listening_at(port)})"
                 for (description, _), port in zip(self.endpoints, self.ports, strict=True)),
             "source": self.greeting_file or "--greeting",
             "size": (f"{len(factory.greeting)} bytes" if factory.greeting.static is not None
                      else f"a template of {len(factory.greeting)} characters"),
             "max_connections": limits.max_connections,
             "max_per_ip": limits.max_per_ip or "off",
-            "rate_per_ip": f"{rate.rate:g}/{rate.burst:g}" if rate else "off",
+            "rate_per_ip": f"{rate.rate:g}/{rate.burst:g}" if rate is not None else "off",
             "timeout": factory.timeout,
             "drain_timeout": self.drain_timeout,
             "descriptors": self.descriptors,
@@ -308,6 +309,22 @@ def _listen_reason(failure: Failure) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror[:1].lower() + e.strerror[1:]
     return str(e) or type(e).__name__
+
+
+def _listening_at(port: IListeningPort) -> str:
+    """
+    Where a listener listens, for the start-up line.  On every IPv6
+    address (C{[::]}), a socket takes IPv4 clients too unless it is
+    IPv6-only (the default's IPv6 half, or one systemd bound so): then it
+    says so.
+    """
+    where = _address(port)
+    skt = getattr(port, "socket", None)
+    if isinstance(skt, socket.socket) and skt.family == socket.AF_INET6 and \
+            skt.getsockname()[0] == "::" and \
+            skt.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        where += ", IPv6 only"
+    return where
 
 
 def _address(port: IListeningPort) -> str:

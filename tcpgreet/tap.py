@@ -14,11 +14,19 @@ import os
 from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from tcpgreet import greeting
 from tcpgreet.control import ControlService
-from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
+from tcpgreet.endpoints import (
+    DEFAULT_BACKLOG,
+    EndpointError,
+    Listener,
+    ipv6_unavailable,
+    proxied,
+    server_endpoint,
+)
 from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.proxy import Network, TrustedProxies
@@ -26,9 +34,22 @@ from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
 from tcpgreet.workers import WorkerSupervisor, per_worker
 
-DEFAULT_LISTEN = "tcp:27679"
+log = Logger()
+
+DEFAULT_PORT = 27679
 DEFAULT_GREETING = "Thank you for connecting"
 DEFAULT_MAX_CONNECTIONS = 10000
+
+
+def default_listen(port: int) -> list[str]:
+    """
+    What listens when no --listen is given: C{port} on every address, IPv4
+    and IPv6, as two listeners.  The IPv6 one takes IPv6 clients only (see
+    L{listeners}), so that every client reaches the socket of its own
+    family and is seen, logged and limited as its own address, with
+    nothing to translate for each connection.
+    """
+    return [f"tcp:{port}", f"tcp6:{port}"]
 
 
 def _number(option: str, text: str, kind=int, minimum: float = 0):
@@ -141,10 +162,13 @@ class Options(usage.Options):
         self["worker-control"] = None
         self["worker-fds"] = None
         self.greeting: greeting.Greeting | None = None
+        self.defaultListen = False
 
     @_help
     def opt_listen(self, description: str) -> None:
-        """Listen on this Twisted server endpoint; repeatable. [default: tcp:27679]"""
+        """Listen on this Twisted server endpoint; repeatable. [default: port
+        27679 on every IPv4 and IPv6 address: tcp:27679 and tcp6:27679, the
+        latter IPv6 only]"""
         self["listen"].append(description)
 
     opt_l = opt_listen
@@ -220,7 +244,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if not self["listen"]:
-            self["listen"] = [DEFAULT_LISTEN]
+            self["listen"] = default_listen(DEFAULT_PORT)
+            self.defaultListen = True
         if self["workers"] > self["max-connections"]:
             raise usage.UsageError(
                 f"--workers {self['workers']} is more than --max-connections "
@@ -246,8 +271,9 @@ class Options(usage.Options):
         internal = (self["worker"], self["worker-control"], self["worker-fds"])
         if internal == (None, None, None):
             return
+        # A worker is given what to listen on: a --listen for each socket.
         if None in internal or len(self["worker-fds"]) != len(self["listen"]) or \
-                self["workers"] != 1 or self["metrics"] is not None:
+                self.defaultListen or self["workers"] != 1 or self["metrics"] is not None:
             raise usage.UsageError("--worker, --worker-control and --worker-fds are set by "
                                    "tcpgreet for its workers, not by hand; use --workers")
 
@@ -276,9 +302,10 @@ def makeService(options: Options, reactor=None) -> IService:
     if options["workers"] > 1:
         return _supervisor(options, reactor)
     worker = options["worker"] is not None
+    wanted = listeners(options)
     facades = ([InheritedReactor(reactor, fd) for fd in options["worker-fds"]] if worker
-               else [reactor] * len(options["listen"]))
-    endpoints = _endpoints(options, facades)
+               else [reactor] * len(wanted))
+    endpoints = _endpoints(options, wanted, facades)
     factory = _factory(options, reactor)
     top = MultiService()
     greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
@@ -295,12 +322,30 @@ def makeService(options: Options, reactor=None) -> IService:
     return top
 
 
-def _endpoints(options: Options, facades: list) -> list:
-    """Each --listen string and its endpoint, parsed on its reactor facade."""
+def listeners(options: Options) -> list[Listener]:
+    """
+    What the service listens on: each --listen string as it is, or with
+    none given the default (L{default_listen}), its IPv6 half IPv6-only;
+    on a machine without IPv6, its IPv4 half alone, as the log says.
+    """
+    if not options.defaultListen:
+        return [Listener(description) for description in options["listen"]]
+    ipv4, ipv6 = options["listen"]
+    missing = ipv6_unavailable()
+    if missing is not None:
+        log.warn("no IPv6 here ({reason}): the default listens on IPv4 alone, {listen}",
+                 reason=missing, listen=ipv4)
+        return [Listener(ipv4)]
+    return [Listener(ipv4), Listener(ipv6, ipv6_only=True)]
+
+
+def _endpoints(options: Options, wanted: list[Listener], facades: list) -> list:
+    """Each listen string and its endpoint, parsed on its reactor facade."""
     trusted = TrustedProxies(options["trusted-proxy"]) if options["trusted-proxy"] else None
     try:
-        return [(description, server_endpoint(facade, description, trusted))
-                for description, facade in zip(options["listen"], facades, strict=True)]
+        return [(listener.description,
+                 server_endpoint(facade, listener.description, trusted, listener.ipv6_only))
+                for listener, facade in zip(wanted, facades, strict=True)]
     except EndpointError as e:
         raise fail(str(e)) from None
 
@@ -309,7 +354,7 @@ def _factory(options: Options, reactor) -> GreetFactory:
     rate = options["rate-per-ip"]
     limits = ConnectionLimits(
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
-        rate=TokenBuckets(*rate) if rate else None)
+        rate=TokenBuckets(*rate) if rate is not None else None)
     return GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
                         timeout=options["timeout"], reactor=reactor)
 
@@ -321,11 +366,14 @@ def _supervisor(options: Options, reactor) -> IService:
     # proxy, where the address the kernel sees is the proxy's: steered, all
     # its connections would go to one worker.
     per_address = bool(options["max-per-ip"] or options["rate-per-ip"])
-    endpoints = _endpoints(options, [
-        HoldingReactor(reactor, count, steer=per_address and not proxied(description))
-        for description in options["listen"]])
+    wanted = listeners(options)
+    endpoints = _endpoints(options, wanted, [
+        HoldingReactor(reactor, count, steer=per_address and not proxied(listener.description),
+                       ipv6_only=listener.ipv6_only)
+        for listener in wanted])
     supervisor = WorkerSupervisor(
-        _factory(options, reactor), endpoints, count, worker_arguments(options),
+        _factory(options, reactor), endpoints, count,
+        worker_arguments(options, [listener.description for listener in wanted]),
         greeting_file=options["greeting-file"], reactor=reactor,
         drain_timeout=options["drain-timeout"])
     top = MultiService()
@@ -340,13 +388,15 @@ def _supervisor(options: Options, reactor) -> IService:
     return top
 
 
-def worker_arguments(options: Options) -> list[str]:
+def worker_arguments(options: Options, descriptions: list[str]) -> list[str]:
     """
-    The options every worker runs with: the supervisor's own, each
-    worker's share of --max-connections, and neither --workers nor
+    The options every worker runs with: the supervisor's own, with a
+    --listen for each of C{descriptions} (what the supervisor listens on:
+    the workers adopt its sockets, whatever options it bound them with),
+    each worker's share of --max-connections, and neither --workers nor
     --metrics, which are the supervisor's.
     """
-    arguments = [f"--listen={description}" for description in options["listen"]]
+    arguments = [f"--listen={description}" for description in descriptions]
     if options["greeting-file"] is not None:
         # twistd may change directory after reading the options.
         arguments.append(f"--greeting-file={os.path.abspath(options['greeting-file'])}")
@@ -358,7 +408,7 @@ def worker_arguments(options: Options) -> list[str]:
     arguments += [
         f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
         f"--max-per-ip={options['max-per-ip']}",
-        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate else []),
+        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate is not None else []),
         f"--timeout={options['timeout']!r}",
         f"--drain-timeout={options['drain-timeout']!r}",
         *(f"--trusted-proxy={network}" for network in options["trusted-proxy"]),

@@ -36,6 +36,49 @@ def twistd_command(*args: str, twistd_args: tuple[str, ...] = ()) -> list[str]:
     return [TWISTD, "-n", "--pidfile=", *twistd_args, "tcpgreet", *args]
 
 
+# twistd, with the port of the default listener (no --listen) set first:
+# the default itself, on a port of the test's choosing rather than 27679,
+# which another program may hold.
+_DEFAULT_ON = """\
+import sys
+import tcpgreet.tap
+tcpgreet.tap.DEFAULT_PORT = int(sys.argv[1])
+sys.argv[:] = ["twistd", *sys.argv[2:]]
+from twisted.scripts.twistd import run
+run()
+"""
+
+
+def default_command(port: int, *args: str) -> list[str]:
+    """C{twistd -n --pidfile= tcpgreet ARGS}, whose default listener is on C{port}."""
+    return [sys.executable, "-c", _DEFAULT_ON, str(port), *twistd_command(*args)[1:]]
+
+
+def run_default(port: int, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """L{run_twistd}, with the default listener on C{port} (L{default_command})."""
+    return subprocess.run(default_command(port, *args), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=_env(None),
+                          cwd=NEUTRAL_CWD)
+
+
+def unused_dual_port() -> int:
+    """
+    A port nothing listens on right now on any IPv4 or IPv6 address, for
+    the default listener.  Another process may take it meanwhile: callers
+    retry on "address already in use".
+    """
+    while True:
+        with socket.socket() as ipv4, socket.socket(socket.AF_INET6) as ipv6:
+            ipv4.bind(("", 0))
+            port = ipv4.getsockname()[1]
+            ipv6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                ipv6.bind(("::", port))
+            except OSError:
+                continue
+            return port
+
+
 class Server:
     """
     One C{twistd -n tcpgreet} subprocess.  Its log (standard output) is read
@@ -44,7 +87,7 @@ class Server:
     """
 
     def __init__(self, *args: str, env: dict | None = None, preexec_fn=None,
-                 twistd_args: tuple[str, ...] = ()) -> None:
+                 twistd_args: tuple[str, ...] = (), command: list[str] | None = None) -> None:
         self.args = args
         self.lines: list[str] = []
         # Lines before this index have been matched by wait_for, or passed
@@ -52,7 +95,7 @@ class Server:
         self._cursor = 0
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(
-            twistd_command(*args, twistd_args=twistd_args), stdout=subprocess.PIPE,
+            command or twistd_command(*args, twistd_args=twistd_args), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=_env(env),
             preexec_fn=preexec_fn, cwd=NEUTRAL_CWD)
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from unittest import skipUnless
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from . import confine, tls
 from .helpers import (
@@ -51,16 +51,19 @@ def bracketed(host: str, port: int) -> str:
 
 def socket_activate(testcase, command: list[str], fdnames: list[str] | None = None,
                     sockets: int = 1, host: str = "127.0.0.1",
-                    preexec_fn=None) -> tuple[Program, list[int]]:
+                    preexec_fn=None, hosts: list[str] | None = None
+                    ) -> tuple[Program, list[int]]:
     """
     Run C{systemd-socket-activate [--fdname=...] --listen=HOST:PORT... COMMAND}
-    and wait until it listens; the program and its ports.
+    and wait until it listens; the program and its ports.  C{hosts}: a
+    host for each socket, instead of C{sockets} on C{host}.
     """
     tool = require_tool(testcase, "systemd-socket-activate")
     options = [f"--fdname={':'.join(fdnames)}"] if fdnames else []
+    hosts = hosts or [host] * sockets
     for _ in range(ATTEMPTS):
-        ports = [unused_port(host) for _ in range(sockets)]
-        addresses = [bracketed(host, port) for port in ports]
+        ports = [unused_port(host) for host in hosts]
+        addresses = [bracketed(host, port) for host, port in zip(hosts, ports, strict=True)]
         program = Program([tool, *options, *(f"--listen={address}" for address in addresses),
                            *command], preexec_fn=preexec_fn)
         testcase.addCleanup(program.stop)
@@ -151,6 +154,11 @@ class SocketActivationTests(SynchronousTestCase):
 
 
 
+# Where a test's copy of the socket unit listens, for each address the
+# unit binds: the loopback address of that family.
+LOOPBACK = {"0.0.0.0": "127.0.0.1", "[::]": "::1"}
+
+
 def unit_settings(path: Path) -> dict[str, list[str]]:
     """
     A unit file's settings as C{"Section.Key"} -> its values in order, read
@@ -187,6 +195,29 @@ class UnitFileTests(SynchronousTestCase):
         directory = tempfile.mkdtemp(prefix="tcpgreet-units-")
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         self.directory = Path(directory)
+        # The socket unit's sockets, as systemd passes them: on loopback
+        # here, each under the unit's one name.
+        [name] = self.socket["Socket.FileDescriptorName"]
+        self.hosts = [LOOPBACK[listen.rsplit(":", 1)[0]]
+                      for listen in self.socket["Socket.ListenStream"]]
+        self.fdnames = [name] * len(self.hosts)
+
+    def activate_unit(self, command: list[str], preexec_fn, others: tuple[str, ...] = ()
+                      ) -> tuple[Program, list[int]]:
+        """
+        Socket-activate C{command} with the socket unit's sockets (and
+        C{others}, names of IPv4 sockets of other units, after them).
+        """
+        if not has_ipv6_loopback():
+            raise SkipTest("no IPv6 loopback, which the socket unit binds")
+        return socket_activate(self, command, fdnames=[*self.fdnames, *others],
+                               hosts=[*self.hosts, *["127.0.0.1"] * len(others)],
+                               preexec_fn=preexec_fn)
+
+    def assertGreetsBothFamilies(self, ports: list[int], greeting: bytes) -> None:
+        """The first connection, made before twistd runs, then one on each other socket."""
+        for host, port in zip(self.hosts, ports, strict=False):
+            self.assertEqual(fetch(host, port, timeout=FIRST_GREETING_TIMEOUT), greeting)
 
     def local_units(self, drop_ins: bool = False) -> list[Path]:
         """
@@ -230,11 +261,15 @@ class UnitFileTests(SynchronousTestCase):
         self.assertEqual(match.group(2), "SAFE", result.stdout)
 
     def test_socket_is_what_the_service_adopts(self):
-        # ExecStart adopts an IPv4 socket by name: the socket unit must bind
-        # IPv4 (a bare port is a dual-stack IPv6 socket) under that name.
-        self.assertEqual(self.socket["Socket.ListenStream"], ["0.0.0.0:27679"])
-        [name] = self.socket["Socket.FileDescriptorName"]
-        self.assertIn(f"systemd:domain=INET:name={name}", self.command)
+        # As tcpgreet's own default: every IPv4 and every IPv6 address, two
+        # sockets (a bare port would be one dual-stack IPv6 socket), adopted
+        # by position, each as its family.
+        self.assertEqual(self.socket["Socket.ListenStream"], ["0.0.0.0:27679", "[::]:27679"])
+        self.assertEqual(self.socket["Socket.BindIPv6Only"], ["ipv6-only"])
+        listens = [self.command[i + 1] for i, argument in enumerate(self.command)
+                   if argument == "--listen"]
+        self.assertEqual(listens, ["systemd:domain=INET:index=0",
+                                   "systemd:domain=INET6:index=1"])
         self.assertEqual(self.service["Unit.Requires"], ["tcpgreet.socket"])
 
     def test_service_command_greets_and_reloads(self):
@@ -244,11 +279,11 @@ class UnitFileTests(SynchronousTestCase):
         where = command.index("--greeting-file") + 1
         self.assertTrue(command[where].startswith("/etc/"), command[where])
         command[where] = str(greeting)
-        [name] = self.socket["Socket.FileDescriptorName"]
-        program, [port] = socket_activate(self, command, fdnames=[name],
-                                          preexec_fn=confine.like_the_unit)
-        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT),
-                         b"first\r\n")
+        program, ports = self.activate_unit(command, confine.like_the_unit)
+        self.assertGreetsBothFamilies(ports, b"first\r\n")
+        program.wait_for(rf"listening on systemd:domain=INET:index=0 \(127\.0\.0\.1:{ports[0]}\), "
+                         rf"systemd:domain=INET6:index=1 \(\[::1\]:{ports[1]}\); ")
+        port = ports[0]
 
         # What "systemctl reload tcpgreet" runs.
         self.assertEqual(self.service["Service.ExecReload"], ["/bin/kill -HUP $MAINPID"])
@@ -283,11 +318,8 @@ class UnitFileTests(SynchronousTestCase):
             argument = argument.replace("%d", str(credentials))
             argument = re.sub(r"^ssl:\d+:", "ssl:0:interface=127.0.0.1:", argument)
             command.append(str(greeting) if argument.startswith("/etc/") else argument)
-        [name] = self.socket["Socket.FileDescriptorName"]
-        program, [port] = socket_activate(self, command, fdnames=[name],
-                                          preexec_fn=confine.without_privileges)
-        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT),
-                         b"over TLS\r\n")
+        program, ports = self.activate_unit(command, confine.without_privileges)
+        self.assertGreetsBothFamilies(ports, b"over TLS\r\n")
         tls_port = int(program.wait_for(r"ssl:0:\S+ \(127\.0\.0\.1:(\d+)\)").group(1))
         result = tls.s_client(self, tls_port, files.trust)
         self.assertEqual((result.returncode, result.stdout), (0, b"over TLS\r\n"),
@@ -307,16 +339,13 @@ class UnitFileTests(SynchronousTestCase):
         greeting.write_text("measured\n")
         command = [TWISTD] + [str(greeting) if argument.startswith("/etc/") else argument
                               for argument in shlex.split(exec_start)[1:]]
-        [name] = self.socket["Socket.FileDescriptorName"]
         # systemd passes the sockets in the order of Sockets=.
-        program, [port, metrics_port] = socket_activate(
-            self, command, fdnames=[name, metrics_name], sockets=2,
-            preexec_fn=confine.like_the_unit)
-        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT),
-                         b"measured\r\n")
+        program, [*ports, metrics_port] = self.activate_unit(
+            command, confine.like_the_unit, others=(metrics_name,))
+        self.assertGreetsBothFamilies(ports, b"measured\r\n")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                     timeout=10) as response:
             text = response.read().decode()
-        self.assertRegex(text, r"(?m)^tcpgreet_connections_greeted_total 1\.0$")
+        self.assertRegex(text, r"(?m)^tcpgreet_connections_greeted_total 2\.0$")
         program.stop()
         self.assertNotIn("Traceback", program.log)

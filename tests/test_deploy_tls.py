@@ -96,9 +96,24 @@ class TLSGreetingTests(SynchronousTestCase):
         server = start_server(self, "--listen", ssl_listener(files))
         received = fetch(server.host, server.port, send=b"HELLO\r\n")
         self.assertNotIn(b"Thank you", received)
-        server.wait_for(r"127\.0\.0\.1 port \d+: lost over TLS \(.*wrong version number")
+        # Nothing of the greeting was sent, in clear or not; the reason is
+        # OpenSSL's, in words.
+        server.wait_for(r"127\.0\.0\.1 port \d+: lost \(TLS handshake failed: "
+                        r"wrong version number\) after 0 of 26 bytes, [\d.]+ ms$")
         server.stop()
         self.assertNotIn("Traceback", server.log)
+        # Nor is the line noise of Twisted's own ports left.
+        self.assertNotIn("starting on", server.log)
+
+    def test_a_client_that_distrusts_the_certificate(self):
+        files = tls.self_signed(self.directory)
+        stranger = tls.self_signed(temporary_directory(self))
+        server = start_server(self, "--listen", ssl_listener(files))
+        result = s_client(self, server.port, stranger.trust)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.stdout, b"")
+        server.wait_for(r"127\.0\.0\.1 port \d+: lost \(TLS handshake failed: "
+                        r"tlsv1 alert unknown ca\) after 0 of 26 bytes")
 
     def test_a_client_that_leaves_without_close_notify_was_greeted(self):
         # Python's ssl, like many TLS clients, closes the socket without

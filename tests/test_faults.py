@@ -250,6 +250,7 @@ class LimitTests(SynchronousTestCase):
 
     def test_rate_per_ip(self):
         server = start_server(self, "--listen", LOCAL, "--rate-per-ip", "1/5")
+        server.wait_for(r"listening on .*, rate-per-ip 1/5, ")
         results = [fetch(server.host, server.port, source="127.0.0.3") for _ in range(8)]
         self.assertEqual(results, [DEFAULT] * 5 + [b""] * 3)
         self.assertEqual(fetch(server.host, server.port, source="127.0.0.4"), DEFAULT)

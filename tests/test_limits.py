@@ -124,16 +124,16 @@ class RateTests(SynchronousTestCase):
         for i in range(100_000):
             clock.now += 0.0001  # 10,000 new addresses a second
             self.assertTrue(buckets.take(f"2001:db8::{i:x}"))
-            self.assertLessEqual(len(buckets), 5000)
+            self.assertLessEqual(buckets.tracked, 5000)
         # A full bucket is forgotten: about 0.1 s worth of addresses remain.
-        self.assertLessEqual(len(buckets), 1100)
+        self.assertLessEqual(buckets.tracked, 1100)
 
     def test_the_hard_cap_holds_even_without_time_passing(self):
         clock = FakeClock()
         buckets = TokenBuckets(rate=1, burst=5, clock=clock, max_tracked=1000)
         for i in range(100_000):
             buckets.take(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
-        self.assertEqual(len(buckets), 1000)
+        self.assertEqual(buckets.tracked, 1000)
 
     def test_idle_addresses_are_forgotten(self):
         clock = FakeClock()
@@ -143,7 +143,13 @@ class RateTests(SynchronousTestCase):
         clock.now += 10
         for _ in range(60):
             buckets.take("198.51.100.1")
-        self.assertEqual(len(buckets), 1)
+        self.assertEqual(buckets.tracked, 1)
+
+    def test_a_limiter_is_true_before_it_tracks_anyone(self):
+        # "if limits.rate:" must not read a limit in force as none.
+        buckets = TokenBuckets(rate=2, burst=3)
+        self.assertEqual(buckets.tracked, 0)
+        self.assertTrue(buckets)
 
     def test_bad_parameters(self):
         self.assertRaises(ValueError, TokenBuckets, rate=0, burst=1)

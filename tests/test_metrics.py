@@ -96,6 +96,8 @@ class ScrapeTests(SynchronousTestCase):
         self.assertEqual(after[("tcpgreet_connections_open", ())], 0)
         self.assertEqual(after[("tcpgreet_listeners", ())], 1)
         self.assertIn(("process_open_fds", ()), after)
+        # The metrics site's port is quiet at start, as the greeting ports are.
+        self.assertNotRegex(server.log, r"starting on \d+")
 
 
 class RefreshTests(SynchronousTestCase):

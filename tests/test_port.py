@@ -6,11 +6,11 @@ hand-over to the reactor, and accept errors that neither spin nor flood.
 import errno
 import socket
 
-from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet import defer, error, reactor, tcp, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -68,6 +68,30 @@ class DirectPathTests(TestCase):
         self.assertEqual(CountingServer.created, 1)
         yield factory.whenIdle()
         self.assertEqual(factory.stats.greeted, 1)
+
+
+class QuietStartTests(TestCase):
+    def test_no_line_of_its_own_at_start_or_stop(self):
+        # The service's start-up line says what listens where, once;
+        # Twisted's ports add "GreetFactory starting on 40321" for each.
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory = GreetFactory(greeting.from_text("hello"), quiet=True)
+        listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+        self.assertTrue(listening.connected)
+        self.assertEqual(listening.getHost().port, listening.socket.getsockname()[1])
+        d = defer.maybeDeferred(listening.stopListening)
+        d.addCallback(lambda _: self.assertEqual([formatEvent(e) for e in events], []))
+        return d
+
+    def test_a_port_in_use_is_the_error_twisted_raises(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            with self.assertRaises(error.CannotListenError) as caught:
+                port.listen(reactor, taken.getsockname()[1], Factory(), interface="127.0.0.1")
+        self.assertEqual(caught.exception.socketError.errno, errno.EADDRINUSE)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -97,6 +97,22 @@ class GroupTests(SynchronousTestCase):
             self.assertEqual(accepted_by(group, "127.0.0.2", port), [0])
             self.assertEqual(accepted_by(group, "127.0.0.3", port), [1])
 
+    @skipUnless(has_ipv6_loopback(), "no IPv6 loopback")
+    def test_an_ipv6_only_group_beside_an_ipv4_group_each_steered(self):
+        # The default listener with workers: two groups on one port, one
+        # per family, each steering its own clients.
+        ipv4 = self.group(2, steer=True, interface="")
+        port = ipv4[0].getsockname()[1]
+        ipv6 = bind_group("::", port, 16, 2, steer=True, ipv6_only=True)
+        self.addCleanup(lambda: [s.close() for s in ipv6])
+        for s in ipv6:
+            self.assertEqual(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
+        both = ipv4 + ipv6  # indexes 0 and 1 are IPv4's, 2 and 3 IPv6's
+        for _ in range(3):
+            self.assertEqual(accepted_by(both, "::1", port, "::1"), [3])
+            self.assertEqual(accepted_by(both, "127.0.0.2", port), [0])
+            self.assertEqual(accepted_by(both, "127.0.0.3", port), [1])
+
     def test_port_in_use(self):
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))

@@ -4,8 +4,10 @@ GreetProtocol and GreetFactory, driven through StringTransport.
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -13,6 +15,8 @@ from tcpgreet import greeting
 from tcpgreet.greeting import Clock
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import CHUNK, LINGER, GreetFactory, GreetProtocol, peer_host_port
+
+from .certificates import make_certificate
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40001)
 
@@ -133,6 +137,66 @@ class TLSOutcomeTests(SynchronousTestCase):
         protocol.connectionLost(Failure(error.ConnectionLost("wrong version number")))
         [event] = log.events
         self.assertEqual(event["outcome"], "lost")
+
+
+class TLSHandshakeFailureTests(SynchronousTestCase):
+    """
+    A real TLS layer (Twisted's, on OpenSSL) in front of the factory: a
+    connection whose handshake never completed was sent nothing, and its
+    line says why in words, not in OpenSSL's tuples.
+    """
+
+    def setUp(self):
+        self.log = CapturedLog(self)
+        self.clock = MemoryReactorClock()
+        self.factory = GreetFactory(greeting.from_text("hello"), timeout=3, reactor=self.clock)
+        certificate = make_certificate(["localhost"])
+        options = PrivateCertificate.loadPEM(
+            certificate.key_pem + certificate.certificate_pem).options()
+        self.tls = TLSMemoryBIOFactory(options, False, self.factory).buildProtocol(PEER)
+        self.transport = StringTransport(peerAddress=PEER)
+        self.tls.makeConnection(self.transport)
+        # Twisted hands pyOpenSSL the key and certificate objects pyOpenSSL
+        # now deprecates: not this test's business.
+        self.addCleanup(self.flushWarnings)
+
+    def assertLine(self, text, outcome, reason):
+        [event] = self.log.events
+        self.assertEqual(formatEvent(event), text)
+        self.assertEqual((event["outcome"], event["reason"], event["bytes"], event["length"],
+                          event["tls"]), (outcome, reason, 0, 7, True))
+        stats = self.factory.stats
+        self.assertEqual((stats.greeted, stats.bytes_sent, self.factory.limits.open), (0, 0, 0))
+        return stats
+
+    def test_a_plain_client_is_told_nothing_and_the_line_says_why(self):
+        self.tls.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertNotIn(b"hello", self.transport.value())
+        self.assertTrue(self.transport.disconnecting)
+        self.tls.connectionLost(Failure(error.ConnectionDone()))
+        stats = self.assertLine(
+            "192.0.2.7 port 40001: lost (TLS handshake failed: http request) after 0 of 7 "
+            f"bytes, {self.log.events[0]['duration_ms']} ms",
+            "lost", "TLS handshake failed: http request")
+        self.assertEqual(stats.lost, 1)
+
+    def test_a_client_that_leaves_before_the_handshake(self):
+        self.tls.connectionLost(Failure(error.ConnectionDone()))
+        stats = self.assertLine(
+            "192.0.2.7 port 40001: lost (TLS handshake failed: connection closed) after 0 of "
+            f"7 bytes, {self.log.events[0]['duration_ms']} ms",
+            "lost", "TLS handshake failed: connection closed")
+        self.assertEqual(stats.lost, 1)
+
+    def test_a_client_that_never_starts_the_handshake_times_out_with_nothing_sent(self):
+        self.clock.advance(3)
+        self.assertTrue(self.transport.disconnected)
+        self.tls.connectionLost(Failure(error.ConnectionAborted()))
+        stats = self.assertLine(
+            "192.0.2.7 port 40001: aborted over TLS (timeout) after 0 of 7 bytes, "
+            f"{self.log.events[0]['duration_ms']} ms",
+            "aborted", "timeout")
+        self.assertEqual((stats.aborted, stats.lost), ({"timeout": 1}, 0))
 
 
 class AddressTests(SynchronousTestCase):

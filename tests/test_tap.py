@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import sys
 
 from twisted.application.service import MultiService
@@ -14,10 +15,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.server import Site
 
 from tcpgreet import tap
+from tcpgreet.endpoints import Listener
 from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.proxy import ProxyHeaderFactory
 from tcpgreet.server import GreetFactory
@@ -25,7 +27,7 @@ from tcpgreet.service import GreetService
 from tcpgreet.workers import WorkerSupervisor
 
 from .certificates import make_certificate
-from .helpers import temporary_file
+from .helpers import has_ipv6_loopback, temporary_file, unused_dual_port
 
 
 def parse(*args):
@@ -38,7 +40,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self):
         options = parse()
         self.assertEqual(dict(options), {
-            "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
+            "listen": ["tcp:27679", "tcp6:27679"], "greeting": None, "greeting-file": None,
             "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
             "timeout": 10.0, "drain-timeout": 5.0, "metrics": None, "trusted-proxy": [],
             "workers": 1, "worker": None, "worker-control": None, "worker-fds": None,
@@ -93,7 +95,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["worker"], options["worker-control"], options["worker-fds"]),
                          (2, 3, [4, 5]))
         for args in (["--worker", "1"],  # the rest missing
+                     # no --listen: a worker is always told what to adopt
                      ["--worker", "1", "--worker-control", "3", "--worker-fds", "4,5"],
+                     ["-l", "tcp:1", "--worker", "1", "--worker-control", "3",
+                      "--worker-fds", "4,5"],
                      ["--worker", "1", "--worker-control", "3", "--worker-fds", "4",
                       "--workers", "2"]):
             with self.assertRaises(usage.UsageError) as caught:
@@ -106,7 +111,7 @@ class OptionsTests(SynchronousTestCase):
                            "--max-connections", "9", "--max-per-ip", "2", "--rate-per-ip",
                            "0.1/3", "--timeout", "2.5", "--drain-timeout", "0.25",
                            "--workers", "4", "--metrics", "tcp:9127")
-        arguments = tap.worker_arguments(supervisor)
+        arguments = tap.worker_arguments(supervisor, supervisor["listen"])
         self.assertNotIn("--metrics", " ".join(arguments))
         worker = parse(*arguments, "--worker", "1", "--worker-control", "3",
                        "--worker-fds", "4,5")
@@ -114,7 +119,8 @@ class OptionsTests(SynchronousTestCase):
                                        "worker": 1, "worker-control": 3, "worker-fds": [4, 5],
                                        "greeting-file": os.path.abspath(path)})
         self.assertEqual(dict(worker), expected)
-        greeted = parse(*tap.worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2")))
+        greeted = parse(*tap.worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2"),
+                                              ["tcp:1"]))
         self.assertEqual(greeted["greeting"], "-{{x}}- ")
 
     def test_trusted_proxies_are_networks(self):
@@ -148,7 +154,7 @@ class OptionsTests(SynchronousTestCase):
     def test_worker_arguments_carry_the_trusted_proxies(self):
         supervisor = parse("-l", "haproxy:tcp:1", "--trusted-proxy", "127.0.0.1",
                            "--trusted-proxy", "fd00::/8", "--workers", "2")
-        arguments = tap.worker_arguments(supervisor)
+        arguments = tap.worker_arguments(supervisor, supervisor["listen"])
         self.assertIn("--trusted-proxy=127.0.0.1/32", arguments)
         worker = parse(*arguments, "--worker", "1", "--worker-control", "3", "--worker-fds", "4")
         self.assertEqual(worker["trusted-proxy"], supervisor["trusted-proxy"])
@@ -210,16 +216,53 @@ class MakeServiceTests(SynchronousTestCase):
         service.startService()
         self.addCleanup(service.stopService)
 
-    def test_default_listens_on_27679_with_a_large_backlog(self):
+    def test_default_listens_on_27679_ipv4_and_ipv6_with_a_large_backlog(self):
+        self.patch(tap, "ipv6_unavailable", lambda: None)
         reactor, service = self.make()
         self.assertIsInstance(self.top, MultiService)
         self.assertEqual([s.name for s in self.top], ["greeter"])
         self.assertIsInstance(service, GreetService)
         self.assertIsInstance(service.factory, GreetFactory)
         self.start(service)
-        [(port, factory, backlog, interface)] = reactor.tcpServers
-        self.assertEqual((port, backlog, interface), (27679, 1024, ""))
-        self.assertIs(factory, service.factory)
+        self.assertEqual([(port, backlog, interface)
+                          for port, _, backlog, interface in reactor.tcpServers],
+                         [(27679, 1024, ""), (27679, 1024, "::")])
+        self.assertEqual({id(factory) for _, factory, _, _ in reactor.tcpServers},
+                         {id(service.factory)})
+        self.assertEqual([description for description, _ in service.endpoints],
+                         ["tcp:27679", "tcp6:27679"])
+
+    def test_the_default_ipv6_half_alone_is_ipv6_only(self):
+        self.patch(tap, "ipv6_unavailable", lambda: None)
+        self.assertEqual(tap.listeners(parse()), [Listener("tcp:27679"),
+                                                  Listener("tcp6:27679", ipv6_only=True)])
+        # Given by hand, a string keeps its meaning: tcp6 takes IPv4
+        # clients too (as ::ffff: addresses), as Twisted's does.
+        self.assertEqual(tap.listeners(parse("-l", "tcp:27679", "-l", "tcp6:27680")),
+                         [Listener("tcp:27679"), Listener("tcp6:27680")])
+
+    def test_given_by_hand_tcp_27679_is_ipv4_alone(self):
+        self.patch(tap, "ipv6_unavailable", lambda: None)
+        reactor, service = self.make("--listen", "tcp:27679")
+        self.start(service)
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers],
+                         [(27679, "")])
+
+    def test_without_ipv6_the_default_is_ipv4_alone_and_says_so(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(tap, "ipv6_unavailable", lambda: "address family not supported by protocol")
+        reactor, service = self.make()
+        self.start(service)
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers],
+                         [(27679, "")])
+        [warning] = [formatEvent(e) for e in events if e.get("log_namespace") == "tcpgreet.tap"]
+        self.assertEqual(warning, "no IPv6 here (address family not supported by protocol): "
+                                  "the default listens on IPv4 alone, tcp:27679")
+        # With --listen given, nothing is probed and nothing dropped.
+        self.patch(tap, "ipv6_unavailable", lambda: self.fail("probed"))
+        self.assertEqual(tap.listeners(parse("-l", "tcp6:1")), [Listener("tcp6:1")])
 
     def test_every_listener_shares_one_factory(self):
         reactor, service = self.make("-l", "tcp:1:interface=127.0.0.1",
@@ -239,6 +282,15 @@ class MakeServiceTests(SynchronousTestCase):
                           limits.rate.rate, limits.rate.burst),
                          (7, 3, 2.0, 4))
         self.assertEqual((service.factory.timeout, service.drain_timeout), (1.5, 0.5))
+
+    def test_the_startup_line_names_the_rate_limit_before_any_client_came(self):
+        _, service = self.make("--rate-per-ip", "2/3", "--max-per-ip", "4")
+        self.start(service)
+        fields = service.startupFields()
+        self.assertEqual((fields["rate_per_ip"], fields["max_per_ip"]), ("2/3", 4))
+        _, unlimited = self.make()
+        self.start(unlimited)
+        self.assertEqual(unlimited.startupFields()["rate_per_ip"], "off")
 
     def test_no_rate_limit_by_default(self):
         limits = self.make()[1].factory.limits
@@ -337,6 +389,29 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(held.stopListening)
         self.assertIsInstance(held, HeldListener)
         self.assertEqual(len(held.sockets), 3)
+
+    def test_workers_hold_both_halves_of_the_default_each_steered(self):
+        if not has_ipv6_loopback():
+            raise SkipTest("no IPv6 loopback")
+        port = unused_dual_port()
+        self.patch(tap, "DEFAULT_PORT", port)
+        top = tap.makeService(parse("--workers", "2", "--max-per-ip", "1"),
+                              reactor=MemoryReactorClock())
+        supervisor = top.getServiceNamed("supervisor")
+        self.assertEqual([a for a in supervisor.arguments if a.startswith("--listen")],
+                         [f"--listen=tcp:{port}", f"--listen=tcp6:{port}"])
+        facades = [endpoint._reactor for _, endpoint in supervisor.endpoints]
+        self.assertEqual([(f.steer, f.ipv6_only) for f in facades], [(True, False), (True, True)])
+        supervisor.privilegedStartService()
+        for held in supervisor.ports:
+            self.addCleanup(held.stopListening)
+        ipv4, ipv6 = supervisor.ports
+        self.assertEqual([s.getsockname()[:2] for s in ipv4.sockets + ipv6.sockets],
+                         [("0.0.0.0", port)] * 2 + [("::", port)] * 2)
+        self.assertEqual({s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                          for s in ipv6.sockets}, {1})
+        self.assertIn(f"tcp6:{port} ([::]:{port}, IPv6 only)",
+                      supervisor.startupFields()["listeners"])
 
     def test_steering_only_where_the_kernel_sees_the_client(self):
         def steered(*args):

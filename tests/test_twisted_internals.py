@@ -35,6 +35,9 @@ INTERNALS = {
         "adopt an inherited listening socket as a GreetPort",
     "twisted.internet.tcp:Port.numberAccepts":
         "how many connections one accept pass takes",
+    "twisted.internet.tcp:Port._realPortNumber":
+        "set as Twisted's startListening sets it, by GreetPort's own, which "
+        "starts without Twisted's log line",
     "twisted.internet.tcp:Port._preexistingSocket":
         "an adopted socket, taken over by SharedUNIXPort.startListening",
     "twisted.internet.unix:Port._shouldShutdown":

@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from . import confine
 from .haproxy import start_haproxy
@@ -26,6 +26,7 @@ from .helpers import (
     Server,
     assert_fails_in_one_line,
     fetch,
+    has_ipv6_loopback,
     process_gone,
     run_twistd,
     start_server,
@@ -34,7 +35,13 @@ from .helpers import (
     wait_until,
 )
 from .test_deploy_haproxy import FORGED, sent_to
-from .test_deploy_systemd import DEPLOY, FIRST_GREETING_TIMEOUT, socket_activate, unit_settings
+from .test_deploy_systemd import (
+    DEPLOY,
+    FIRST_GREETING_TIMEOUT,
+    LOOPBACK,
+    socket_activate,
+    unit_settings,
+)
 from .test_faults import MiB, greeting_file
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -290,8 +297,13 @@ class ListenerTests(SynchronousTestCase):
         # deploy/tcpgreet.service's command with --workers, confined as the
         # unit confines it (no privileges, no new ones, no writable and
         # executable memory), reloaded as "systemctl reload" does.
+        if not has_ipv6_loopback():
+            raise SkipTest("no IPv6 loopback, which the socket unit binds")
         service = unit_settings(DEPLOY / "tcpgreet.service")
-        [name] = unit_settings(DEPLOY / "tcpgreet.socket")["Socket.FileDescriptorName"]
+        socket_unit = unit_settings(DEPLOY / "tcpgreet.socket")
+        [name] = socket_unit["Socket.FileDescriptorName"]
+        hosts = [LOOPBACK[listen.rsplit(":", 1)[0]]
+                 for listen in socket_unit["Socket.ListenStream"]]
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         greeting = os.path.join(directory, "greeting.txt")
@@ -299,15 +311,18 @@ class ListenerTests(SynchronousTestCase):
             f.write("first\n")
         command = [TWISTD] + [greeting if argument.startswith("/etc/") else argument
                               for argument in shlex.split(service["Service.ExecStart"][0])[1:]]
-        program, [port] = socket_activate(self, [*command, "--workers", "2"], fdnames=[name],
-                                          preexec_fn=confine.like_the_unit)
-        self.assertEqual(fetch("127.0.0.1", port, timeout=FIRST_GREETING_TIMEOUT), b"first\r\n")
+        program, ports = socket_activate(self, [*command, "--workers", "2"],
+                                         fdnames=[name] * len(hosts), hosts=hosts,
+                                         preexec_fn=confine.like_the_unit)
+        self.assertEqual(fetch(hosts[0], ports[0], timeout=FIRST_GREETING_TIMEOUT),
+                         b"first\r\n")
         program.wait_for_count(READY, 2)
         with open(greeting, "w") as f:
             f.write("second\n")
         program.signal(signal.SIGHUP)
         program.wait_for_count(r"\[worker \d, pid \d+\] reloaded greeting", 2)
-        self.assertEqual(fetch("127.0.0.1", port), b"second\r\n")
+        for host, port in zip(hosts, ports, strict=True):
+            self.assertEqual(fetch(host, port), b"second\r\n")
         program.stop()
         self.assertIn("all workers stopped", program.log)
         self.assertNotIn("Traceback", program.log)
