@@ -15,8 +15,14 @@ from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import CLIENT, ClientProcess, SocketServer, run, sends
-from .helpers import NEUTRAL_CWD, has_ipv6_loopback, start_server
+from .clientprocess import CLIENT, ClientProcess, Finished, SocketServer, run, sends
+from .helpers import (
+    NEUTRAL_CWD,
+    has_ipv6_loopback,
+    require_tool,
+    start_server,
+    temporary_file,
+)
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 HOSTILE = b"\x1b]0;pwned\x07\x1b[2J hello \xff\xfe\xc3\r\n"
@@ -161,11 +167,41 @@ class FamilyTests(SynchronousTestCase):
         [probe, _] = records(run("-6", "--json", "::1", str(server.port)))
         self.assertEqual((probe["address"], probe["ok"], probe["banner"]),
                          ("::1", True, "Thank you for connecting\r\n"))
-        result = run("-4", "::1", str(server.port))
-        self.assertEqual(result.returncode, 2)
+
+
+class ResolutionTests(SynchronousTestCase):
+    def test_a_name_without_an_address_of_the_family(self):
+        # Not a usage mistake, as an address of the other family is: the
+        # name's addresses are the name service's answer, and can change.
+        # (Not ::1, which glibc also gives as 127.0.0.1 to an IPv4 lookup.)
+        hosts = temporary_file(self, b"fd00:1::a only-six.test\n")
+        result = run_with_hosts(self, hosts, "-4", "only-six.test", "25")
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
         self.assertRegex(result.stderr.decode(),
-                         rf"^tcpgreet-client: ::1 port {server.port}: cannot resolve to an "
-                         r"IPv4 address: [^\n]+\n$")
+                         r"^tcpgreet-client: only-six\.test port 25: cannot resolve to an IPv4 "
+                         r"address")
+        # The name does resolve, to its one IPv6 address.
+        result = run_with_hosts(self, hosts, "-6", "--json", "-t", "2", "only-six.test", "25")
+        self.assertEqual(records(result)[0]["tried"], ["fd00:1::a"])
+
+
+def run_with_hosts(testcase, hosts: str, *args: str) -> Finished:
+    """
+    The client with C{hosts} in place of /etc/hosts, in a mount namespace
+    of its own, so that a name has exactly the addresses a test gives it.
+    """
+    unshare = require_tool(testcase, "unshare")
+    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        testcase.skipTest(f"cannot make a mount namespace: {probe.stderr.decode().strip()}")
+    return run_command([unshare, "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+                        hosts, *CLIENT, *args])
+
+
+def run_command(command: list[str]) -> Finished:
+    result = subprocess.run(command, capture_output=True, timeout=30,
+                            stdin=subprocess.DEVNULL, cwd=NEUTRAL_CWD)
+    return Finished(result.returncode, result.stdout, result.stderr, 0.0)
 
 
 class HostileServerTests(SynchronousTestCase):
@@ -365,6 +401,47 @@ class MistakeTests(SynchronousTestCase):
         result = run("--help")
         self.assertEqual((result.returncode, result.stderr), (0, b""))
         for option in (b"--count", b"--interval", b"--expect", b"--json", b"--plugin", b"--tls",
-                       b"--max-bytes", b"--first-line", b"--raw", b"--cert-days", b"--source"):
+                       b"--max-bytes", b"--first-line", b"--raw", b"--cert-days", b"--source",
+                       b"-H, --host", b"-p, --port", b"-h, --help"):
             self.assertIn(option, result.stdout)
+        short = run("-h")
+        self.assertEqual((short.returncode, short.stdout, short.stderr), (0, result.stdout, b""))
 
+    def test_address_of_the_other_family_is_unknown(self):
+        for args, message in [(["-4", "::1"], "-4: ::1 is an IPv6 address"),
+                              (["-6", "127.0.0.1", "25"], "-6: 127.0.0.1 is an IPv4 address")]:
+            result = run(*args)
+            self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                             (3, b"", f"tcpgreet-client: {message} (see --help)\n"))
+
+    def test_unknown_service_name(self):
+        result = run("127.0.0.1", "no-such-service")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (3, "tcpgreet-client: bad port 'no-such-service': not a number or a "
+                             "known TCP service name (see --help)\n"))
+
+
+class CommandLineTests(SynchronousTestCase):
+    """The target in the forms people type, against the real server."""
+
+    def setUp(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        self.host, self.port = server.host, str(server.port)
+
+    def test_options_after_the_target(self):
+        # As README shows it: tcpgreet-client mail.example.net 25 --first-line
+        result = run(self.host, self.port, "--first-line", "-e", "^Thank")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, b"Thank you for connecting\n", b""))
+
+    def test_check_tcp_style(self):
+        for args in (["-H", self.host, "-p", self.port], ["-p", self.port, self.host],
+                     [self.host, "-p", self.port]):
+            result = run("--plugin", *args)
+            self.assertEqual(result.returncode, 0, args)
+            self.assertIn(f" on 127.0.0.1 port {self.port} [Thank you for connecting]",
+                          result.stdout.decode())
+        result = run("-H", self.host, self.host, self.port)
+        self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                         (3, b"", "tcpgreet-client: host given twice: --host '127.0.0.1' and "
+                                  "'127.0.0.1' (see --help)\n"))
