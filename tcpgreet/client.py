@@ -1,7 +1,7 @@
 """
 The probe client: connect, read what the server says, judge it, report it.
 
-    python -m tcpgreet.client [options] [HOST [PORT]]
+    python -m tcpgreet.client [options] [HOST [PORT] | unix:PATH]
 
 An attempt at one address is a L{GreetClientFactory} run on the reactor;
 L{probe} tries the host's addresses in turn and returns a L{ProbeResult};
@@ -17,6 +17,7 @@ Exit status follows the monitoring-plugin convention: 0 OK, 1 WARNING,
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import sys
 from collections.abc import Callable
@@ -62,10 +63,13 @@ class ProbeError(Exception):
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """How to probe: everything one probe needs, and nothing about reporting."""
+    """
+    How to probe: everything one probe needs, and nothing about reporting.
+    A UNIX socket has C{unix} for its path and no port.
+    """
 
     host: str
-    port: int = DEFAULT_PORT
+    port: int | None = DEFAULT_PORT
     timeout: float = DEFAULT_TIMEOUT
     max_bytes: int = DEFAULT_MAX_BYTES
     first_line: bool = False
@@ -73,6 +77,7 @@ class ProbeSettings:
     family: int = socket.AF_UNSPEC
     source: str | None = None
     tls: TLSClient | None = None
+    unix: str | None = None
 
 
 @implementer(IHandshakeListener)
@@ -229,6 +234,8 @@ def describe(reason: Failure) -> str:
     if reason.check(error.ConnectionLost):
         return "connection reset by peer"
     value = reason.value
+    if isinstance(value, error.ConnectError) and value.osError == errno.ENOENT:
+        return "no such socket"  # only a unix: path can be missing
     if isinstance(value, error.ConnectError):
         # ConnectError(errno, strerror): the strerror is the useful part.
         detail = value.args[0] if value.args and value.args[0] else value.MESSAGE
@@ -277,6 +284,8 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
         facts.setdefault("total", reactor.seconds() - started)
         return ProbeResult(host=settings.host, port=settings.port, started=started, **facts)
 
+    if settings.unix is not None:
+        resolver = _no_resolving
     resolving = defer.ensureDeferred(
         resolver(reactor, settings.host, settings.port, settings.family))
     resolving.addTimeout(settings.timeout, reactor)
@@ -320,8 +329,15 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
                   error=str(failure), refused=failure.refused)
 
 
+async def _no_resolving(reactor, host: str, port: None, family: int) -> list[str]:
+    """A UNIX socket's one address is its path."""
+    return [host.removeprefix("unix:")]
+
+
 def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClientFactory,
              timeout: float):
+    if settings.unix is not None:
+        return reactor.connectUNIX(address, factory, timeout=timeout)
     bind = (settings.source, 0) if settings.source else None
     if settings.tls is not None:
         return reactor.connectSSL(address, settings.port, factory, settings.tls.creator,
@@ -422,7 +438,26 @@ def settings_from(options: ClientOptions) -> ProbeSettings:
     return ProbeSettings(
         host=host, port=options["port"], timeout=options["timeout"],
         max_bytes=options["max-bytes"], first_line=options["first-line"],
-        send=options["send"], family=options["family"], source=options["source"], tls=tls)
+        send=options["send"], family=options["family"], source=options["source"], tls=tls,
+        unix=options["unix"])
+
+
+def source_problem(source: str) -> str | None:
+    """
+    Why C{--source} cannot be bound, or C{None}.  Checked once, before any
+    probe: an address that is not this machine's is a mistake on the
+    command line (UNKNOWN), not a failure of the server (CRITICAL), which
+    is what a bind refused at connect time would look like.
+    """
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as trial:
+        try:
+            trial.bind((source, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return "not an address of this machine"
+            return f"cannot bind to it: {_lower(e.strerror or str(e))}"
+    return None
 
 
 def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
@@ -442,6 +477,11 @@ async def run(reactor, options: ClientOptions, out: BinaryIO | None = None,
               err: BinaryIO | None = None) -> int:
     """Probe as C{options} say; the exit status."""
     err = err if err is not None else sys.stderr.buffer
+    if options["source"] is not None:
+        problem = source_problem(options["source"])
+        if problem is not None:
+            err.write(f"tcpgreet-client: --source {options['source']}: {problem}\n".encode())
+            return UNKNOWN
     try:
         settings = settings_from(options)
     except ValueError as e:  # a host name TLS cannot use, as "bad_name"

@@ -4,6 +4,7 @@ StringTransport, one probe (addresses in turn, deadlines, cancellation) and
 a run of probes (count, interval, interruption) on MemoryReactorClock.
 """
 
+import errno
 import socket
 
 from twisted.internet import defer, error
@@ -11,7 +12,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.client import GreetClientFactory, ProbeError, ProbeRun, ProbeSettings, probe
+from tcpgreet.client import (
+    GreetClientFactory,
+    ProbeError,
+    ProbeRun,
+    ProbeSettings,
+    probe,
+    source_problem,
+)
 from tcpgreet.clientoutcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
 from tcpgreet.clientreport import Report
 
@@ -119,6 +127,13 @@ class ProtocolTests(SynchronousTestCase):
         transport.getHandle = lambda: None  # as TLSMemoryBIOProtocol has
         protocol.connectionLost(Failure(error.ConnectionLost()))
         self.assertEqual(str(results[0].value), "connection reset by peer")
+
+    def test_no_such_socket(self):
+        factory = GreetClientFactory(MemoryReactorClock())
+        factory.clientConnectionFailed(None, Failure(
+            error.getConnectError((errno.ENOENT, "No such file or directory"))))
+        self.assertEqual(str(self.failureResultOf(factory.deferred, ProbeError).value),
+                         "no such socket")
 
     def test_refused(self):
         factory = GreetClientFactory(MemoryReactorClock())
@@ -274,6 +289,28 @@ class ProbeTests(SynchronousTestCase):
         host, port, factory, creator, _timeout, _bind = self.clock.sslClients[0]
         self.assertEqual((host, port, creator, factory.tls), ("192.0.2.1", 25, tls.creator, tls))
 
+    def test_unix_socket(self):
+        resolver = FakeResolver()
+        result = self.start(resolver, host="unix:/run/greet.sock", port=None,
+                            unix="/run/greet.sock", timeout=2.0)
+        self.assertEqual((resolver.calls, self.clock.tcpClients), ([], []))
+        path, factory, timeout, _check_pid = self.clock.unixClients[0]
+        self.assertEqual((path, timeout), ("/run/greet.sock", 2.0))
+        protocol, _ = connect(factory, self.clock, after=0.5)
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(result), ProbeResult(
+            host="unix:/run/greet.sock", port=None, started=0.0, total=0.5,
+            address="/run/greet.sock", tried=("/run/greet.sock",), connect=0.5,
+            banner=GREETING))
+
+    def test_unix_socket_times_out(self):
+        result = self.start(FakeResolver(), host="unix:/run/greet.sock", port=None,
+                            unix="/run/greet.sock", timeout=2.0)
+        self.clock.advance(2.0)
+        self.assertEqual(self.successResultOf(result).error, "timed out")
+        self.assertTrue(self.clock.connectors[0].stoppedConnecting)
+
     def test_cancel_drops_the_attempt(self):
         result = self.start(FakeResolver(["192.0.2.1"]))
         _, transport = connect(self.attempt(0)[1])
@@ -288,6 +325,15 @@ class FakeTLS:
 
     def explain(self, reason, connection):
         return None
+
+
+class SourceTests(SynchronousTestCase):
+    def test_an_address_of_this_machine(self):
+        self.assertIsNone(source_problem("127.0.0.1"))
+
+    def test_an_address_of_another(self):
+        # 192.0.2.0/24 is for documentation (RFC 5737): no machine has it.
+        self.assertEqual(source_problem("192.0.2.1"), "not an address of this machine")
 
 
 class RecordingReport(Report):

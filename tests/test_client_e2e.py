@@ -4,12 +4,15 @@ servers that misbehave on purpose, on loopback.
 """
 
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from unittest import skipUnless
 
@@ -18,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from .clientprocess import CLIENT, ClientProcess, Finished, SocketServer, run, sends
 from .helpers import (
     NEUTRAL_CWD,
+    Server,
     has_ipv6_loopback,
     require_tool,
     start_server,
@@ -334,12 +338,15 @@ class ConversationTests(SynchronousTestCase):
         self.assertEqual((result.returncode, server.peers[0][0]), (0, "127.0.0.2"))
 
     def test_source_address_not_here(self):
+        # A mistake on the command line, not the server's failure: UNKNOWN,
+        # whatever the form, and no connection made.
         server = SocketServer(self, sends(b"hi\r\n"))
-        result = run("--source", "192.0.2.1", *server.target)
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: cannot bind to the "
-                         "source address: cannot assign requested address\n")
+        for form in ([], ["--json"], ["--plugin"], ["-c", "3"]):
+            result = run(*form, "-s", "192.0.2.1", *server.target)
+            self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                             (3, b"", "tcpgreet-client: --source 192.0.2.1: not an address "
+                                      "of this machine\n"), form)
+        self.assertFalse(server.accepted.is_set())
 
 
 class InterruptTests(SynchronousTestCase):
@@ -445,3 +452,62 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
                          (3, b"", "tcpgreet-client: host given twice: --host '127.0.0.1' and "
                                   "'127.0.0.1' (see --help)\n"))
+
+
+class UnixSocketTests(SynchronousTestCase):
+    """unix:PATH against C{twistd tcpgreet --listen unix:PATH}."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="tcpgreet-client-unix-")
+        self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
+
+    def serve(self):
+        path = os.path.join(self.directory, "greet.sock")
+        server = Server("--listen", f"unix:{path}", "--quiet")
+        self.addCleanup(server.stop)
+        server.wait_for(rf"listening on unix:{re.escape(path)} ")
+        return path
+
+    def test_banner(self):
+        path = self.serve()
+        result = run(f"unix:{path}")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, b"Thank you for connecting\n", b""))
+
+    def test_the_path_is_the_target(self):
+        path = self.serve()
+        [probe, summary] = records(run("--json", f"unix:{path}"))
+        self.assertEqual(
+            {key: probe[key] for key in ("target", "port", "address", "tried", "ok", "banner")},
+            {"target": f"unix:{path}", "port": None, "address": path, "tried": [path],
+             "ok": True, "banner": "Thank you for connecting\r\n"})
+        self.assertEqual((summary["target"], summary["port"], summary["state"]),
+                         (f"unix:{path}", None, "OK"))
+        result = run("--plugin", "-H", f"unix:{path}")
+        self.assertRegex(result.stdout.decode(),
+                         rf"^TCP OK - \d\.\d{{3}} second response time on unix:{re.escape(path)} "
+                         r"\[Thank you for connecting\]\|time=")
+        result = run("-c", "2", "-i", "0.05", f"unix:{path}")
+        self.assertEqual((result.returncode, result.lines[0].split(" seq=")[0], result.lines[3]),
+                         (0, f"unix:{path}", f"--- unix:{path} probe statistics ---"))
+
+    def test_no_such_socket(self):
+        path = os.path.join(self.directory, "missing.sock")
+        result = run(f"unix:{path}")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (2, f"tcpgreet-client: unix:{path}: no such socket\n"))
+
+    def test_refused(self):
+        path = os.path.join(self.directory, "nobody.sock")
+        with socket.socket(socket.AF_UNIX) as bound_but_not_listening:
+            bound_but_not_listening.bind(path)
+        result = run("--plugin", f"unix:{path}")
+        self.assertEqual((result.returncode, result.stdout.decode()),
+                         (2, f"TCP CRITICAL - connection refused on unix:{path}\n"))
+
+    def test_a_path_has_no_port(self):
+        result = run("unix:/run/greet.sock", "25")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (3, "tcpgreet-client: unix:/run/greet.sock is a UNIX socket, which "
+                             "has no port: '25' (see --help)\n"))
+
