@@ -50,7 +50,7 @@ from tcpgreet.clientreport import (
     Report,
     discard_the_rest,
 )
-from tcpgreet.clienttls import TLSClient, handshake_info
+from tcpgreet.clienttls import FirstBytesTLS, TLSClient, handshake_info, speaks_tls
 
 
 class ProbeError(Exception):
@@ -99,6 +99,11 @@ class GreetClientProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.factory.handshake_completed(self.transport)
+
+    @property
+    def received(self) -> int:
+        """How many bytes of banner are kept so far."""
+        return self._size
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
@@ -160,6 +165,11 @@ class GreetClientFactory(ClientFactory):
         self.banner = b""
         self.connector = None
         self.transport = None
+        self.reader: GreetClientProtocol | None = None
+
+    def buildProtocol(self, addr) -> GreetClientProtocol:
+        self.reader = super().buildProtocol(addr)
+        return self.reader
 
     def connected(self, transport) -> None:
         self.connected_at = self.clock.seconds()
@@ -181,7 +191,9 @@ class GreetClientFactory(ClientFactory):
         self.banner = banner
         if self.deferred.called:
             return
-        if self.stopped or reason.check(error.ConnectionDone) or self._tls_ended(banner, reason):
+        if self.tls is None and speaks_tls(banner):
+            self.deferred.errback(ProbeError("the server speaks TLS: try --tls"))
+        elif self.stopped or reason.check(error.ConnectionDone) or self._tls_ended(banner, reason):
             self.deferred.callback(banner)
         else:
             self.deferred.errback(ProbeError(self._explain(reason)))
@@ -203,8 +215,25 @@ class GreetClientFactory(ClientFactory):
     def give_up(self) -> None:
         """The deadline: stop connecting, or drop the connection."""
         if not self.deferred.called and not self.stopped:
-            self.deferred.errback(ProbeError("timed out"))
+            self.deferred.errback(ProbeError(self._timed_out()))
         self._drop()
+
+    def _timed_out(self) -> str:
+        """What the deadline cut short, with what it most likely means."""
+        if self.transport is None or self.reader is None:
+            return "timed out"
+        if self.tls is not None and self.handshake_at is None:
+            received = self._tls_layer().received
+            if not received:
+                return "timed out in the TLS handshake: the server sent nothing (is it TLS?)"
+            return (self.tls.explain(Failure(error.TimeoutError()), None, received,
+                                     handshake_done=False)
+                    or "timed out in the TLS handshake")
+        if self.tls is None and not self.send and not self.reader.received:
+            # A TLS server says nothing until the client's hello; so does a
+            # server that is stuck.
+            return "timed out with no banner (a TLS server waits for the client: try --tls?)"
+        return "timed out"
 
     def _cancel(self, deferred: defer.Deferred) -> None:
         self._drop()
@@ -217,12 +246,17 @@ class GreetClientFactory(ClientFactory):
                 self.connector.stopConnecting()
 
     def _explain(self, reason: Failure) -> str:
-        if self.tls is not None:
-            handle = self.transport.getHandle() if self.transport is not None else None
-            message = self.tls.explain(reason, handle)
+        if self.tls is not None and self.transport is not None:
+            tls_layer = self._tls_layer()
+            message = self.tls.explain(reason, tls_layer.getHandle(), tls_layer.received,
+                                       handshake_done=self.handshake_at is not None)
             if message is not None:
                 return message
         return describe(reason)
+
+    def _tls_layer(self) -> FirstBytesTLS:
+        # With --tls, the protocol's transport is the TLS layer TLSClient.wrap made.
+        return self.transport
 
 
 def describe(reason: Failure) -> str:
@@ -340,8 +374,7 @@ def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClien
         return reactor.connectUNIX(address, factory, timeout=timeout)
     bind = (settings.source, 0) if settings.source else None
     if settings.tls is not None:
-        return reactor.connectSSL(address, settings.port, factory, settings.tls.creator,
-                                  timeout=timeout, bindAddress=bind)
+        factory = settings.tls.wrap(factory)
     return reactor.connectTCP(address, settings.port, factory, timeout=timeout,
                               bindAddress=bind)
 

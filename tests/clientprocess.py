@@ -7,17 +7,20 @@ for the client's end-to-end tests.  Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .helpers import NEUTRAL_CWD
+from .helpers import NEUTRAL_CWD, Program, require_tool, unused_port
 
 CLIENT = [sys.executable, "-m", "tcpgreet.client"]
 
@@ -151,3 +154,39 @@ def sends(data: bytes) -> Callable[[socket.socket], None]:
     """A handler that sends C{data} and closes."""
     return lambda connection: connection.sendall(data)
 
+
+
+def start_sshd(testcase, attempts: int = 5) -> Program:
+    """
+    OpenSSH's sshd on 127.0.0.1, with a host key made for the test: a real
+    server that speaks first (C{SSH-2.0-...}) and then waits.  sshd cannot
+    listen on port 0, so a port that another process takes first is tried
+    again with another.  The test's cleanup stops it.
+    """
+    sshd = require_tool(testcase, "sshd")
+    keygen = require_tool(testcase, "ssh-keygen")
+    directory = tempfile.mkdtemp(prefix="tcpgreet-sshd-")
+    testcase.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    key = os.path.join(directory, "host_key")
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", key],
+                   check=True, capture_output=True, timeout=30)
+    config = os.path.join(directory, "sshd_config")
+    with open(config, "w") as f:
+        f.write("PidFile none\nUsePAM no\n")
+    # sshd refuses to start without its privilege separation directory.
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    for _ in range(attempts):
+        port = unused_port()
+        server = Program([sshd, "-D", "-e", "-f", config, "-o", "ListenAddress=127.0.0.1",
+                          "-o", f"Port={port}", "-o", f"HostKey={key}"])
+        testcase.addCleanup(server.stop)
+        try:
+            server.wait_for(rf"Server listening on 127\.0\.0\.1 port {port}\.", 15)
+        except AssertionError:
+            if "Address already in use" in server.log:
+                server.stop()
+                continue
+            raise
+        server.host, server.port = "127.0.0.1", port
+        return server
+    testcase.fail(f"sshd found no free port in {attempts} attempts")

@@ -9,6 +9,7 @@ import socket
 
 from twisted.internet import defer, error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -125,8 +126,46 @@ class ProtocolTests(SynchronousTestCase):
         factory, protocol, transport, results = self.attempt(tls=FakeTLS())
         factory.handshake_at = 0.0
         transport.getHandle = lambda: None  # as TLSMemoryBIOProtocol has
+        transport.received = b""  # as FirstBytesTLS has
         protocol.connectionLost(Failure(error.ConnectionLost()))
         self.assertEqual(str(results[0].value), "connection reset by peer")
+
+    def test_a_tls_answer_to_a_plain_probe(self):
+        # A TLS server's alert (decode error) for bytes it cannot take for
+        # a handshake: not a banner.
+        for reason in (error.ConnectionDone(), error.ConnectionLost()):
+            factory, protocol, _, results = self.attempt(send=b"\x16\x03\x01\x00\x01\x00")
+            protocol.dataReceived(b"\x15\x03\x03\x00\x02\x02\x32")
+            protocol.connectionLost(Failure(reason))
+            self.assertEqual(str(results[0].value), "the server speaks TLS: try --tls")
+            self.assertEqual(factory.banner, b"\x15\x03\x03\x00\x02\x02\x32")
+
+    def test_a_banner_that_only_starts_like_tls(self):
+        _, protocol, _, results = self.attempt()
+        protocol.dataReceived(b"\x16\x02 not a TLS record\r\n")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(results, [b"\x16\x02 not a TLS record\r\n"])
+
+    def test_silence_until_the_deadline(self):
+        for send, tls, message in [
+            (b"", None, "timed out with no banner (a TLS server waits for the client: "
+                        "try --tls?)"),
+            # A TLS server would have answered what was sent, or closed.
+            (b"QUIT\r\n", None, "timed out"),
+            (b"", FakeTLS(), "timed out in the TLS handshake: the server sent nothing "
+                             "(is it TLS?)"),
+        ]:
+            factory, _, transport, results = self.attempt(send=send, tls=tls)
+            transport.received = b""  # as FirstBytesTLS has
+            factory.give_up()
+            self.assertEqual(str(results[0].value), message)
+            self.assertTrue(transport.disconnected)
+
+    def test_part_of_a_banner_until_the_deadline(self):
+        factory, protocol, _, results = self.attempt()
+        protocol.dataReceived(b"220 ")
+        factory.give_up()
+        self.assertEqual(str(results[0].value), "timed out")
 
     def test_no_such_socket(self):
         factory = GreetClientFactory(MemoryReactorClock())
@@ -282,12 +321,12 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(resolver.calls[0][2], socket.AF_INET)
         self.assertEqual(self.clock.tcpClients[0][4], ("192.0.2.9", 0))
 
-    def test_tls_connects_with_the_creator(self):
+    def test_tls_connects_through_the_wrapping(self):
         tls = FakeTLS()
         self.start(FakeResolver(["192.0.2.1"]), tls=tls)
-        self.assertEqual(self.clock.tcpClients, [])
-        host, port, factory, creator, _timeout, _bind = self.clock.sslClients[0]
-        self.assertEqual((host, port, creator, factory.tls), ("192.0.2.1", 25, tls.creator, tls))
+        host, port, wrapping, _timeout, _bind = self.clock.tcpClients[0]
+        self.assertIsInstance(wrapping, WrappingFactory)
+        self.assertEqual((host, port, wrapping.wrappedFactory.tls), ("192.0.2.1", 25, tls))
 
     def test_unix_socket(self):
         resolver = FakeResolver()
@@ -321,9 +360,10 @@ class ProbeTests(SynchronousTestCase):
 
 
 class FakeTLS:
-    creator = object()
+    def wrap(self, factory):
+        return WrappingFactory(factory)
 
-    def explain(self, reason, connection):
+    def explain(self, reason, connection, received=b"", handshake_done=True):
         return None
 
 
