@@ -172,7 +172,9 @@ def start_sshd(testcase, attempts: int = 5) -> Program:
                    check=True, capture_output=True, timeout=30)
     config = os.path.join(directory, "sshd_config")
     with open(config, "w") as f:
-        f.write("PidFile none\nUsePAM no\n")
+        # Only the banner is read: nobody may log in.
+        f.write("PidFile none\nUsePAM no\nDenyUsers *\nPubkeyAuthentication no\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
     # sshd refuses to start without its privilege separation directory.
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     for _ in range(attempts):
