@@ -1,7 +1,7 @@
 """
 The probe client: connect, read what the server says, judge it, report it.
 
-    python -m tcpgreet.client [options] [HOST [PORT]]
+    python -m tcpgreet.client [options] [HOST [PORT] | unix:PATH]
 
 An attempt at one address is a L{GreetClientFactory} run on the reactor;
 L{probe} tries the host's addresses in turn and returns a L{ProbeResult};
@@ -17,6 +17,7 @@ Exit status follows the monitoring-plugin convention: 0 OK, 1 WARNING,
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import sys
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from tcpgreet.clientreport import (
     Report,
     discard_the_rest,
 )
-from tcpgreet.clienttls import TLSClient, handshake_info
+from tcpgreet.clienttls import FirstBytesTLS, TLSClient, handshake_info, speaks_tls
 
 # Seconds a connection we closed after its banner gets to finish closing.
 GOODBYE_TIMEOUT = 2.0
@@ -75,11 +76,12 @@ class ProbeSettings:
     """
     How to probe: everything one probe needs, and nothing about reporting.
     C{idle} is the silence after the first bytes that ends the banner;
-    C{None} waits for the server to close.
+    C{None} waits for the server to close.  A UNIX socket has C{unix} for
+    its path and no port.
     """
 
     host: str
-    port: int = DEFAULT_PORT
+    port: int | None = DEFAULT_PORT
     timeout: float = DEFAULT_TIMEOUT
     max_bytes: int = DEFAULT_MAX_BYTES
     first_line: bool = False
@@ -88,6 +90,7 @@ class ProbeSettings:
     source: str | None = None
     tls: TLSClient | None = None
     idle: float | None = DEFAULT_IDLE
+    unix: str | None = None
 
 
 @implementer(IHandshakeListener)
@@ -225,7 +228,10 @@ class GreetClientFactory(ClientFactory):
         self.banner = banner
         if not self.deferred.called:
             self._goodbye = self.clock.callLater(GOODBYE_TIMEOUT, self._drop)
-            self.deferred.callback(banner)
+            if self.tls is None and speaks_tls(banner):
+                self.deferred.errback(ProbeError("the server speaks TLS: try --tls"))
+            else:
+                self.deferred.callback(banner)
 
     def finished(self, banner: bytes, reason: Failure) -> None:
         if self._goodbye is not None and self._goodbye.active():
@@ -234,6 +240,9 @@ class GreetClientFactory(ClientFactory):
             self.ended_at = self.clock.seconds()
         self.banner = banner
         if self.deferred.called:
+            return
+        if self.tls is None and speaks_tls(banner):
+            self.deferred.errback(ProbeError("the server speaks TLS: try --tls"))
             return
         if reason.check(error.ConnectionDone) or self._tls_ended(banner, reason):
             if not banner:
@@ -272,11 +281,23 @@ class GreetClientFactory(ClientFactory):
         self._drop()
 
     def _timed_out(self) -> str:
+        """What the deadline cut short, with what it most likely means."""
         if self.banner:
             return f"timed out after {len(self.banner)} byte{'s' if len(self.banner) > 1 else ''}"
-        if self.connected_at is not None and (self.tls is None or self.handshake_at is not None):
-            return "timed out waiting for a banner"
-        return "timed out"
+        if self.transport is None or self.reader is None:
+            return "timed out"
+        if self.tls is not None and self.handshake_at is None:
+            received = self._tls_layer().received
+            if not received:
+                return "timed out in the TLS handshake: the server sent nothing (is it TLS?)"
+            return (self.tls.explain(Failure(error.TimeoutError()), None, received,
+                                     handshake_done=False)
+                    or "timed out in the TLS handshake")
+        if self.tls is None and not self.send:
+            # A TLS server says nothing until the client's hello; so does a
+            # server that is stuck.
+            return "timed out waiting for a banner (a TLS server waits for the client: try --tls?)"
+        return "timed out waiting for a banner"
 
     def _cancel(self, deferred: defer.Deferred) -> None:
         self._drop()
@@ -291,12 +312,17 @@ class GreetClientFactory(ClientFactory):
                 self.connector.stopConnecting()
 
     def _explain(self, reason: Failure) -> str:
-        if self.tls is not None:
-            handle = self.transport.getHandle() if self.transport is not None else None
-            message = self.tls.explain(reason, handle)
+        if self.tls is not None and self.transport is not None:
+            tls_layer = self._tls_layer()
+            message = self.tls.explain(reason, tls_layer.getHandle(), tls_layer.received,
+                                       handshake_done=self.handshake_at is not None)
             if message is not None:
                 return message
         return describe(reason)
+
+    def _tls_layer(self) -> FirstBytesTLS:
+        # With --tls, the protocol's transport is the TLS layer TLSClient.wrap made.
+        return self.transport
 
 
 def describe(reason: Failure) -> str:
@@ -308,6 +334,8 @@ def describe(reason: Failure) -> str:
     if reason.check(error.ConnectionLost):
         return "connection reset by peer"
     value = reason.value
+    if isinstance(value, error.ConnectError) and value.osError == errno.ENOENT:
+        return "no such socket"  # only a unix: path can be missing
     if isinstance(value, error.ConnectError):
         # ConnectError(errno, strerror): the strerror is the useful part.
         detail = value.args[0] if value.args and value.args[0] else value.MESSAGE
@@ -392,6 +420,8 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
         facts.setdefault("total", reactor.seconds() - started)
         return ProbeResult(host=settings.host, port=settings.port, started=started, **facts)
 
+    if settings.unix is not None:
+        resolver = _no_resolving
     resolving = defer.ensureDeferred(
         resolver(reactor, settings.host, settings.port, settings.family))
     resolving.addTimeout(settings.timeout, reactor)
@@ -435,12 +465,18 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
                   error=str(failure), refused=failure.refused)
 
 
+async def _no_resolving(reactor, host: str, port: None, family: int) -> list[str]:
+    """A UNIX socket's one address is its path."""
+    return [host.removeprefix("unix:")]
+
+
 def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClientFactory,
              timeout: float):
+    if settings.unix is not None:
+        return reactor.connectUNIX(address, factory, timeout=timeout)
     bind = (settings.source, 0) if settings.source else None
     if settings.tls is not None:
-        return reactor.connectSSL(address, settings.port, factory, settings.tls.creator,
-                                  timeout=timeout, bindAddress=bind)
+        factory = settings.tls.wrap(factory)
     return reactor.connectTCP(address, settings.port, factory, timeout=timeout,
                               bindAddress=bind)
 
@@ -539,7 +575,25 @@ def settings_from(options: ClientOptions) -> ProbeSettings:
         host=host, port=options["port"], timeout=options["timeout"],
         max_bytes=options["max-bytes"], first_line=options["first-line"],
         send=options["send"], family=options["family"], source=options["source"], tls=tls,
-        idle=options["idle"] or None)
+        idle=options["idle"] or None, unix=options["unix"])
+
+
+def source_problem(source: str) -> str | None:
+    """
+    Why C{--source} cannot be bound, or C{None}.  Checked once, before any
+    probe: an address that is not this machine's is a mistake on the
+    command line (UNKNOWN), not a failure of the server (CRITICAL), which
+    is what a bind refused at connect time would look like.
+    """
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as trial:
+        try:
+            trial.bind((source, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return "not an address of this machine"
+            return f"cannot bind to it: {_lower(e.strerror or str(e))}"
+    return None
 
 
 def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
@@ -559,6 +613,11 @@ async def run(reactor, options: ClientOptions, out: BinaryIO | None = None,
               err: BinaryIO | None = None) -> int:
     """Probe as C{options} say; the exit status."""
     err = err if err is not None else sys.stderr.buffer
+    if options["source"] is not None:
+        problem = source_problem(options["source"])
+        if problem is not None:
+            err.write(f"tcpgreet-client: --source {options['source']}: {problem}\n".encode())
+            return UNKNOWN
     try:
         settings = settings_from(options)
     except ValueError as e:  # a host name TLS cannot use, as "bad_name"

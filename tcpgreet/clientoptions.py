@@ -8,6 +8,7 @@ here touches a socket.
 
 from __future__ import annotations
 
+import getopt
 import re
 import socket
 import sys
@@ -32,16 +33,50 @@ DEFAULT_IDLE = 1.0
 BANNER, LINES, JSON, PLUGIN = "banner", "lines", "json", "plugin"
 
 
-def parse_target(args: list[str]) -> tuple[str, int]:
+# A target of this form is a UNIX socket, as in the server's --listen.
+UNIX = "unix:"
+
+
+def parse_target(args: list[str], host: str | None = None,
+                 port: int | None = None) -> tuple[str, int | None]:
     """
-    C{[HOST [PORT]]}, C{HOST:PORT} or C{[IPv6]:PORT} as a (host, port) pair;
-    raises C{usage.UsageError} naming what is wrong.
+    C{[HOST [PORT]]}, C{HOST:PORT}, C{[IPv6]:PORT} or C{unix:PATH} as a
+    (host, port) pair, where C{host} and C{port} are what C{--host} and
+    C{--port} gave; a UNIX socket is C{("unix:PATH", None)}.  Raises
+    C{usage.UsageError} naming what is wrong.
     """
     if len(args) > 2:
         raise usage.UsageError(f"too many arguments: {' '.join(args)}")
+    if host is not None:
+        if args:
+            raise usage.UsageError(f"host given twice: --host {host!r} and {args[0]!r}")
+        args = [host]
+    target_host, port_text = _split_target(args)
+    if target_host.startswith(UNIX):
+        if port is not None:
+            raise usage.UsageError(f"--port {port}: {target_host} is a UNIX socket, "
+                                   "which has no port")
+        return target_host, None
+    if port is not None:
+        if port_text is not None:
+            raise usage.UsageError(f"port given twice: --port {port} and {port_text!r}")
+        return target_host, port
+    return target_host, DEFAULT_PORT if port_text is None else parse_port(port_text)
+
+
+def _split_target(args: list[str]) -> tuple[str, str | None]:
+    """The host and the port as given, before the port is looked up."""
     if not args:
-        return DEFAULT_HOST, DEFAULT_PORT
+        return DEFAULT_HOST, None
     host, port_text = args[0], (args[1] if len(args) == 2 else None)
+    if host.startswith(UNIX):
+        # Whatever follows is the path, colons and all.
+        if port_text is not None:
+            raise usage.UsageError(f"{host} is a UNIX socket, which has no port: "
+                                   f"{port_text!r}")
+        if host == UNIX:
+            raise usage.UsageError(f"no path in {host!r}; use unix:PATH")
+        return host, None
     if host.startswith("["):
         end = host.find("]")
         if end < 0:
@@ -58,16 +93,27 @@ def parse_target(args: list[str]) -> tuple[str, int]:
         host, port_text = host.split(":")
     if not host:
         raise usage.UsageError(f"empty host in {args[0]!r}")
-    return host, DEFAULT_PORT if port_text is None else parse_port(port_text)
+    return host, port_text
 
 
 def parse_port(text: str) -> int:
     try:
+        return port_number(text)
+    except ValueError as e:
+        raise usage.UsageError(f"bad port {text!r}: {e}") from None
+
+
+def port_number(text: str) -> int:
+    """A port number, or the name of a TCP service (C{smtp}, C{ssh}) in /etc/services."""
+    try:
         port = int(text)
     except ValueError:
-        raise usage.UsageError(f"bad port {text!r}: not a number") from None
+        try:
+            return socket.getservbyname(text, "tcp")
+        except OSError:
+            raise ValueError("not a number or a known TCP service name") from None
     if not 0 < port < 65536:
-        raise usage.UsageError(f"bad port {text!r}: not in 1..65535")
+        raise ValueError("not in 1..65535")
     return port
 
 
@@ -193,14 +239,28 @@ def _naming(option: str, convert: Callable[[str], object]) -> Callable[[str], ob
     return coerce
 
 
+_FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+def _address_family(host: str) -> int | None:
+    """The family of C{host} if it is an address, C{None} if it is a name."""
+    try:
+        return socket.AF_INET6 if ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
 class ClientOptions(usage.Options):
     """
-    The client's options.  After L{parseOptions}: C{self["mode"]} is the
-    report form, C{self["family"]} the address family to resolve, and
+    The client's options.  After L{parseOptions}: C{self["host"]} and
+    C{self["port"]} are the target (C{"unix:PATH"} and C{None} for a UNIX
+    socket, whose path is then C{self["unix"]}), C{self["mode"]} the report
+    form, C{self["family"]} the address family to resolve, and
     C{self.checks} the L{Checks} every probe must pass.
     """
 
-    synopsis = "Usage: tcpgreet-client [options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT)"
+    synopsis = ("Usage: tcpgreet-client [options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT, "
+                "unix:PATH)")
     longdesc = (
         "Connect to a TCP banner server and print what it sends until it closes "
         "the connection, or falls silent for --idle seconds after its first bytes. "
@@ -208,7 +268,8 @@ class ClientOptions(usage.Options):
         "--json: JSON Lines; --plugin: one monitoring-plugin line. Exit status: "
         "0 OK, 1 WARNING, 2 CRITICAL (refused, closed without a banner, timed out, "
         "reset, not resolved, certificate, expectation or threshold not met), "
-        "3 UNKNOWN (bad usage)."
+        "3 UNKNOWN (bad usage). Options may come before or after HOST and PORT; "
+        "-- ends them."
     )
     optFlags = [
         ["json", None, "One JSON object per probe and one for the summary (JSON Lines)."],
@@ -224,6 +285,9 @@ class ClientOptions(usage.Options):
         ["timestamp", "D", "Start each probe line with the time (UTC, ISO 8601)."],
     ]
     optParameters = _named([
+        ["host", "H", None, "The server to probe, as HOST (check_tcp's -H).", str],
+        ["port", "p", None, "The port: a number or a TCP service name (smtp), as "
+                            "PORT.", port_number],
         ["count", "c", None, "Probes to make; 0 = until interrupted. [default: 1]", count],
         ["interval", "i", None, "Seconds from the start of a probe to the start of the "
                                 "next. [default: 1]", seconds],
@@ -256,11 +320,45 @@ class ClientOptions(usage.Options):
     ])
     compData = usage.Completions(optActions={"ca": usage.CompleteFiles("*.pem")})
 
+    # -h as well as --help; usage.Options leaves -h free for a host option.
+    opt_h = usage.Options.opt_help
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse options wherever they are (C{HOST PORT --first-line}), as GNU
+        tools, curl and nc do: C{usage.Options} stops at the first argument
+        that is not an option, so put the options first and the arguments
+        after a C{--}.  A C{--} given still ends the options.
+        """
+        arguments = sys.argv[1:] if options is None else list(options)
+        if len(arguments) > 1 and arguments[-2] == "--_shell-completion":
+            super().parseOptions(arguments)  # usage.Options' own completion
+            return
+        try:
+            given, positional = getopt.gnu_getopt(arguments, self.shortOpt, self.longOpt)
+        except getopt.GetoptError as e:
+            raise usage.UsageError(str(e)) from None
+        options_first: list[str] = []
+        for option, value in given:
+            options_first.append(option)
+            if self._takes_value(option):
+                options_first.append(value)
+        super().parseOptions([*options_first, "--", *positional])
+
+    def _takes_value(self, option: str) -> bool:
+        if option.startswith("--"):
+            return f"{option[2:]}=" in self.longOpt
+        return f"{option[1]}:" in self.shortOpt
+
     def parseArgs(self, *args: str) -> None:
-        self["host"], self["port"] = parse_target(list(args))
+        # --host and --port have filled self["host"] and self["port"], if given.
+        self["host"], self["port"] = parse_target(list(args), self["host"], self["port"])
 
     def postOptions(self) -> None:
         self._refuse_conflicts()
+        self["unix"] = self["host"][len(UNIX):] if self["port"] is None else None
+        if self["unix"] is not None:
+            self._refuse_for_unix()
         self["family"] = self._family()
         if self["json"]:
             self["mode"] = JSON
@@ -305,19 +403,37 @@ class ClientOptions(usage.Options):
             raise usage.UsageError(f"--idle {idle:g} is not below --timeout {timeout:g}: no "
                                    "silence could end the banner (--idle 0 waits for the close)")
 
+    def _refuse_for_unix(self) -> None:
+        # TLS too: the server cannot listen for it on a UNIX socket, and
+        # there would be no name to check the certificate against.
+        for option in ("tls", "ipv4", "ipv6", "source"):
+            if self[option]:
+                raise usage.UsageError(f"--{option} does not apply to a UNIX socket "
+                                       f"({self['host']})")
+
     def _family(self) -> int:
         """
         The address family to resolve HOST to: -4, -6, or the family of
         --source, since a socket bound to one family cannot reach the other.
+        An address given as HOST must be of that family: that is a mistake
+        on the command line, where a name without such an address is the
+        name's business, found when resolving it.
         """
         family = (socket.AF_INET if self["ipv4"] else
                   socket.AF_INET6 if self["ipv6"] else socket.AF_UNSPEC)
+        host_family = _address_family(self["host"])
+        if host_family is not None and family not in (socket.AF_UNSPEC, host_family):
+            raise usage.UsageError(f"-{'4' if self['ipv4'] else '6'}: {self['host']} is an "
+                                   f"{_FAMILY_NAMES[host_family]} address")
         if self["source"] is not None:
             source_family = socket.AF_INET6 if ":" in self["source"] else socket.AF_INET
             if family not in (socket.AF_UNSPEC, source_family):
                 raise usage.UsageError(
-                    f"--source {self['source']} is not an "
-                    f"{'IPv4' if family == socket.AF_INET else 'IPv6'} address")
+                    f"--source {self['source']} is not an {_FAMILY_NAMES[family]} address")
+            if host_family not in (None, source_family):
+                raise usage.UsageError(f"--source {self['source']} cannot reach "
+                                       f"{self['host']}, an {_FAMILY_NAMES[host_family]} "
+                                       "address")
             family = source_family
         return family
 

@@ -43,7 +43,7 @@ class ProbeResult:
     """
 
     host: str
-    port: int
+    port: int | None  # None for a UNIX socket, whose path is the host
     started: float
     total: float
     address: str | None = None
@@ -173,7 +173,7 @@ class Summary:
     state; C{worst} is the latest probe that earned it, for a one-line report.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int | None) -> None:
         self.host = host
         self.port = port
         self.probes = 0

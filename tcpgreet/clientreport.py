@@ -60,8 +60,13 @@ def percent(value: float) -> str:
     return f"{value:.1f}".removesuffix(".0")
 
 
-def target(host: str, port: int, address: str | None = None) -> str:
-    """C{localhost port 27679 (127.0.0.1)}: the name as given, the address that answered."""
+def target(host: str, port: int | None, address: str | None = None) -> str:
+    """
+    C{localhost port 27679 (127.0.0.1)}: the name as given, the address that
+    answered; a UNIX socket as given, C{unix:/run/greet.sock}.
+    """
+    if port is None:
+        return host
     where = f"{host} port {port}"
     return f"{where} ({address})" if address and address != host else where
 

@@ -14,12 +14,15 @@ import idna
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
-from twisted.internet import ssl
+from twisted.internet import error, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcpgreet.clientoutcome import TLSInfo
+from tcpgreet.clientreport import render_line
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -62,11 +65,30 @@ class TLSClient:
             trust = ssl.trustRootFromCertificates(list(ca)) if ca else ssl.platformTrust()
             self.creator = ssl.optionsForClientTLS(host, trust)
 
-    def explain(self, reason: Failure, connection: SSL.Connection | None) -> str | None:
+    def wrap(self, factory: Factory) -> TLSMemoryBIOFactory:
+        """
+        C{factory} over TLS, for C{connectTCP}: what C{connectSSL} does,
+        keeping the first bytes the server sends (L{FirstBytesTLS}).
+        """
+        return FirstBytesTLSFactory(self.creator, True, factory)
+
+    def explain(self, reason: Failure, connection: SSL.Connection | None,
+                received: bytes = b"", handshake_done: bool = True) -> str | None:
         """
         A TLS failure in one line, naming the certificate problem when there
-        is one; C{None} when C{reason} is not about TLS.
+        is one, or saying that the server does not seem to speak TLS when
+        the handshake did not complete; C{None} when C{reason} is not about
+        TLS.  C{received} is the first bytes the server sent, as they came.
         """
+        if not handshake_done:
+            if received and not looks_like_tls(received):
+                # OpenSSL would say "wrong version number": the server
+                # answered, but not in TLS.
+                return ("the server did not answer the TLS handshake: is it TLS? "
+                        f"(it sent {quoted(received)})")
+            if not received and reason.check(error.ConnectionLost, error.ConnectionDone):
+                return ("the server closed the connection without answering the TLS "
+                        "handshake: is it TLS?")
         if reason.check(VerificationError):
             # The handshake was cut short: the chain is there, the peer
             # certificate is not.
@@ -113,6 +135,50 @@ def handshake_info(connection: SSL.Connection) -> TLSInfo:
         version=connection.get_protocol_version_name(),
         cipher=connection.get_cipher_name() or "",
         not_after=certificate.not_valid_after_utc)
+
+
+class FirstBytesTLS(TLSMemoryBIOProtocol):
+    """
+    TLS that keeps the first bytes the server sent, as they came: when the
+    handshake fails, they tell a server that does not speak TLS (a banner,
+    C{SSH-2.0-...}) from one that does.
+    """
+
+    received = b""
+    kept = 80
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.received) < self.kept:
+            self.received += data[:self.kept - len(self.received)]
+        super().dataReceived(data)
+
+
+class FirstBytesTLSFactory(TLSMemoryBIOFactory):
+    protocol = FirstBytesTLS
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """
+    Whether C{data} starts as a TLS record does: a content type (20 to 24:
+    change cipher spec, alert, handshake, application data, heartbeat), then
+    version 3.x.  Of a shorter C{data}, whether it could.
+    """
+    return (bool(data) and 20 <= data[0] <= 24 and data[1:2] in (b"", b"\x03")
+            and data[2:3] <= b"\x04")
+
+
+def speaks_tls(banner: bytes) -> bool:
+    """
+    Whether a plain probe's C{banner} is a TLS alert or handshake record:
+    a TLS server answering bytes it could not take for a handshake.
+    """
+    return len(banner) >= 3 and banner[0] in (21, 22) and looks_like_tls(banner)
+
+
+def quoted(data: bytes, limit: int = 60) -> str:
+    """The first line of what a server sent, escaped, cut short, in quotes."""
+    line = render_line(data)
+    return f"'{line}'" if len(line) <= limit else f"'{line[:limit]}...'"
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -4,10 +4,12 @@ StringTransport, one probe (addresses in turn, deadlines, cancellation) and
 a run of probes (count, interval, interruption) on MemoryReactorClock.
 """
 
+import errno
 import socket
 
 from twisted.internet import defer, error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +21,7 @@ from tcpgreet.client import (
     ProbeRun,
     ProbeSettings,
     probe,
+    source_problem,
 )
 from tcpgreet.clientoutcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
 from tcpgreet.clientreport import Report
@@ -183,13 +186,7 @@ class ProtocolTests(SynchronousTestCase):
                          ("timed out after 9 bytes", b"220-first"))
         protocol.connectionLost(Failure(error.ConnectionAborted()))
 
-    def test_deadline_messages(self):
-        factory, _, _, results = self.attempt()
-        factory.give_up()
-        self.assertEqual(str(results[0].value), "timed out waiting for a banner")
-        factory, _, _, results = self.attempt(tls=FakeTLS())
-        factory.give_up()
-        self.assertEqual(str(results[0].value), "timed out", "the handshake is not done")
+    def test_the_deadline_before_connecting(self):
         factory = GreetClientFactory(MemoryReactorClock())
         factory.give_up()
         self.assertEqual(str(self.failureResultOf(factory.deferred).value), "timed out")
@@ -221,8 +218,54 @@ class ProtocolTests(SynchronousTestCase):
         factory, protocol, transport, results = self.attempt(tls=FakeTLS())
         factory.handshake_at = 0.0
         transport.getHandle = lambda: None  # as TLSMemoryBIOProtocol has
+        transport.received = b""  # as FirstBytesTLS has
         protocol.connectionLost(Failure(error.ConnectionLost()))
         self.assertEqual(str(results[0].value), "connection reset by peer")
+
+    def test_a_tls_answer_to_a_plain_probe(self):
+        # A TLS server's alert (decode error) for bytes it cannot take for
+        # a handshake: not a banner.
+        for reason in (error.ConnectionDone(), error.ConnectionLost()):
+            factory, protocol, _, results = self.attempt(send=b"\x16\x03\x01\x00\x01\x00")
+            protocol.dataReceived(b"\x15\x03\x03\x00\x02\x02\x32")
+            protocol.connectionLost(Failure(reason))
+            self.assertEqual(str(results[0].value), "the server speaks TLS: try --tls")
+            self.assertEqual(factory.banner, b"\x15\x03\x03\x00\x02\x02\x32")
+
+    def test_a_banner_that_only_starts_like_tls(self):
+        _, protocol, _, results = self.attempt()
+        protocol.dataReceived(b"\x16\x02 not a TLS record\r\n")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(results, [b"\x16\x02 not a TLS record\r\n"])
+
+    def test_silence_until_the_deadline(self):
+        for send, tls, message in [
+            (b"", None, "timed out waiting for a banner (a TLS server waits for the "
+                        "client: try --tls?)"),
+            # A TLS server would have answered what was sent, or closed.
+            (b"QUIT\r\n", None, "timed out waiting for a banner"),
+            (b"", FakeTLS(), "timed out in the TLS handshake: the server sent nothing "
+                             "(is it TLS?)"),
+        ]:
+            factory, _, transport, results = self.attempt(send=send, tls=tls)
+            transport.received = b""  # as FirstBytesTLS has
+            factory.give_up()
+            self.assertEqual(str(results[0].value), message)
+            self.assertTrue(transport.disconnected)
+
+    def test_part_of_a_banner_until_the_deadline(self):
+        factory, protocol, _, results = self.attempt()
+        protocol.dataReceived(b"220 ")
+        factory.give_up()
+        self.assertEqual(str(results[0].value), "timed out after 4 bytes")
+        self.assertEqual(factory.banner, b"220 ")
+
+    def test_no_such_socket(self):
+        factory = GreetClientFactory(MemoryReactorClock())
+        factory.clientConnectionFailed(None, Failure(
+            error.getConnectError((errno.ENOENT, "No such file or directory"))))
+        self.assertEqual(str(self.failureResultOf(factory.deferred, ProbeError).value),
+                         "no such socket")
 
     def test_refused(self):
         factory = GreetClientFactory(MemoryReactorClock())
@@ -405,12 +448,34 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(resolver.calls[0][2], socket.AF_INET)
         self.assertEqual(self.clock.tcpClients[0][4], ("192.0.2.9", 0))
 
-    def test_tls_connects_with_the_creator(self):
+    def test_tls_connects_through_the_wrapping(self):
         tls = FakeTLS()
         self.start(FakeResolver(["192.0.2.1"]), tls=tls)
-        self.assertEqual(self.clock.tcpClients, [])
-        host, port, factory, creator, _timeout, _bind = self.clock.sslClients[0]
-        self.assertEqual((host, port, creator, factory.tls), ("192.0.2.1", 25, tls.creator, tls))
+        host, port, wrapping, _timeout, _bind = self.clock.tcpClients[0]
+        self.assertIsInstance(wrapping, WrappingFactory)
+        self.assertEqual((host, port, wrapping.wrappedFactory.tls), ("192.0.2.1", 25, tls))
+
+    def test_unix_socket(self):
+        resolver = FakeResolver()
+        result = self.start(resolver, host="unix:/run/greet.sock", port=None,
+                            unix="/run/greet.sock", timeout=2.0)
+        self.assertEqual((resolver.calls, self.clock.tcpClients), ([], []))
+        path, factory, timeout, _check_pid = self.clock.unixClients[0]
+        self.assertEqual((path, timeout), ("/run/greet.sock", 2.0))
+        protocol, _ = connect(factory, self.clock, after=0.5)
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(result), ProbeResult(
+            host="unix:/run/greet.sock", port=None, started=0.0, total=0.5,
+            address="/run/greet.sock", tried=("/run/greet.sock",), connect=0.5,
+            banner=GREETING, ended_by="close"))
+
+    def test_unix_socket_times_out(self):
+        result = self.start(FakeResolver(), host="unix:/run/greet.sock", port=None,
+                            unix="/run/greet.sock", timeout=2.0)
+        self.clock.advance(2.0)
+        self.assertEqual(self.successResultOf(result).error, "timed out")
+        self.assertTrue(self.clock.connectors[0].stoppedConnecting)
 
     def test_cancel_drops_the_attempt(self):
         result = self.start(FakeResolver(["192.0.2.1"]))
@@ -479,10 +544,20 @@ class ResolveTests(SynchronousTestCase):
 
 
 class FakeTLS:
-    creator = object()
+    def wrap(self, factory):
+        return WrappingFactory(factory)
 
-    def explain(self, reason, connection):
+    def explain(self, reason, connection, received=b"", handshake_done=True):
         return None
+
+
+class SourceTests(SynchronousTestCase):
+    def test_an_address_of_this_machine(self):
+        self.assertIsNone(source_problem("127.0.0.1"))
+
+    def test_an_address_of_another(self):
+        # 192.0.2.0/24 is for documentation (RFC 5737): no machine has it.
+        self.assertEqual(source_problem("192.0.2.1"), "not an address of this machine")
 
 
 class RecordingReport(Report):

@@ -4,19 +4,29 @@ servers that misbehave on purpose, on loopback.
 """
 
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import CLIENT, ClientProcess, SocketServer, run, sends
-from .helpers import NEUTRAL_CWD, has_ipv6_loopback, start_server
+from .clientprocess import CLIENT, ClientProcess, Finished, SocketServer, run, sends
+from .helpers import (
+    NEUTRAL_CWD,
+    Server,
+    has_ipv6_loopback,
+    require_tool,
+    start_server,
+    temporary_file,
+)
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 HOSTILE = b"\x1b]0;pwned\x07\x1b[2J hello \xff\xfe\xc3\r\n"
@@ -161,9 +171,40 @@ class FamilyTests(SynchronousTestCase):
         [probe, _] = records(run("-6", "--json", "::1", str(server.port)))
         self.assertEqual((probe["address"], probe["ok"], probe["banner"]),
                          ("::1", True, "Thank you for connecting\r\n"))
-        result = run("-4", "::1", str(server.port))
-        self.assertEqual((result.returncode, result.stderr),
-                         (2, b"tcpgreet-client: ::1: is not an IPv4 address\n"))
+
+
+class ResolutionTests(SynchronousTestCase):
+    def test_a_name_without_an_address_of_the_family(self):
+        # Not a usage mistake, as an address of the other family is: the
+        # name's addresses are the name service's answer, and can change.
+        # (Not ::1, which glibc also gives as 127.0.0.1 to an IPv4 lookup.)
+        hosts = temporary_file(self, b"fd00:1::a only-six.test\n")
+        result = run_with_hosts(self, hosts, "-4", "only-six.test", "25")
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+        self.assertRegex(result.stderr.decode(),
+                         r"^tcpgreet-client: only-six\.test: has no IPv4 address$")
+        # The name does resolve, to its one IPv6 address.
+        result = run_with_hosts(self, hosts, "-6", "--json", "-t", "2", "only-six.test", "25")
+        self.assertEqual(records(result)[0]["tried"], ["fd00:1::a"])
+
+
+def run_with_hosts(testcase, hosts: str, *args: str) -> Finished:
+    """
+    The client with C{hosts} in place of /etc/hosts, in a mount namespace
+    of its own, so that a name has exactly the addresses a test gives it.
+    """
+    unshare = require_tool(testcase, "unshare")
+    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        testcase.skipTest(f"cannot make a mount namespace: {probe.stderr.decode().strip()}")
+    return run_command([unshare, "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+                        hosts, *CLIENT, *args])
+
+
+def run_command(command: list[str]) -> Finished:
+    result = subprocess.run(command, capture_output=True, timeout=30,
+                            stdin=subprocess.DEVNULL, cwd=NEUTRAL_CWD)
+    return Finished(result.returncode, result.stdout, result.stderr, 0.0)
 
 
 class HostileServerTests(SynchronousTestCase):
@@ -229,7 +270,8 @@ class HostileServerTests(SynchronousTestCase):
         result = run("--json", "--timeout", "1", *server.target)
         [probe, _] = records(result)
         self.assertEqual((result.returncode, probe["error"], probe["connect_ms"] is not None),
-                         (2, "timed out waiting for a banner", True))
+                         (2, "timed out waiting for a banner (a TLS server waits for the "
+                             "client: try --tls?)", True))
         self.assertGreaterEqual(probe["total_ms"], 1000)
         self.assertLess(probe["total_ms"], 1500)
         self.assertLess(result.elapsed, 1 + 10, "start-up included, not much later")
@@ -238,8 +280,9 @@ class HostileServerTests(SynchronousTestCase):
         server = SocketServer(self, lambda connection: connection.recv(1))
         result = run("-t", "0.5", *server.target)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
-        self.assertEqual(result.stderr.decode(), f"tcpgreet-client: 127.0.0.1 port {server.port}: "
-                                                 "timed out waiting for a banner\n")
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out waiting for "
+                         "a banner (a TLS server waits for the client: try --tls?)\n")
 
     def test_reset_is_critical(self):
         def reset(connection):
@@ -296,12 +339,15 @@ class ConversationTests(SynchronousTestCase):
         self.assertEqual((result.returncode, server.peers[0][0]), (0, "127.0.0.2"))
 
     def test_source_address_not_here(self):
+        # A mistake on the command line, not the server's failure: UNKNOWN,
+        # whatever the form, and no connection made.
         server = SocketServer(self, sends(b"hi\r\n"))
-        result = run("--source", "192.0.2.1", *server.target)
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: cannot bind to the "
-                         "source address: cannot assign requested address\n")
+        for form in ([], ["--json"], ["--plugin"], ["-c", "3"]):
+            result = run(*form, "-s", "192.0.2.1", *server.target)
+            self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                             (3, b"", "tcpgreet-client: --source 192.0.2.1: not an address "
+                                      "of this machine\n"), form)
+        self.assertFalse(server.accepted.is_set())
 
 
 class InterruptTests(SynchronousTestCase):
@@ -371,6 +417,106 @@ class MistakeTests(SynchronousTestCase):
         result = run("--help")
         self.assertEqual((result.returncode, result.stderr), (0, b""))
         for option in (b"--count", b"--interval", b"--expect", b"--json", b"--plugin", b"--tls",
-                       b"--max-bytes", b"--first-line", b"--raw", b"--cert-days", b"--source"):
+                       b"--max-bytes", b"--first-line", b"--raw", b"--cert-days", b"--source",
+                       b"-H, --host", b"-p, --port", b"-h, --help"):
             self.assertIn(option, result.stdout)
+        short = run("-h")
+        self.assertEqual((short.returncode, short.stdout, short.stderr), (0, result.stdout, b""))
+
+    def test_address_of_the_other_family_is_unknown(self):
+        for args, message in [(["-4", "::1"], "-4: ::1 is an IPv6 address"),
+                              (["-6", "127.0.0.1", "25"], "-6: 127.0.0.1 is an IPv4 address")]:
+            result = run(*args)
+            self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                             (3, b"", f"tcpgreet-client: {message} (see --help)\n"))
+
+    def test_unknown_service_name(self):
+        result = run("127.0.0.1", "no-such-service")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (3, "tcpgreet-client: bad port 'no-such-service': not a number or a "
+                             "known TCP service name (see --help)\n"))
+
+
+class CommandLineTests(SynchronousTestCase):
+    """The target in the forms people type, against the real server."""
+
+    def setUp(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        self.host, self.port = server.host, str(server.port)
+
+    def test_options_after_the_target(self):
+        # As README shows it: tcpgreet-client mail.example.net 25 --first-line
+        result = run(self.host, self.port, "--first-line", "-e", "^Thank")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, b"Thank you for connecting\n", b""))
+
+    def test_check_tcp_style(self):
+        for args in (["-H", self.host, "-p", self.port], ["-p", self.port, self.host],
+                     [self.host, "-p", self.port]):
+            result = run("--plugin", *args)
+            self.assertEqual(result.returncode, 0, args)
+            self.assertIn(f" on 127.0.0.1 port {self.port} [Thank you for connecting]",
+                          result.stdout.decode())
+        result = run("-H", self.host, self.host, self.port)
+        self.assertEqual((result.returncode, result.stdout, result.stderr.decode()),
+                         (3, b"", "tcpgreet-client: host given twice: --host '127.0.0.1' and "
+                                  "'127.0.0.1' (see --help)\n"))
+
+
+class UnixSocketTests(SynchronousTestCase):
+    """unix:PATH against C{twistd tcpgreet --listen unix:PATH}."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="tcpgreet-client-unix-")
+        self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
+
+    def serve(self):
+        path = os.path.join(self.directory, "greet.sock")
+        server = Server("--listen", f"unix:{path}", "--quiet")
+        self.addCleanup(server.stop)
+        server.wait_for(rf"listening on unix:{re.escape(path)} ")
+        return path
+
+    def test_banner(self):
+        path = self.serve()
+        result = run(f"unix:{path}")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, b"Thank you for connecting\n", b""))
+
+    def test_the_path_is_the_target(self):
+        path = self.serve()
+        [probe, summary] = records(run("--json", f"unix:{path}"))
+        self.assertEqual(
+            {key: probe[key] for key in ("target", "port", "address", "tried", "ok", "banner")},
+            {"target": f"unix:{path}", "port": None, "address": path, "tried": [path],
+             "ok": True, "banner": "Thank you for connecting\r\n"})
+        self.assertEqual((summary["target"], summary["port"], summary["state"]),
+                         (f"unix:{path}", None, "OK"))
+        result = run("--plugin", "-H", f"unix:{path}")
+        self.assertRegex(result.stdout.decode(),
+                         rf"^TCP OK - \d\.\d{{3}} second response time on unix:{re.escape(path)} "
+                         r"\[Thank you for connecting\]\|time=")
+        result = run("-c", "2", "-i", "0.05", f"unix:{path}")
+        self.assertEqual((result.returncode, result.lines[0].split(" seq=")[0], result.lines[3]),
+                         (0, f"unix:{path}", f"--- unix:{path} probe statistics ---"))
+
+    def test_no_such_socket(self):
+        path = os.path.join(self.directory, "missing.sock")
+        result = run(f"unix:{path}")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (2, f"tcpgreet-client: unix:{path}: no such socket\n"))
+
+    def test_refused(self):
+        path = os.path.join(self.directory, "nobody.sock")
+        with socket.socket(socket.AF_UNIX) as bound_but_not_listening:
+            bound_but_not_listening.bind(path)
+        result = run("--plugin", f"unix:{path}")
+        self.assertEqual((result.returncode, result.stdout.decode()),
+                         (2, f"TCP CRITICAL - connection refused on unix:{path}\n"))
+
+    def test_a_path_has_no_port(self):
+        result = run("unix:/run/greet.sock", "25")
+        self.assertEqual((result.returncode, result.stderr.decode()),
+                         (3, "tcpgreet-client: unix:/run/greet.sock is a UNIX socket, which "
+                             "has no port: '25' (see --help)\n"))
 

@@ -3,11 +3,13 @@ The client's command line: targets, every option's conversion, the whole
 parsed result, and one clear message for each mistake.
 """
 
+import io
 import re
 import socket
+import sys
 
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tcpgreet.clientoptions import ClientOptions, escaped, parse_target
 from tcpgreet.clientoutcome import CRITICAL, OK, WARNING, Checks
@@ -34,9 +36,22 @@ class TargetTests(SynchronousTestCase):
             ("[::1]", "8"): ("::1", 8),
             ("::1",): ("::1", 27679),
             ("::1", "9"): ("::1", 9),
+            ("unix:/run/greet.sock",): ("unix:/run/greet.sock", None),
+            ("unix:relative/a:b.sock",): ("unix:relative/a:b.sock", None),
         }
         for args, expected in cases.items():
             self.assertEqual(parse_target(list(args)), expected, args)
+
+    def test_service_names(self):
+        try:
+            ssh, smtp = socket.getservbyname("ssh", "tcp"), socket.getservbyname("smtp", "tcp")
+        except OSError:
+            raise SkipTest("no services database (/etc/services)") from None
+        self.assertEqual((ssh, smtp), (22, 25))
+        self.assertEqual(parse_target(["127.0.0.1", "ssh"]), ("127.0.0.1", 22))
+        self.assertEqual(parse_target(["localhost:smtp"]), ("localhost", 25))
+        self.assertEqual(parse_target(["[::1]:smtp"]), ("::1", 25))
+        self.assertEqual(parse("-p", "ssh")["port"], 22)
 
     def test_mistakes(self):
         for args, fragment in [
@@ -48,6 +63,11 @@ class TargetTests(SynchronousTestCase):
             (["[::1"], "unclosed bracket"),
             (["[::1]x"], "[IPv6]:PORT"),
             ([":80"], "empty host"),
+            (["host", "no-such-service"],
+             "bad port 'no-such-service': not a number or a known TCP service name"),
+            (["unix:/run/greet.sock", "25"],
+             "unix:/run/greet.sock is a UNIX socket, which has no port: '25'"),
+            (["unix:"], "no path in 'unix:'; use unix:PATH"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
                 parse_target(args)
@@ -67,6 +87,111 @@ class DefaultsTests(SynchronousTestCase):
              "first-line": False, "raw": False, "tls": False, "ca": None, "insecure": False,
              "family": socket.AF_UNSPEC, "source": None, "timestamp": False})
         self.assertEqual(options.checks, Checks())
+        self.assertIsNone(options["unix"])
+
+
+class AnywhereTests(SynchronousTestCase):
+    """Options before, between and after HOST and PORT, as GNU tools take them."""
+
+    def test_options_after_the_target(self):
+        options = parse("mail.example.net", "25", "--first-line", "-t", "2")
+        self.assertEqual((options["host"], options["port"], options["first-line"],
+                          options["timeout"]), ("mail.example.net", 25, True, 2.0))
+
+    def test_options_between_host_and_port(self):
+        options = parse("--json", "mail.example.net", "-c", "3", "25", "--send", "-x")
+        self.assertEqual((options["host"], options["port"], options["mode"], options["count"],
+                          options["send"]), ("mail.example.net", 25, "json", 3, b"-x"))
+
+    def test_empty_value(self):
+        options = parse("mail.example.net", "--expect", "", "25")
+        self.assertEqual((options["port"], options.checks.expect), (25, re.compile("")))
+
+    def test_double_dash_ends_the_options(self):
+        options = parse("--first-line", "--", "-c", "25")
+        self.assertEqual((options["host"], options["port"], options["count"],
+                          options["first-line"]), ("-c", 25, 1, True))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("localhost", "--", "--first-line")
+        self.assertEqual(str(caught.exception),
+                         "bad port '--first-line': not a number or a known TCP service name")
+
+    def test_mistakes_after_the_target(self):
+        for args, message in [
+            (["localhost", "--bogus"], "option --bogus not recognized"),
+            (["localhost", "-t"], "option -t requires argument"),
+            (["localhost", "25", "-t", "soon"], "--timeout 'soon': not a number of seconds"),
+            (["localhost", "25", "26", "--json"], "too many arguments: localhost 25 26"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertEqual(str(caught.exception), message, args)
+
+
+class HostAndPortOptionTests(SynchronousTestCase):
+    """check_tcp's -H HOST -p PORT, with or without the positional forms."""
+
+    def test_forms(self):
+        for args, expected in [
+            (["-H", "mail.example", "-p", "25"], ("mail.example", 25)),
+            (["-H", "mail.example"], ("mail.example", 27679)),
+            (["-p", "25"], ("localhost", 25)),
+            (["-p", "25", "mail.example"], ("mail.example", 25)),
+            (["mail.example", "-p", "25"], ("mail.example", 25)),
+            (["--host=mail.example:2525"], ("mail.example", 2525)),
+            (["-H", "::1", "-p", "7"], ("::1", 7)),
+            (["-H", "[::1]:7"], ("::1", 7)),
+            (["-H", "unix:/run/greet.sock"], ("unix:/run/greet.sock", None)),
+        ]:
+            options = parse(*args)
+            self.assertEqual((options["host"], options["port"]), expected, args)
+
+    def test_given_twice(self):
+        for args, message in [
+            (["-H", "mail.example", "other.example"],
+             "host given twice: --host 'mail.example' and 'other.example'"),
+            (["-H", "mail.example", "25"], "host given twice: --host 'mail.example' and '25'"),
+            (["-H", "mail.example:25", "-p", "26"], "port given twice: --port 26 and '25'"),
+            (["-p", "26", "mail.example", "25"], "port given twice: --port 26 and '25'"),
+            (["-p", "26", "unix:/run/greet.sock"],
+             "--port 26: unix:/run/greet.sock is a UNIX socket, which has no port"),
+            (["-p", "0"], "--port '0': not in 1..65535"),
+            (["-p", "no-such-service"],
+             "--port 'no-such-service': not a number or a known TCP service name"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertEqual(str(caught.exception), message, args)
+
+    def test_h_is_help(self):
+        helps = []
+        for flag in ("-h", "--help"):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            with self.assertRaises(SystemExit) as caught:
+                parse(flag)
+            self.assertEqual(caught.exception.code, 0)
+            helps.append(out.getvalue())
+        self.assertEqual(helps[0], helps[1])
+        for line in ("-h, --help", "-H, --host=", "-p, --port="):
+            self.assertIn(line, helps[0])
+
+
+class UnixTargetTests(SynchronousTestCase):
+    def test_path(self):
+        options = parse("unix:/run/greet.sock", "--first-line")
+        self.assertEqual((options["host"], options["port"], options["unix"],
+                          options["first-line"]),
+                         ("unix:/run/greet.sock", None, "/run/greet.sock", True))
+
+    def test_what_does_not_apply(self):
+        for args, option in [(["--tls"], "tls"), (["-4"], "ipv4"), (["-6"], "ipv6"),
+                             (["-s", "127.0.0.1"], "source")]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args, "unix:/run/greet.sock")
+            self.assertEqual(str(caught.exception),
+                             f"--{option} does not apply to a UNIX socket "
+                             "(unix:/run/greet.sock)")
 
 
 class OptionTests(SynchronousTestCase):
@@ -184,6 +309,24 @@ class MistakeTests(SynchronousTestCase):
             (["-4", "-s", "::1"], "--source ::1 is not an IPv4 address"),
         ]:
             self.assertMistake(args, message)
+
+    def test_address_of_the_other_family(self):
+        for args, message in [
+            (["-4", "::1"], "-4: ::1 is an IPv6 address"),
+            (["-4", "[::1]:25"], "-4: ::1 is an IPv6 address"),
+            (["::1", "-4"], "-4: ::1 is an IPv6 address"),
+            (["-6", "127.0.0.1", "25"], "-6: 127.0.0.1 is an IPv4 address"),
+            (["-s", "127.0.0.1", "::1"], "--source 127.0.0.1 cannot reach ::1, an IPv6 address"),
+            (["-s", "::1", "-H", "127.0.0.1"],
+             "--source ::1 cannot reach 127.0.0.1, an IPv4 address"),
+        ]:
+            self.assertMistake(args, message)
+
+    def test_a_name_is_not_judged_here(self):
+        # Whether a name has an address of the family asked for is known
+        # only once it is resolved: a probe's result, not a usage mistake.
+        self.assertEqual(parse("-4", "ip6-only.example")["family"], socket.AF_INET)
+        self.assertEqual(parse("-6", "-s", "::1", "mail.example")["family"], socket.AF_INET6)
 
     def test_unreadable_ca(self):
         self.assertMistake(["--tls", "--ca", "/no/such/ca.pem"],

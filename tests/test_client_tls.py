@@ -1,27 +1,32 @@
 """
 The client's TLS: against C{twistd tcpgreet --listen ssl:...} with
 certificates made in the test, verified with --ca and refused without it;
-against a stdlib TLS server for names, expiry and SNI; and handshake
-failures in one line.
+against a stdlib TLS server for names, expiry and SNI; handshake failures
+in one line; and the two mistakes, --tls against a plain server (tcpgreet,
+sshd) and a plain probe against a TLS one, told as such.
 """
 
 import json
 import shutil
 import ssl
 import tempfile
+import threading
 from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.clienttls import TLSClient, UnverifiedTLS, load_ca
+from tcpgreet.client import GreetClientFactory
+from tcpgreet.clienttls import TLSClient, UnverifiedTLS, load_ca, looks_like_tls
 
 from . import tls
 from .certificates import make_certificate
 from .clientprocess import SocketServer, run
 from .helpers import start_server, temporary_file
+from .sshd import start_sshd
 
 GREETING = b"Thank you for connecting\n"
 
@@ -44,6 +49,55 @@ class UnitTests(SynchronousTestCase):
         failure = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
         self.assertEqual(client.explain(failure, None), "TLS certificate not trusted: certificate "
                                                         "verify failed (see --ca, --insecure)")
+
+    def test_a_server_that_does_not_speak_tls(self):
+        client = TLSClient("mail.example", insecure=True)
+        wrong_version = Failure(SSL.Error([("SSL routines", "", "wrong version number")]))
+        for received, shown in [
+            (b"SSH-2.0-OpenSSH_9.2p1\r\nmore", "'SSH-2.0-OpenSSH_9.2p1'"),
+            (b"\x1b[2J" + b"x" * 70, "'\\x1b[2J" + "x" * 53 + "...'"),
+        ]:
+            self.assertEqual(
+                client.explain(wrong_version, None, received, handshake_done=False),
+                f"the server did not answer the TLS handshake: is it TLS? (it sent {shown})")
+        self.assertEqual(
+            client.explain(Failure(error.ConnectionLost()), None, b"hi", handshake_done=False),
+            "the server did not answer the TLS handshake: is it TLS? (it sent 'hi')")
+        self.assertEqual(
+            client.explain(Failure(error.ConnectionLost()), None, b"", handshake_done=False),
+            "the server closed the connection without answering the TLS handshake: is it TLS?")
+
+    def test_a_tls_server_that_refuses(self):
+        client = TLSClient("mail.example", insecure=True)
+        alert = b"\x15\x03\x03\x00\x02\x02\x46"  # protocol_version
+        failure = Failure(SSL.Error([("SSL routines", "", "tlsv1 alert protocol version")]))
+        self.assertEqual(client.explain(failure, None, alert, handshake_done=False),
+                         "TLS handshake failed: tlsv1 alert protocol version")
+
+    def test_looks_like_tls(self):
+        for data in (b"\x16", b"\x16\x03", b"\x16\x03\x01\x00", b"\x15\x03\x03",
+                     b"\x14\x03\x04"):
+            self.assertTrue(looks_like_tls(data), data)
+        for data in (b"", b"SSH-2.0", b"\x16\x02", b"\x16\x03\x05", b"\x13\x03\x01", b"220 "):
+            self.assertFalse(looks_like_tls(data), data)
+
+    def test_first_bytes_kept_under_tls(self):
+        # The real TLS layer over a StringTransport: the client's hello
+        # goes out, an SSH banner comes back.
+        client = TLSClient("localhost", insecure=True)
+        factory = GreetClientFactory(MemoryReactorClock(), tls=client)
+        results = []
+        factory.deferred.addBoth(results.append)
+        layer = client.wrap(factory).buildProtocol(None)
+        transport = StringTransport()
+        layer.makeConnection(transport)
+        self.assertTrue(looks_like_tls(transport.value()), "a ClientHello was sent")
+        layer.dataReceived(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+        self.assertTrue(transport.disconnecting)
+        layer.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(str(results[0].value), "the server did not answer the TLS handshake: "
+                                                "is it TLS? (it sent 'SSH-2.0-OpenSSH_9.2p1 "
+                                                "Debian-2')")
 
     def test_other_failures_are_not_tls(self):
         client = TLSClient("mail.example", insecure=True)
@@ -128,14 +182,75 @@ class TwistdTests(SynchronousTestCase):
                 self.assertRegex(result.stdout.decode(),
                                  r" - certificate expires in 1\.0 days \(")
 
-    def test_a_plain_server_is_a_handshake_failure(self):
+
+class MismatchTests(SynchronousTestCase):
+    """
+    --tls against servers that do not speak it, and a plain probe against
+    one that does: one line that says what most likely happened.
+    """
+
+    def test_tls_against_plain_tcpgreet(self):
         plain = start_server(self, "--listen", "tcp:0:interface=127.0.0.1", "--quiet")
         result = run("--tls", "--insecure", "127.0.0.1", str(plain.port))
         self.assertEqual((result.returncode, result.stdout), (2, b""))
-        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        # tcpgreet closes at once: rarely, its reset to the client's hello
+        # comes before its greeting is read.
         self.assertRegex(result.stderr.decode(),
-                         rf"^tcpgreet-client: 127\.0\.0\.1 port {plain.port}: "
-                         r"(TLS handshake failed: .+|connection reset by peer)\n$")
+                         rf"^tcpgreet-client: 127\.0\.0\.1 port {plain.port}: the server "
+                         r"(did not answer the TLS handshake: is it TLS\? \(it sent 'Thank you "
+                         r"for connecting'\)|closed the connection without answering the TLS "
+                         r"handshake: is it TLS\?)\n$")
+
+    def test_tls_against_sshd(self):
+        sshd = start_sshd(self)
+        result = run("--tls", "--insecure", "127.0.0.1", str(sshd.port))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertRegex(result.stderr.decode(),
+                         rf"^tcpgreet-client: 127\.0\.0\.1 port {sshd.port}: the server did not "
+                         r"answer the TLS handshake: is it TLS\? \(it sent 'SSH-2\.0-[^']+'\)\n$")
+
+    def test_tls_against_a_server_that_closes(self):
+        server = SocketServer(self, lambda connection: connection.recv(1))
+        result = run("--tls", "--insecure", *server.target)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: the server closed "
+                         "the connection without answering the TLS handshake: is it TLS?\n")
+
+    def test_tls_against_a_silent_server(self):
+        answered = threading.Event()
+        server = SocketServer(self, lambda connection: answered.wait(30))
+        self.addCleanup(answered.set)
+        result = run("--tls", "--insecure", "--timeout", "0.5", *server.target)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out in the TLS "
+                         "handshake: the server sent nothing (is it TLS?)\n")
+
+    def serve_tls(self):
+        files = tls.self_signed(Path(tempfile.mkdtemp(prefix="tcpgreet-client-tls-")))
+        self.addCleanup(shutil.rmtree, files.key.parent, ignore_errors=True)
+        listener = f"ssl:0:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
+        return start_server(self, "--listen", listener, "--quiet")
+
+    def test_plain_probe_against_tls(self):
+        server = self.serve_tls()
+        result = run("--timeout", "0.5", "127.0.0.1", str(server.port))
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out waiting "
+                         "for a banner (a TLS server waits for the client: try --tls?)\n")
+
+    def test_plain_probe_answered_in_tls(self):
+        # A handshake record too short to be a hello: the server answers
+        # with an alert (decode error), which is not a banner.
+        server = self.serve_tls()
+        result = run("--json", "--send", "\\x16\\x03\\x01\\x00\\x04\\x01\\x00\\x00\\x00",
+                     "127.0.0.1", str(server.port))
+        self.assertEqual(result.returncode, 2)
+        probe = json.loads(result.stdout.splitlines()[0])
+        self.assertEqual((probe["ok"], probe["error"], probe["banner"][:2]),
+                         (False, "the server speaks TLS: try --tls", "\x15\x03"))
 
 
 class TLSServer(SocketServer):
