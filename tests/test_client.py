@@ -13,18 +13,18 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet import client
-from tcpgreet.client import (
+from tcpgreet.client import probe as probing
+from tcpgreet.client import source_problem
+from tcpgreet.client.outcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
+from tcpgreet.client.probe import (
     GOODBYE_TIMEOUT,
     GreetClientFactory,
     ProbeError,
     ProbeRun,
     ProbeSettings,
     probe,
-    source_problem,
 )
-from tcpgreet.clientoutcome import CRITICAL, OK, UNKNOWN, WARNING, Checks, ProbeResult
-from tcpgreet.clientreport import Report
+from tcpgreet.client.report import Report
 
 GREETING = b"Thank you for connecting\r\n"
 
@@ -500,7 +500,7 @@ class ResolveTests(SynchronousTestCase):
     """What the resolver's answers become: addresses, or a failure in words."""
 
     def resolve(self, answers, host="mail.example", family=socket.AF_UNSPEC):
-        """L{client.resolve} with getaddrinfo answering from C{answers[family]}."""
+        """L{probing.resolve} with getaddrinfo answering from C{answers[family]}."""
         self.asked = []
 
         def getaddrinfo(reactor, host, port, family):
@@ -508,8 +508,8 @@ class ResolveTests(SynchronousTestCase):
             answer = answers[family]
             return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
 
-        self.patch(client, "_getaddrinfo", getaddrinfo)
-        resolving = defer.ensureDeferred(client.resolve(None, host, 25, family))
+        self.patch(probing, "_getaddrinfo", getaddrinfo)
+        resolving = defer.ensureDeferred(probing.resolve(None, host, 25, family))
         if isinstance(answers.get(family), Exception):
             return str(self.failureResultOf(resolving, ProbeError).value)
         return self.successResultOf(resolving)

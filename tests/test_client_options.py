@@ -11,8 +11,8 @@ import sys
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tcpgreet.clientoptions import ClientOptions, escaped, parse_target
-from tcpgreet.clientoutcome import CRITICAL, OK, WARNING, Checks
+from tcpgreet.client.options import ClientOptions, escaped, parse_target
+from tcpgreet.client.outcome import CRITICAL, OK, WARNING, Checks
 
 from .certificates import make_certificate
 from .helpers import temporary_file

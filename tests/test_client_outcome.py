@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.clientoutcome import (
+from tcpgreet.client.outcome import (
     CRITICAL,
     OK,
     UNKNOWN,

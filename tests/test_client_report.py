@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.clientoutcome import Checks, ProbeResult, Summary, TLSInfo, judge
-from tcpgreet.clientreport import (
+from tcpgreet.client.outcome import Checks, ProbeResult, Summary, TLSInfo, judge
+from tcpgreet.client.report import (
     BannerReport,
     JsonReport,
     LinesReport,

@@ -19,8 +19,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.client import GreetClientFactory
-from tcpgreet.clienttls import TLSClient, UnverifiedTLS, load_ca, looks_like_tls
+from tcpgreet.client.probe import GreetClientFactory
+from tcpgreet.client.tls import TLSClient, UnverifiedTLS, load_ca, looks_like_tls
 
 from . import tls
 from .certificates import make_certificate

@@ -142,6 +142,8 @@ def tcpgreet_modules():
     package = Path(tcpgreet.__file__).parent
     yield "tcpgreet", package / "__init__.py"
     for info in pkgutil.walk_packages([str(package)], "tcpgreet."):
+        if info.name.rpartition(".")[2] == "__main__":
+            continue  # importing a program's __main__ would run it
         module = importlib.import_module(info.name)
         yield info.name, Path(module.__file__)
 

@@ -17,8 +17,8 @@ from ipaddress import ip_address
 
 from twisted.python import usage
 
-from tcpgreet.clientoutcome import CRITICAL, OK, WARNING, Checks
-from tcpgreet.clienttls import load_ca
+from tcpgreet.client.outcome import CRITICAL, OK, WARNING, Checks
+from tcpgreet.client.tls import load_ca
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 27679
@@ -29,7 +29,7 @@ DEFAULT_MAX_BYTES = 65536
 # keep a probe of a server that greets and waits brisk.
 DEFAULT_IDLE = 1.0
 
-# The report forms; see tcpgreet.clientreport.
+# The report forms; see tcpgreet.client.report.
 BANNER, LINES, JSON, PLUGIN = "banner", "lines", "json", "plugin"
 
 

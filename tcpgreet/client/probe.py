@@ -1,17 +1,9 @@
 """
-The probe client: connect, read what the server says, judge it, report it.
-
-    python -m tcpgreet.client [options] [HOST [PORT] | unix:PATH]
+Probing: connect, read what the server says, and time it.
 
 An attempt at one address is a L{GreetClientFactory} run on the reactor;
 L{probe} tries the host's addresses in turn and returns a L{ProbeResult};
-L{ProbeRun} repeats probes, judges each and hands it to a report.  The
-command line lives in L{tcpgreet.clientoptions}, the meaning of a result in
-L{tcpgreet.clientoutcome}, its forms in L{tcpgreet.clientreport}, TLS in
-L{tcpgreet.clienttls}.
-
-Exit status follows the monitoring-plugin convention: 0 OK, 1 WARNING,
-2 CRITICAL, 3 UNKNOWN.
+L{ProbeRun} repeats probes, judges each and hands it to a report.
 """
 
 from __future__ import annotations
@@ -19,41 +11,29 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import BinaryIO
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import TimeoutMixin
-from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpgreet.clientoptions import (
-    BANNER,
+from tcpgreet.client.options import (
     DEFAULT_IDLE,
     DEFAULT_MAX_BYTES,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
-    JSON,
-    LINES,
-    ClientOptions,
 )
-from tcpgreet.clientoutcome import UNKNOWN, Checks, ProbeResult, Summary, judge
-from tcpgreet.clientreport import (
-    BannerReport,
-    JsonReport,
-    LinesReport,
-    PluginReport,
+from tcpgreet.client.outcome import Checks, ProbeResult, Summary, judge
+from tcpgreet.client.report import (
     Report,
-    discard_the_rest,
 )
-from tcpgreet.clienttls import FirstBytesTLS, TLSClient, handshake_info, speaks_tls
+from tcpgreet.client.tls import FirstBytesTLS, TLSClient, handshake_info, speaks_tls
 
 # Seconds a connection we closed after its banner gets to finish closing.
 GOODBYE_TIMEOUT = 2.0
@@ -565,89 +545,3 @@ class ProbeRun:
         if self._waiting is not None:
             self._waiting.cancel()
         return self.finished
-
-
-def settings_from(options: ClientOptions) -> ProbeSettings:
-    """The L{ProbeSettings} parsed options ask for."""
-    host = options["host"]
-    tls = TLSClient(host, options["ca"], options["insecure"]) if options["tls"] else None
-    return ProbeSettings(
-        host=host, port=options["port"], timeout=options["timeout"],
-        max_bytes=options["max-bytes"], first_line=options["first-line"],
-        send=options["send"], family=options["family"], source=options["source"], tls=tls,
-        idle=options["idle"] or None, unix=options["unix"])
-
-
-def source_problem(source: str) -> str | None:
-    """
-    Why C{--source} cannot be bound, or C{None}.  Checked once, before any
-    probe: an address that is not this machine's is a mistake on the
-    command line (UNKNOWN), not a failure of the server (CRITICAL), which
-    is what a bind refused at connect time would look like.
-    """
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as trial:
-        try:
-            trial.bind((source, 0))
-        except OSError as e:
-            if e.errno == errno.EADDRNOTAVAIL:
-                return "not an address of this machine"
-            return f"cannot bind to it: {_lower(e.strerror or str(e))}"
-    return None
-
-
-def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
-    """The report form parsed options ask for."""
-    style = {"raw": options["raw"], "timestamps": options["timestamp"]}
-    mode = options["mode"]
-    if mode == BANNER:
-        return BannerReport(out, err, **style)
-    if mode == LINES:
-        return LinesReport(out, err, **style)
-    if mode == JSON:
-        return JsonReport(out, err, **style)
-    return PluginReport(out, err, checks=options.checks, timeout=options["timeout"], **style)
-
-
-async def run(reactor, options: ClientOptions, out: BinaryIO | None = None,
-              err: BinaryIO | None = None) -> int:
-    """Probe as C{options} say; the exit status."""
-    err = err if err is not None else sys.stderr.buffer
-    if options["source"] is not None:
-        problem = source_problem(options["source"])
-        if problem is not None:
-            err.write(f"tcpgreet-client: --source {options['source']}: {problem}\n".encode())
-            return UNKNOWN
-    try:
-        settings = settings_from(options)
-    except ValueError as e:  # a host name TLS cannot use, as "bad_name"
-        err.write(f"tcpgreet-client: {options['host']}: cannot use TLS: {e}\n".encode())
-        return UNKNOWN
-    report = report_for(options, out if out is not None else sys.stdout.buffer, err)
-    probes = ProbeRun(reactor, settings, options.checks, report,
-                      options["count"], options["interval"])
-    # Ctrl-C and SIGTERM stop the reactor; its shutdown waits for the summary.
-    reactor.addSystemEventTrigger("before", "shutdown", probes.interrupt)
-    return await probes.run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    options = ClientOptions()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as e:
-        print(f"tcpgreet-client: {e} (see --help)", file=sys.stderr)
-        sys.exit(UNKNOWN)
-    except BrokenPipeError:  # --help | head
-        discard_the_rest(sys.stdout)
-        sys.exit(0)
-    task.react(_react, [options])
-
-
-async def _react(reactor, options: ClientOptions) -> None:
-    # task.react exits with the code of a SystemExit raised from main.
-    raise SystemExit(await run(reactor, options))
-
-
-if __name__ == "__main__":
-    main()

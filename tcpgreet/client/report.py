@@ -14,7 +14,14 @@ import os
 from datetime import datetime, timezone
 from typing import BinaryIO
 
-from tcpgreet.clientoutcome import STATE_NAMES, Checks, ProbeResult, RunningStats, Summary, Verdict
+from tcpgreet.client.outcome import (
+    STATE_NAMES,
+    Checks,
+    ProbeResult,
+    RunningStats,
+    Summary,
+    Verdict,
+)
 
 
 def render_banner(data: bytes) -> str:

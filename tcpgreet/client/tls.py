@@ -21,8 +21,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpgreet.clientoutcome import TLSInfo
-from tcpgreet.clientreport import render_line
+from tcpgreet.client.outcome import TLSInfo
+from tcpgreet.client.report import render_line
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
