@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import sys
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -18,6 +17,7 @@ from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
 from tcpgreet.server import DRAIN, GreetFactory
+from tcpgreet.startup import fail
 
 log = Logger()
 
@@ -38,16 +38,6 @@ def startup_format(workers: int = 1) -> str:
             + ", max-per-ip {max_per_ip}, rate-per-ip {rate_per_ip}, "
             "timeout {timeout:g} s, drain-timeout {drain_timeout:g} s, "
             "{descriptors} descriptors")
-
-
-def fail(message: str) -> SystemExit:
-    """
-    Report a start-up failure the operator caused: one line on standard error
-    and a non-zero exit status, no traceback.  (Standard error itself, not
-    twistd's redirected C{sys.stderr}, which would bury it in the log.)
-    """
-    print(f"tcpgreet: {message}", file=sys.__stderr__, flush=True)
-    return SystemExit(1)
 
 
 def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListeningPort:

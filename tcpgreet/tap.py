@@ -15,13 +15,14 @@ from collections.abc import Callable
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from tcpgreet import greeting
+from tcpgreet import greeting, startup
 from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService
+from tcpgreet.startup import fail
 from tcpgreet.workers import WorkerSupervisor, per_worker
 
 DEFAULT_LISTEN = "tcp:27679"
@@ -242,8 +243,14 @@ def makeService(options: Options, reactor=None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    if options["workers"] > 1:
-        return _supervisor(options, reactor)
+    top = (_supervisor if options["workers"] > 1 else _greeter)(options, reactor)
+    if startup.daemonizing(getattr(options, "parent", None)):
+        # Last, so that it reports once every other service has started.
+        startup.ReportStarted(startup.expect_daemon()).setServiceParent(top)
+    return top
+
+
+def _greeter(options: Options, reactor) -> IService:
     worker = options["worker"] is not None
     facades = ([InheritedReactor(reactor, fd) for fd in options["worker-fds"]] if worker
                else [reactor] * len(options["listen"]))

@@ -14,7 +14,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from tcpgreet import tap
+from tcpgreet import startup, tap
 from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
@@ -281,6 +281,22 @@ class MakeServiceTests(SynchronousTestCase):
         [(_, endpoint)] = greeter.endpoints
         self.assertIsInstance(endpoint._reactor, InheritedReactor)
         self.assertEqual(endpoint._reactor._fd, 8)
+
+    def test_under_daemon_mode_the_last_service_tells_the_launcher(self):
+        launcher = object()  # a real one would wait in this process's next fork
+        self.patch(startup, "expect_daemon", lambda: launcher)
+        for workers, first in (("1", "greeter"), ("2", "supervisor")):
+            options = parse("--listen", "tcp:1", "--workers", workers)
+            options.parent = {"nodaemon": False, "debug": False}
+            top = tap.makeService(options, reactor=MemoryReactorClock())
+            self.assertEqual([s.name for s in top], [first, "report-started"])
+            self.assertIs(top.getServiceNamed("report-started").launcher, launcher)
+
+    def test_who_daemonizes(self):
+        self.assertEqual([startup.daemonizing(parent) for parent in (
+            {"nodaemon": False, "debug": False}, {"nodaemon": True, "debug": False},
+            {"nodaemon": False, "debug": True}, None, {})],
+            [True, False, False, False, False])
 
     def test_stop_restores_the_signal_handlers_once_drained(self):
         before = {signum: signal.getsignal(signum)
