@@ -13,9 +13,10 @@ import os
 from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService
+from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
-from tcpgreet import greeting, startup
+from tcpgreet import __version__, greeting, startup
 from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
@@ -23,7 +24,8 @@ from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService
 from tcpgreet.startup import fail
-from tcpgreet.workers import WorkerSupervisor, per_worker
+from tcpgreet.worker import WorkerRole
+from tcpgreet.workers import WorkerSupervisor, worker_arguments
 
 DEFAULT_LISTEN = "tcp:27679"
 DEFAULT_GREETING = "Thank you for connecting"
@@ -89,11 +91,10 @@ class Options(usage.Options):
         "use the placeholders {peer_host}, {peer_port}, {hostname}, {time} "
         "(UTC, ISO 8601) and {connection} (1, 2, 3, ... per process: with "
         "--workers, per worker); write {{ "
-        "and }} for literal braces. SIGHUP re-reads --greeting-file. The options "
-        "marked 'Internal' are set by tcpgreet itself for its worker processes. Listen "
+        "and }} for literal braces. SIGHUP re-reads --greeting-file. Listen "
         "endpoints are Twisted endpoint strings, e.g. tcp:27679, "
         "tcp6:27679:interface=\\:\\:1, ssl:443:privateKey=key.pem:certKey=cert.pem, "
-        "unix:/run/tcpgreet.sock, systemd:domain=INET:index=0, haproxy:tcp:27679."
+        "unix:/run/tcpgreet.sock, systemd:domain=INET:name=tcpgreet, haproxy:tcp:27679."
     )
 
     optFlags = [
@@ -118,10 +119,10 @@ class Options(usage.Options):
         self["drain-timeout"] = DEFAULT_DRAIN_TIMEOUT
         self["metrics"] = None
         self["workers"] = 1
-        self["worker"] = None
-        self["worker-control"] = None
-        self["worker-fds"] = None
         self.greeting: greeting.Greeting | None = None
+        # A worker's role, set by tcpgreet.worker in the worker processes of
+        # --workers, never from the command line.
+        self.worker: WorkerRole | None = None
 
     @_help
     def opt_listen(self, description: str) -> None:
@@ -174,22 +175,10 @@ class Options(usage.Options):
         --max-connections is shared out among them. [default: 1]"""
         self["workers"] = parse_workers(value)
 
-    @_help
-    def opt_worker(self, value: str) -> None:
-        """Internal, set by --workers for each worker: its number."""
-        self["worker"] = _number("--worker", value, int, 1)
-
-    @_help
-    def opt_worker_control(self, value: str) -> None:
-        """Internal, set by --workers for each worker: the descriptor of its
-        control channel."""
-        self["worker-control"] = _number("--worker-control", value, int, 0)
-
-    @_help
-    def opt_worker_fds(self, value: str) -> None:
-        """Internal, set by --workers for each worker: the descriptors of its
-        listening sockets, one for each --listen."""
-        self["worker-fds"] = [_number("--worker-fds", fd, int, 0) for fd in value.split(",")]
+    def opt_version(self) -> None:
+        """Print tcpgreet's version and Twisted's, and exit."""
+        print(f"tcpgreet {__version__} (Twisted {twisted_version})")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -198,7 +187,6 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--workers {self['workers']} is more than --max-connections "
                 f"{self['max-connections']}: each worker needs at least one connection")
-        self._check_worker()
         text, path = self["greeting"], self["greeting-file"]
         if text is not None and path is not None:
             raise usage.UsageError("--greeting and --greeting-file exclude each other; "
@@ -211,15 +199,6 @@ class Options(usage.Options):
                                                    else text)
         except greeting.GreetingError as e:
             raise usage.UsageError(str(e)) from None
-
-    def _check_worker(self) -> None:
-        internal = (self["worker"], self["worker-control"], self["worker-fds"])
-        if internal == (None, None, None):
-            return
-        if None in internal or len(self["worker-fds"]) != len(self["listen"]) or \
-                self["workers"] != 1 or self["metrics"] is not None:
-            raise usage.UsageError("--worker, --worker-control and --worker-fds are set by "
-                                   "tcpgreet for its workers, not by hand; use --workers")
 
     def parseOptions(self, options=None) -> None:
         """
@@ -251,8 +230,9 @@ def makeService(options: Options, reactor=None) -> IService:
 
 
 def _greeter(options: Options, reactor) -> IService:
-    worker = options["worker"] is not None
-    facades = ([InheritedReactor(reactor, fd) for fd in options["worker-fds"]] if worker
+    role = options.worker
+    worker = role is not None
+    facades = ([InheritedReactor(reactor, fd) for fd in role.listen_fds] if worker
                else [reactor] * len(options["listen"]))
     endpoints = _endpoints(options, facades)
     factory = _factory(options, reactor)
@@ -263,7 +243,7 @@ def _greeter(options: Options, reactor) -> IService:
     greeter.setServiceParent(top)
     if worker:
         # After the greeter: it reports ready once the greeter serves.
-        ControlService(options["worker-control"], factory, reactor).setServiceParent(top)
+        ControlService(role.control_fd, factory, reactor).setServiceParent(top)
     if options["metrics"] is not None:
         _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
                          lambda: {"open": greeter.factory.limits.open,
@@ -315,31 +295,6 @@ def _supervisor(options: Options, reactor) -> IService:
     return top
 
 
-def worker_arguments(options: Options) -> list[str]:
-    """
-    The options every worker runs with: the supervisor's own, each
-    worker's share of --max-connections, and neither --workers nor
-    --metrics, which are the supervisor's.
-    """
-    arguments = [f"--listen={description}" for description in options["listen"]]
-    if options["greeting-file"] is not None:
-        # twistd may change directory after reading the options.
-        arguments.append(f"--greeting-file={os.path.abspath(options['greeting-file'])}")
-    elif options["greeting"] is not None:
-        arguments.append(f"--greeting={options['greeting']}")
-    if options["quiet"]:
-        arguments.append("--quiet")
-    rate = options["rate-per-ip"]
-    arguments += [
-        f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
-        f"--max-per-ip={options['max-per-ip']}",
-        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate else []),
-        f"--timeout={options['timeout']!r}",
-        f"--drain-timeout={options['drain-timeout']!r}",
-    ]
-    return arguments
-
-
 def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
                      refresh: Callable | None = None) -> MetricsService:
     from tcpgreet import metrics
@@ -353,4 +308,4 @@ def _metrics_service(description: str, reactor, stats: Callable, gauges: Callabl
     return MetricsService(description, endpoint, site)
 
 
-__all__ = ["DEFAULT_BACKLOG", "Options", "makeService", "worker_arguments"]
+__all__ = ["DEFAULT_BACKLOG", "Options", "makeService"]

@@ -204,3 +204,9 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0)
         for option in ("--listen=", "--greeting=", "--greeting-file=", "--quiet"):
             self.assertIn(option, result.stdout)
+        self.assertNotIn("--worker=", result.stdout)
+
+    def test_version_names_tcpgreet_and_twisted(self):
+        result = twistd("tcpgreet", "--version")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertRegex(result.stdout, r"^tcpgreet \d+\.\d+\.\d+ \(Twisted \d+\.\d+\.\d+\S*\)\n$")

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
@@ -18,7 +19,8 @@ from tcpgreet import startup, tap
 from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
-from tcpgreet.workers import WorkerSupervisor
+from tcpgreet.worker import WorkerRole, role_arguments, split_arguments
+from tcpgreet.workers import WorkerSupervisor, worker_arguments
 
 from .helpers import temporary_file
 
@@ -36,9 +38,10 @@ class OptionsTests(SynchronousTestCase):
             "listen": ["tcp:27679"], "greeting": None, "greeting-file": None,
             "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
             "timeout": 10.0, "drain-timeout": 5.0, "metrics": None,
-            "workers": 1, "worker": None, "worker-control": None, "worker-fds": None,
+            "workers": 1,
         })
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
+        self.assertIsNone(options.worker)
 
     def test_everything_given(self):
         path = temporary_file(self, b"motd\n")
@@ -49,7 +52,7 @@ class OptionsTests(SynchronousTestCase):
             "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
             "quiet": 1, "max-connections": 5, "max-per-ip": 2, "rate-per-ip": (0.5, 3),
             "timeout": 2.5, "drain-timeout": 0.0, "metrics": None,
-            "workers": 3, "worker": None, "worker-control": None, "worker-fds": None,
+            "workers": 3,
         })
         self.assertEqual(options.greeting.static, b"motd\r\n")
 
@@ -82,18 +85,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse("--workers", "auto")["workers"], len(os.sched_getaffinity(0)))
         self.assertEqual(parse("--workers", "2")["workers"], 2)
 
-    def test_worker_options_are_internal(self):
-        options = parse("--listen", "tcp:1", "--listen", "tcp:2", "--worker", "2",
-                        "--worker-control", "3", "--worker-fds", "4,5")
-        self.assertEqual((options["worker"], options["worker-control"], options["worker-fds"]),
-                         (2, 3, [4, 5]))
-        for args in (["--worker", "1"],  # the rest missing
-                     ["--worker", "1", "--worker-control", "3", "--worker-fds", "4,5"],
-                     ["--worker", "1", "--worker-control", "3", "--worker-fds", "4",
-                      "--workers", "2"]):
+    def test_a_worker_role_is_no_option(self):
+        # (--worker itself is an abbreviation of --workers, as getopt goes.)
+        for option in ("--worker-control", "--worker-fds"):
             with self.assertRaises(usage.UsageError) as caught:
-                parse(*args)
-            self.assertIn("set by tcpgreet for its workers", str(caught.exception))
+                parse(option, "1")
+            self.assertEqual(str(caught.exception), f"option {option} not recognized")
 
     def test_worker_arguments_reproduce_the_options(self):
         path = temporary_file(self)
@@ -101,15 +98,15 @@ class OptionsTests(SynchronousTestCase):
                            "--max-connections", "9", "--max-per-ip", "2", "--rate-per-ip",
                            "0.1/3", "--timeout", "2.5", "--drain-timeout", "0.25",
                            "--workers", "4", "--metrics", "tcp:9127")
-        arguments = tap.worker_arguments(supervisor)
+        arguments = worker_arguments(supervisor)
         self.assertNotIn("--metrics", " ".join(arguments))
-        worker = parse(*arguments, "--worker", "1", "--worker-control", "3",
-                       "--worker-fds", "4,5")
+        worker = parse(*arguments)
         expected = dict(supervisor, **{"max-connections": 2, "workers": 1, "metrics": None,
-                                       "worker": 1, "worker-control": 3, "worker-fds": [4, 5],
                                        "greeting-file": os.path.abspath(path)})
         self.assertEqual(dict(worker), expected)
-        greeted = parse(*tap.worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2")))
+        role = WorkerRole(number=3, control_fd=7, listen_fds=(8, 9))
+        self.assertEqual(split_arguments([*arguments, *role_arguments(role)]), (role, arguments))
+        greeted = parse(*worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2")))
         self.assertEqual(greeted["greeting"], "-{{x}}- ")
 
     def test_greeting_text(self):
@@ -152,8 +149,31 @@ class OptionsTests(SynchronousTestCase):
                        "[default: 10]", "--drain-timeout", "[default: 5]", "--workers",
                        "N|auto", "per worker"):
             self.assertIn(option, text)
-        for internal in ("--worker=", "--worker-control=", "--worker-fds="):
-            self.assertRegex(text, re.escape(internal) + r" +Internal, set by --workers")
+        for internal in ("--worker=", "--worker-control=", "--worker-fds=", "Internal"):
+            self.assertNotIn(internal, text)
+        self.assertIn("systemd:domain=INET:name=tcpgreet", text)
+        self.assertNotIn("index=", text)
+
+    def test_readme_has_a_row_for_every_option_help_shows(self):
+        shown = set(re.findall(r"^ +(?:-\w, )?(--[a-z-]+)", str(tap.Options()), re.MULTILINE))
+        readme = (Path(__file__).parent.parent / "README.rst").read_text()
+        server = readme[readme.index("\nThe server\n"):readme.index("\nExamples::\n")]
+        rows = set(re.findall(r"^   \* - ``(?:-\w, )?(--[a-z-]+)", server, re.MULTILINE))
+        self.assertIn("--metrics", shown)
+        self.assertEqual(rows, shown)
+
+    def test_version_is_tcpgreet_s_and_twisted_s(self):
+        from twisted.copyright import version
+
+        from tcpgreet import __version__
+
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        with self.assertRaises(SystemExit) as caught:
+            parse("--version")
+        self.assertEqual(caught.exception.code, 0)
+        self.assertEqual(stdout.getvalue(),
+                         f"tcpgreet {__version__} (Twisted {version})\n")
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -272,8 +292,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(steered(*both, "--rate-per-ip", "3"), [True, False])
 
     def test_a_worker_greets_on_what_it_inherited_and_reports_to_its_supervisor(self):
-        top = tap.makeService(parse("--listen", "tcp:1", "--worker", "2", "--worker-control", "7",
-                                    "--worker-fds", "8"), reactor=MemoryReactorClock())
+        options = parse("--listen", "tcp:1")
+        options.worker = WorkerRole(number=2, control_fd=7, listen_fds=(8,))
+        top = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual([s.name for s in top], ["greeter", "control"])
         greeter, control = top.getServiceNamed("greeter"), top.getServiceNamed("control")
         self.assertFalse(greeter.announce)  # the supervisor's line says it all
