@@ -48,7 +48,7 @@ def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListe
     outcome: list = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - no built-in endpoint does this
-        raise fail(f"listen endpoint {description!r} did not start at once")
+        raise fail(f"cannot listen on {description!r}: the endpoint did not start at once")
     if isinstance(outcome[0], Failure):
         message = f"cannot listen on {description!r}: {_listen_reason(outcome[0])}"
         log.critical("{message}", message=message)

@@ -32,27 +32,45 @@ DEFAULT_GREETING = "Thank you for connecting"
 DEFAULT_MAX_CONNECTIONS = 10000
 
 
-def _number(option: str, text: str, kind=int, minimum: float = 0):
+def _number(option: str, text: str, kind=int, minimum: float = 0, alternative: str = ""):
     """C{text} as a number of C{kind} no smaller than C{minimum}, or a
     UsageError naming the option."""
     try:
         value = kind(text)
     except ValueError:
         noun = "a whole number" if kind is int else "a number"
-        raise usage.UsageError(f"{option}: {text!r} is not {noun}") from None
-    if not math.isfinite(value) or value < minimum:
+        raise usage.UsageError(f"{option}: {text!r} is not {noun}{alternative}") from None
+    if not math.isfinite(value):
+        raise usage.UsageError(f"{option}: {text!r} is not a finite number")
+    if value < minimum:
         raise usage.UsageError(f"{option}: {text!r} must be at least {minimum:g}")
     return value
 
 
 def parse_rate(text: str) -> tuple[float, int]:
     """C{R[/BURST]}: R new connections a second, bursts of BURST (default: R, at least 1)."""
-    rate_text, _, burst_text = text.partition("/")
-    rate = _number("--rate-per-ip", rate_text, float)
+
+    def bad(reason: str) -> usage.UsageError:
+        return usage.UsageError(f"--rate-per-ip {text!r}: {reason}")
+
+    rate_text, slash, burst_text = text.partition("/")
+    try:
+        rate = float(rate_text)
+    except ValueError:
+        raise bad("R is not a number") from None
+    if not math.isfinite(rate):
+        raise bad("R is not a finite number")
     if rate <= 0:
-        raise usage.UsageError(f"--rate-per-ip: {rate_text!r} must be more than 0")
-    burst = (_number("--rate-per-ip", burst_text, int, 1) if burst_text
-             else max(1, math.ceil(rate)))
+        raise bad("R must be more than 0")
+    if not slash:
+        return rate, max(1, math.ceil(rate))
+    try:
+        burst = int(burst_text)
+    except ValueError:
+        raise bad("BURST is not a whole number" if burst_text
+                  else "BURST is missing after the /") from None
+    if burst < 1:
+        raise bad("BURST must be at least 1")
     return rate, burst
 
 
@@ -68,7 +86,7 @@ def parse_workers(text: str) -> int:
     """C{N} worker processes, or C{auto}: one for each CPU this process may use."""
     if text == "auto":
         return usable_cpus()
-    return _number("--workers", text, int, 1)
+    return _number("--workers", text, int, 1, alternative=" or auto")
 
 
 def _help(method):
@@ -164,8 +182,8 @@ class Options(usage.Options):
     @_help
     def opt_metrics(self, description: str) -> None:
         """Serve Prometheus metrics at /metrics on this Twisted server endpoint,
-        e.g. tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]).
-        [default: off]"""
+        e.g. tcp:9127:interface=127.0.0.1 (needs prometheus_client, tcpgreet's
+        metrics extra). [default: off]"""
         self["metrics"] = description
 
     @_help
@@ -188,6 +206,8 @@ class Options(usage.Options):
                 f"--workers {self['workers']} is more than --max-connections "
                 f"{self['max-connections']}: each worker needs at least one connection")
         text, path = self["greeting"], self["greeting-file"]
+        if path == "":
+            raise usage.UsageError("--greeting-file: the file name is empty")
         if text is not None and path is not None:
             raise usage.UsageError("--greeting and --greeting-file exclude each other; "
                                    "give one")
@@ -199,6 +219,12 @@ class Options(usage.Options):
                                                    else text)
         except greeting.GreetingError as e:
             raise usage.UsageError(str(e)) from None
+
+    def parseArgs(self, *arguments: str) -> None:
+        if arguments:
+            raise usage.UsageError(
+                f"unexpected argument {arguments[0]!r}: options start with -, and a "
+                "value that holds spaces needs quotes")
 
     def parseOptions(self, options=None) -> None:
         """
@@ -302,9 +328,9 @@ def _metrics_service(description: str, reactor, stats: Callable, gauges: Callabl
     collector = metrics.GreetCollector(stats, gauges)
     try:
         site = metrics.metrics_site(collector, refresh=refresh)
-        endpoint = server_endpoint(reactor, description)
+        endpoint = server_endpoint(reactor, description, option="--metrics")
     except (metrics.MetricsUnavailableError, EndpointError) as e:
-        raise fail(str(e).replace("listen endpoint", "--metrics endpoint")) from None
+        raise fail(str(e)) from None
     return MetricsService(description, endpoint, site)
 
 

@@ -156,7 +156,45 @@ class StartupErrorTests(SynchronousTestCase):
 
     def test_invalid_endpoint(self):
         self.assertFails(["--listen", "tpc:80"],
-                         r"^tcpgreet: listen endpoint 'tpc:80': Unknown endpoint type: 'tpc'$")
+                         r"^tcpgreet: --listen 'tpc:80': unknown endpoint type 'tpc'; "
+                         r"use tcp, tcp6, ssl, unix, systemd or haproxy$")
+
+    def test_each_mistake_names_its_culprit(self):
+        see = " (see: twistd tcpgreet --help)"
+        for args, line in [
+            (["--listen", "tcp:abc"], "--listen 'tcp:abc': port 'abc' is not a number"),
+            (["--listen", "tcp:99999"],
+             "--listen 'tcp:99999': port 99999 is not between 0 and 65535"),
+            (["--listen", "tcp"], "--listen 'tcp': the port is missing, e.g. tcp:27679"),
+            (["--listen", "tcp:0:backlog=many"],
+             "--listen 'tcp:0:backlog=many': backlog 'many' is not a number"),
+            (["--listen", "tcp:0:colour=blue"],
+             "--listen 'tcp:0:colour=blue': tcp endpoints have no argument 'colour'"),
+            (["--listen", "tcp6:0:interface=::1"],
+             "--listen 'tcp6:0:interface=::1': 'interface' is given twice "
+             r"(escape the colons of an IPv6 address: interface=\:\:1)"),
+            (["--listen", "unix:/tmp/g.sock:mode=rw"],
+             "--listen 'unix:/tmp/g.sock:mode=rw': mode 'rw' is not an octal number"),
+            (["--listen", "systemd:index=0"],
+             "--listen 'systemd:index=0': 'domain' is missing (domain=INET or domain=INET6)"),
+            (["--listen", "haproxy:"],
+             "--listen 'haproxy:': haproxy: needs the endpoint it wraps, e.g. "
+             "haproxy:tcp:27679"),
+            (["--listen", "haproxy:tcp:x"], "--listen 'haproxy:tcp:x': port 'x' is not a number"),
+            (["--metrics", "tcp:abc"], "--metrics 'tcp:abc': port 'abc' is not a number"),
+            (["foo"], "unexpected argument 'foo': options start with -, and a value that "
+                      "holds spaces needs quotes" + see),
+            (["--rate-per-ip", "5/0"], "--rate-per-ip '5/0': BURST must be at least 1" + see),
+            (["--rate-per-ip", "5/"], "--rate-per-ip '5/': BURST is missing after the /" + see),
+            (["--rate-per-ip", "0/5"], "--rate-per-ip '0/5': R must be more than 0" + see),
+            (["--rate-per-ip", "fast"], "--rate-per-ip 'fast': R is not a number" + see),
+            (["--max-connections", "1e3"],
+             "--max-connections: '1e3' is not a whole number" + see),
+            (["--timeout", "inf"], "--timeout: 'inf' is not a finite number" + see),
+            (["--workers", "many"], "--workers: 'many' is not a whole number or auto" + see),
+            (["--greeting-file="], "--greeting-file: the file name is empty" + see),
+        ]:
+            self.assertFails(args, "^" + re.escape("tcpgreet: " + line) + "$")
 
     def test_missing_greeting_file(self):
         self.assertFails(["--greeting-file", "/nonexistent/motd"],

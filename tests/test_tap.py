@@ -65,14 +65,22 @@ class OptionsTests(SynchronousTestCase):
             (["--max-connections", "many"], "--max-connections: 'many' is not a whole number"),
             (["--max-connections", "0"], "--max-connections: '0' must be at least 1"),
             (["--max-per-ip", "-1"], "--max-per-ip: '-1' must be at least 0"),
-            (["--rate-per-ip", "0"], "--rate-per-ip: '0' must be more than 0"),
-            (["--rate-per-ip", "5/0"], "--rate-per-ip: '0' must be at least 1"),
-            (["--rate-per-ip", "fast"], "--rate-per-ip: 'fast' is not a number"),
-            (["--timeout", "nan"], "--timeout: 'nan' must be at least 0.001"),
+            (["--rate-per-ip", "0"], "--rate-per-ip '0': R must be more than 0"),
+            (["--rate-per-ip", "-1/3"], "--rate-per-ip '-1/3': R must be more than 0"),
+            (["--rate-per-ip", "nan"], "--rate-per-ip 'nan': R is not a finite number"),
+            (["--rate-per-ip", "5/0"], "--rate-per-ip '5/0': BURST must be at least 1"),
+            (["--rate-per-ip", "5/"], "--rate-per-ip '5/': BURST is missing after the /"),
+            (["--rate-per-ip", "5/2.5"], "--rate-per-ip '5/2.5': BURST is not a whole number"),
+            (["--rate-per-ip", "fast"], "--rate-per-ip 'fast': R is not a number"),
+            (["--rate-per-ip", "/3"], "--rate-per-ip '/3': R is not a number"),
+            (["--timeout", "nan"], "--timeout: 'nan' is not a finite number"),
             (["--timeout", "0"], "--timeout: '0' must be at least 0.001"),
-            (["--drain-timeout", "inf"], "--drain-timeout: 'inf' must be at least 0"),
+            (["--drain-timeout", "inf"], "--drain-timeout: 'inf' is not a finite number"),
             (["--workers", "0"], "--workers: '0' must be at least 1"),
-            (["--workers", "two"], "--workers: 'two' is not a whole number"),
+            (["--workers", "two"], "--workers: 'two' is not a whole number or auto"),
+            (["--greeting-file", ""], "--greeting-file: the file name is empty"),
+            (["--quiet", "extra"], "unexpected argument 'extra': options start with -, "
+                                   "and a value that holds spaces needs quotes"),
             (["--workers", "3", "--max-connections", "2"],
              "--workers 3 is more than --max-connections 2: each worker needs at least "
              "one connection"),
@@ -234,8 +242,7 @@ class MakeServiceTests(SynchronousTestCase):
             self.make("--listen", "tcp:http")
         self.assertEqual(caught.exception.code, 1)
         self.assertEqual(stderr.getvalue(),
-                         "tcpgreet: listen endpoint 'tcp:http': "
-                         "invalid literal for int() with base 10: 'http'\n")
+                         "tcpgreet: --listen 'tcp:http': port 'http' is not a number\n")
 
     def test_metrics_listen_on_their_own_endpoint(self):
         reactor, _ = self.make("--listen", "tcp:1", "--metrics", "tcp:9127:interface=127.0.0.1")
@@ -251,7 +258,8 @@ class MakeServiceTests(SynchronousTestCase):
         with self.assertRaises(SystemExit):
             self.make("--metrics", "9127")
         self.assertEqual(stderr.getvalue(),
-                         "tcpgreet: --metrics endpoint '9127': Unknown endpoint type: '9127'\n")
+                         "tcpgreet: --metrics '9127': unknown endpoint type '9127'; "
+                         "use tcp, tcp6, ssl, unix, systemd or haproxy\n")
 
     def test_metrics_without_prometheus_client(self):
         from tcpgreet import metrics
@@ -262,7 +270,9 @@ class MakeServiceTests(SynchronousTestCase):
         with self.assertRaises(SystemExit):
             self.make("--metrics", "tcp:9127")
         self.assertEqual(stderr.getvalue(), f"tcpgreet: {metrics.MISSING}\n")
-        self.assertIn("pip install 'tcpgreet[metrics]'", metrics.MISSING)
+        # The extra as README names it: tcpgreet is not on the package index.
+        self.assertIn("pip install '.[metrics]'", metrics.MISSING)
+        self.assertNotIn("tcpgreet[metrics]", metrics.MISSING)
 
     def test_workers_make_a_supervisor_of_held_sockets(self):
         self.top = tap.makeService(parse("--workers", "3", "--listen", "tcp:0:interface=127.0.0.1",
