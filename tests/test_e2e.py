@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import tempfile
+from pathlib import Path
 from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,6 +24,8 @@ from .helpers import (
 )
 
 LOCAL = "tcp:0:interface=127.0.0.1"
+_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}")
+_TWISTD_VERSION = re.compile(r"twistd \S+ \(.*\) starting up")
 DEFAULT = b"Thank you for connecting\r\n"
 
 
@@ -153,6 +156,28 @@ class StartupErrorTests(SynchronousTestCase):
             self.assertFails(["--listen", f"tcp:{port}:interface=127.0.0.1"],
                              rf"^tcpgreet: cannot listen on 'tcp:{port}:interface=127\.0\.0\.1': "
                              r"address already in use$")
+
+    def test_a_port_in_use_shows_what_readme_says(self):
+        # README's transcript, for another server on port 27679: the log on
+        # standard output (-n), ending with the critical event, and the one
+        # line on standard error.
+        readme = (Path(__file__).parent.parent / "README.rst").read_text()
+        transcript = readme.split("    $ twistd -n --pidfile= tcpgreet\n", 1)[1]
+        *log, error = [line.strip() for line in transcript.split("\n    $ ", 1)[0].splitlines()]
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", 0))
+            s.listen(1)
+            port = s.getsockname()[1]
+            result = run_twistd("--listen", f"tcp:{port}")
+
+        def shown(lines):
+            return [_TWISTD_VERSION.sub("twistd VERSION", _TIME.sub("TIME", line))
+                    .replace(f"tcp:{port}", "tcp:27679") for line in lines]
+
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(shown(result.stdout.splitlines()), shown(log))
+        self.assertEqual(shown(result.stderr.splitlines()), [error])
 
     def test_invalid_endpoint(self):
         self.assertFails(["--listen", "tpc:80"],
