@@ -52,6 +52,7 @@ class Launcher:
         self._launcher = os.getpid()
         self._read, self._write = os.pipe()
         self._waited = False
+        self.waiting = True  # in the daemon: until it said it started
         os.register_at_fork(after_in_parent=self._afterFork)
 
     def inDaemon(self) -> bool:
@@ -59,8 +60,9 @@ class Launcher:
         return os.getpid() != self._launcher
 
     def _afterFork(self) -> None:
-        # Every fork in a process started from this one comes here too
-        # (twistd's second fork, workers): only the launcher's first waits.
+        # A fork in a process forked from this one runs this hook too
+        # (twistd's second fork, the daemon's workers): only the launcher's
+        # own first fork waits here.
         if os.getpid() != self._launcher or self._waited:
             return
         self._waited = True
@@ -79,6 +81,7 @@ class Launcher:
 
     def started(self) -> None:
         """In the daemon: every service started; the launcher may exit 0."""
+        self.waiting = False
         _write_all(self._write, STARTED)
         os.close(self._write)
         os.close(self._read)
@@ -124,7 +127,7 @@ def fail(message: str) -> StartupError:
     in the daemon, the launcher's standard error.)
     """
     line = f"tcpgreet: {message}"
-    if _launcher is not None and _launcher.inDaemon():
+    if _launcher is not None and _launcher.inDaemon() and _launcher.waiting:
         _launcher.failed(line)
     else:
         print(line, file=sys.__stderr__, flush=True)
