@@ -16,6 +16,7 @@ and exits 1, or, when the daemon died without a word, says so and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -75,8 +76,8 @@ class Launcher:
         if word == STARTED:
             return  # twistd's own wait follows, and ends this process with 0
         line = word.decode("utf-8", "backslashreplace").strip() or DIED
-        sys.__stderr__.write(line + "\n")
-        sys.__stderr__.flush()
+        with contextlib.suppress(OSError):  # even with no standard error, exit 1
+            _write_all(2, (line + "\n").encode("utf-8", "backslashreplace"))
         os._exit(1)
 
     def started(self) -> None:
