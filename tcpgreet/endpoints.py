@@ -11,8 +11,10 @@ least L{DEFAULT_BACKLOG} unless its string sets one.
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
+import re
 import socket
 from typing import NamedTuple
 
@@ -30,14 +32,32 @@ DEFAULT_BACKLOG = 1024
 
 log = Logger()
 
-# Endpoint types that take a backlog argument, and the wrappers whose
-# remaining arguments describe another endpoint.
-_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+# The positional arguments of Twisted's own endpoint types, in order, so
+# that an error can name the argument at fault; the ones with a backlog
+# argument get our default; and the wrappers, whose remaining arguments
+# describe another endpoint.
+_POSITIONAL = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+    "systemd": ("domain", "index"),
+}
+_BACKLOG_TYPES = frozenset(kind for kind, names in _POSITIONAL.items() if "backlog" in names)
+_PORT_TYPES = frozenset(kind for kind, names in _POSITIONAL.items() if names[0] == "port")
 _WRAPPER_TYPES = frozenset({"haproxy"})
+_KNOWN = "use tcp, tcp6, ssl, unix, systemd or haproxy"
 
 
 class EndpointError(ValueError):
-    """An endpoint string that cannot be used; the message names it."""
+    """
+    An endpoint string that cannot be used.  The message names the option
+    that gave it, the string and what is wrong with it (L{reason}).
+    """
+
+    def __init__(self, option: str, description: str, reason: str) -> None:
+        super().__init__(f"{option} {description!r}: {reason}")
+        self.reason = reason
 
 
 def split_description(description: str) -> list[str]:
@@ -75,7 +95,8 @@ def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> st
         kind += 1
     if parts[kind] not in _BACKLOG_TYPES:
         return description
-    if any(part.startswith("backlog=") for part in parts[kind + 1:]):
+    named, positional = _arguments(parts[kind + 1:])
+    if "backlog" in named or len(positional) > _POSITIONAL[parts[kind]].index("backlog"):
         return description
     return f"{description}:backlog={backlog}"
 
@@ -110,6 +131,18 @@ def ipv6_unavailable() -> str | None:
         if e.errno in _NO_IPV6:
             return os.strerror(e.errno).lower()
     return None
+
+
+def _arguments(parts: list[str]) -> tuple[dict[str, str], list[str]]:
+    """An endpoint's arguments after its type: by name (C{name=value}), and in order."""
+    named, positional = {}, []
+    for part in parts:
+        name, equals, value = part.partition("=")
+        if equals:
+            named[name] = value
+        else:
+            positional.append(part)
+    return named, positional
 
 
 class GreetReactor:
@@ -194,38 +227,60 @@ def socket_family(fileDescriptor: int) -> socket.AddressFamily:
 
 def server_endpoint(reactor, description: str,
                     trusted_proxies: TrustedProxies | None = None,
-                    ipv6_only: bool = False) -> IStreamServerEndpoint:
+                    ipv6_only: bool = False,
+                    option: str = "--listen") -> IStreamServerEndpoint:
     """
-    Parse C{description} into an endpoint, raising L{EndpointError} with one
-    line that names the string and what is wrong with it.  A C{haproxy:}
-    endpoint takes PROXY headers from C{trusted_proxies} only (L{None}:
-    from anywhere).  C{ipv6_only}: its IPv6 TCP socket takes IPv6 clients
-    only, when C{reactor} is a real one (a facade of one's own binds as it
-    was made to).
+    Parse C{description}, given with C{option}, into an endpoint, raising
+    L{EndpointError} with one line that names both and what is wrong.  A
+    C{haproxy:} endpoint takes PROXY headers from C{trusted_proxies} only
+    (L{None}: from anywhere).  C{ipv6_only}: its IPv6 TCP socket takes IPv6
+    clients only, when C{reactor} is a real one (a facade of one's own
+    binds as it was made to).
     """
     parts = split_description(description)
     if isinstance(reactor, PosixReactorBase):  # not a test's fake reactor
         reactor = GreetReactor(reactor, ipv6_only=ipv6_only)
-    if parts[0] == "haproxy" and len(parts) > 1:
+    if parts[0] == "haproxy":
         # Our own PROXY wrapper, not Twisted's: see tcpgreet.proxy.
         inner = description[len("haproxy:"):]
+        if len(parts) == 1 or not inner:
+            raise EndpointError(option, description,
+                                "haproxy: needs the endpoint it wraps, e.g. haproxy:tcp:27679")
         beneath = HeaderBeforeTLSReactor(reactor) if parts[1] == "ssl" else reactor
         try:
             return ProxyHeaderEndpoint(server_endpoint(beneath, inner, ipv6_only=ipv6_only),
                                        clock=reactor, trusted=trusted_proxies)
         except EndpointError as e:
-            raise EndpointError(f"listen endpoint {description!r}: "
-                                f"{str(e).split(': ', 1)[1]}") from None
+            raise EndpointError(option, description, e.reason) from None
+    problem = _check_port(parts)
+    if problem:
+        raise EndpointError(option, description, problem)
     try:
         return serverFromString(reactor, with_default_backlog(description))
     except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
-        reason = _reason(e)
+        reason = _reason(e, parts)
         if parts[0] == "ssl" and "privateKey=" not in description:
             reason += " (privateKey= defaults to server.pem)"
-        raise EndpointError(f"listen endpoint {description!r}: {reason}") from None
+        raise EndpointError(option, description, reason) from None
     except (CryptoError, VerifyError) as e:
-        raise EndpointError(f"listen endpoint {description!r}: "
-                            f"{_tls_reason(e, parts)}") from None
+        raise EndpointError(option, description, _tls_reason(e, parts)) from None
+
+
+def _check_port(parts: list[str]) -> str | None:
+    """What is wrong with the port of a TCP endpoint, if anything."""
+    if parts[0] not in _PORT_TYPES:
+        return None
+    named, positional = _arguments(parts[1:])
+    port = named.get("port", positional[0] if positional else None)
+    if port is None:
+        return f"the port is missing, e.g. {parts[0]}:27679"
+    try:
+        number = int(port)
+    except ValueError:
+        return f"port {port!r} is not a number"
+    if not 0 <= number <= 65535:
+        return f"port {number} is not between 0 and 65535"
+    return None
 
 
 def _tls_reason(e: Exception, parts: list[str]) -> str:
@@ -260,7 +315,20 @@ def _inherited_listener() -> bool:
         probe.close()
 
 
-def _reason(e: Exception) -> str:
+_NOT_AN_INT = re.compile(r"invalid literal for int\(\) with base (\d+): (.*)")
+_UNKNOWN_TYPE = re.compile(r"Unknown endpoint type: '(.*)'")
+_UNKNOWN_KEYWORD = re.compile(r".*got an unexpected keyword argument '(\w+)'")
+_TWICE = re.compile(r".*got multiple values for argument '(\w+)'")
+_MISSING = re.compile(r".*missing \d+ required positional arguments?: '(\w+)'")
+_TOO_MANY = re.compile(r".*takes .* positional arguments? but \d+ (were|was) given")
+
+
+def _reason(e: Exception, parts: list[str]) -> str:
+    """
+    What is wrong, in the terms of the endpoint string: Twisted's parsers
+    are plain functions, so a bad argument surfaces as the C{int()} or the
+    call that failed on it.
+    """
     if isinstance(e, (IndexError, KeyError)) and _inherited_listener():
         return ("no inherited socket found, yet descriptor 3 is a listening socket: "
                 "Twisted adopts inherited sockets only when LISTEN_FDNAMES is set as "
@@ -272,11 +340,41 @@ def _reason(e: Exception) -> str:
         return "no inherited socket at that index"
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    text = str(e)
+    ipv6_hint = (r" (escape the colons of an IPv6 address: interface=\:\:1)"
+                 if "interface=" in ":".join(parts) else "")
+    if match := _UNKNOWN_TYPE.fullmatch(text):
+        kind = match.group(1)
+        return (f"unknown endpoint type {kind!r}; {_KNOWN}" if kind
+                else f"no endpoint type; {_KNOWN}, e.g. tcp:27679")
+    if match := _NOT_AN_INT.fullmatch(text):
+        value = ast.literal_eval(match.group(2))
+        noun = "an octal number" if match.group(1) == "8" else "a number"
+        return f"{_argument_with(parts, value)} {value!r} is not {noun}"
+    if match := _UNKNOWN_KEYWORD.fullmatch(text):
+        return f"{parts[0]} endpoints have no argument {match.group(1)!r}"
+    if match := _TWICE.fullmatch(text):
+        name = match.group(1)
+        return f"{name!r} is given twice" + (ipv6_hint if name == "interface" else "")
+    if match := _MISSING.fullmatch(text):
+        name = match.group(1)
+        hint = " (domain=INET or domain=INET6)" if name == "domain" else ""
+        return f"{name!r} is missing{hint}"
+    if _TOO_MANY.fullmatch(text):
+        return "too many arguments" + ipv6_hint
     if isinstance(e, TypeError):
-        # Twisted's parsers are plain functions: a bad keyword or a missing
-        # argument surfaces as the TypeError of the call.
-        text = str(e).split("() ", 1)[-1]
-        if "'interface'" in text:
-            text += r" (escape the colons of an IPv6 address: interface=\:\:1)"
-        return text
-    return str(e) or type(e).__name__
+        return text.split("() ", 1)[-1]
+    return text or type(e).__name__
+
+
+def _argument_with(parts: list[str], value: str) -> str:
+    """The name of the argument of the endpoint C{parts} whose value is C{value}."""
+    named, positional = _arguments(parts[1:])
+    for name, given in named.items():
+        if given == value:
+            return name
+    names = _POSITIONAL.get(parts[0], ())
+    for index, given in enumerate(positional):
+        if given == value and index < len(names):
+            return names[index]
+    return "argument"

@@ -33,8 +33,9 @@ try:
 except ImportError:  # pragma: no cover - exercised by the missing-extra test
     generate_latest = None
 
-MISSING = ("--metrics needs prometheus_client, which is not installed: "
-           "pip install 'tcpgreet[metrics]'")
+MISSING = ("--metrics needs prometheus_client, which is not installed: install "
+           "tcpgreet's metrics extra (pip install '.[metrics]' in tcpgreet's folder) "
+           "or pip install prometheus_client")
 
 
 class MetricsUnavailableError(RuntimeError):

@@ -9,7 +9,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -20,6 +19,7 @@ from twisted.python.failure import Failure
 from tcpgreet import __version__, greeting
 from tcpgreet.proxy import ProxyHeaderEndpoint
 from tcpgreet.server import DRAIN, GreetFactory
+from tcpgreet.startup import fail
 
 log = Logger()
 
@@ -45,16 +45,6 @@ def startup_format(workers: int = 1, proxied: bool = False) -> str:
             "{descriptors} descriptors")
 
 
-def fail(message: str) -> SystemExit:
-    """
-    Report a start-up failure the operator caused: one line on standard error
-    and a non-zero exit status, no traceback.  (Standard error itself, not
-    twistd's redirected C{sys.stderr}, which would bury it in the log.)
-    """
-    print(f"tcpgreet: {message}", file=sys.__stderr__, flush=True)
-    return SystemExit(1)
-
-
 def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListeningPort:
     """
     Listen on C{endpoint} now, or end the process with one line naming
@@ -63,7 +53,7 @@ def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListe
     outcome: list = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - no built-in endpoint does this
-        raise fail(f"listen endpoint {description!r} did not start at once")
+        raise fail(f"cannot listen on {description!r}: the endpoint did not start at once")
     if isinstance(outcome[0], Failure):
         message = f"cannot listen on {description!r}: {_listen_reason(outcome[0])}"
         log.critical("{message}", message=message)

@@ -14,10 +14,11 @@ import os
 from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService
+from twisted.copyright import version as twisted_version
 from twisted.logger import Logger
 from twisted.python import usage
 
-from tcpgreet import greeting
+from tcpgreet import __version__, greeting, startup
 from tcpgreet.control import ControlService
 from tcpgreet.endpoints import (
     DEFAULT_BACKLOG,
@@ -31,8 +32,10 @@ from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
-from tcpgreet.workers import WorkerSupervisor, per_worker
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService
+from tcpgreet.startup import fail
+from tcpgreet.worker import WorkerRole
+from tcpgreet.workers import WorkerSupervisor, worker_arguments
 
 log = Logger()
 
@@ -52,27 +55,45 @@ def default_listen(port: int) -> list[str]:
     return [f"tcp:{port}", f"tcp6:{port}"]
 
 
-def _number(option: str, text: str, kind=int, minimum: float = 0):
+def _number(option: str, text: str, kind=int, minimum: float = 0, alternative: str = ""):
     """C{text} as a number of C{kind} no smaller than C{minimum}, or a
     UsageError naming the option."""
     try:
         value = kind(text)
     except ValueError:
         noun = "a whole number" if kind is int else "a number"
-        raise usage.UsageError(f"{option}: {text!r} is not {noun}") from None
-    if not math.isfinite(value) or value < minimum:
+        raise usage.UsageError(f"{option}: {text!r} is not {noun}{alternative}") from None
+    if not math.isfinite(value):
+        raise usage.UsageError(f"{option}: {text!r} is not a finite number")
+    if value < minimum:
         raise usage.UsageError(f"{option}: {text!r} must be at least {minimum:g}")
     return value
 
 
 def parse_rate(text: str) -> tuple[float, int]:
     """C{R[/BURST]}: R new connections a second, bursts of BURST (default: R, at least 1)."""
-    rate_text, _, burst_text = text.partition("/")
-    rate = _number("--rate-per-ip", rate_text, float)
+
+    def bad(reason: str) -> usage.UsageError:
+        return usage.UsageError(f"--rate-per-ip {text!r}: {reason}")
+
+    rate_text, slash, burst_text = text.partition("/")
+    try:
+        rate = float(rate_text)
+    except ValueError:
+        raise bad("R is not a number") from None
+    if not math.isfinite(rate):
+        raise bad("R is not a finite number")
     if rate <= 0:
-        raise usage.UsageError(f"--rate-per-ip: {rate_text!r} must be more than 0")
-    burst = (_number("--rate-per-ip", burst_text, int, 1) if burst_text
-             else max(1, math.ceil(rate)))
+        raise bad("R must be more than 0")
+    if not slash:
+        return rate, max(1, math.ceil(rate))
+    try:
+        burst = int(burst_text)
+    except ValueError:
+        raise bad("BURST is not a whole number" if burst_text
+                  else "BURST is missing after the /") from None
+    if burst < 1:
+        raise bad("BURST must be at least 1")
     return rate, burst
 
 
@@ -105,7 +126,7 @@ def parse_workers(text: str) -> int:
     """C{N} worker processes, or C{auto}: one for each CPU this process may use."""
     if text == "auto":
         return usable_cpus()
-    return _number("--workers", text, int, 1)
+    return _number("--workers", text, int, 1, alternative=" or auto")
 
 
 def _help(method):
@@ -128,11 +149,10 @@ class Options(usage.Options):
         "use the placeholders {peer_host}, {peer_port}, {hostname}, {time} "
         "(UTC, ISO 8601) and {connection} (1, 2, 3, ... per process: with "
         "--workers, per worker); write {{ "
-        "and }} for literal braces. SIGHUP re-reads --greeting-file. The options "
-        "marked 'Internal' are set by tcpgreet itself for its worker processes. Listen "
+        "and }} for literal braces. SIGHUP re-reads --greeting-file. Listen "
         "endpoints are Twisted endpoint strings, e.g. tcp:27679, "
         "tcp6:27679:interface=\\:\\:1, ssl:443:privateKey=key.pem:certKey=cert.pem, "
-        "unix:/run/tcpgreet.sock, systemd:domain=INET:index=0, haproxy:tcp:27679."
+        "unix:/run/tcpgreet.sock, systemd:domain=INET:name=tcpgreet, haproxy:tcp:27679."
     )
 
     optFlags = [
@@ -158,11 +178,11 @@ class Options(usage.Options):
         self["metrics"] = None
         self["trusted-proxy"] = []
         self["workers"] = 1
-        self["worker"] = None
-        self["worker-control"] = None
-        self["worker-fds"] = None
         self.greeting: greeting.Greeting | None = None
         self.defaultListen = False
+        # A worker's role, set by tcpgreet.worker in the worker processes of
+        # --workers, never from the command line.
+        self.worker: WorkerRole | None = None
 
     @_help
     def opt_listen(self, description: str) -> None:
@@ -206,8 +226,8 @@ class Options(usage.Options):
     @_help
     def opt_metrics(self, description: str) -> None:
         """Serve Prometheus metrics at /metrics on this Twisted server endpoint,
-        e.g. tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]).
-        [default: off]"""
+        e.g. tcp:9127:interface=127.0.0.1 (needs prometheus_client, tcpgreet's
+        metrics extra). [default: off]"""
         self["metrics"] = description
 
     @_help
@@ -225,22 +245,10 @@ class Options(usage.Options):
         --max-connections is shared out among them. [default: 1]"""
         self["workers"] = parse_workers(value)
 
-    @_help
-    def opt_worker(self, value: str) -> None:
-        """Internal, set by --workers for each worker: its number."""
-        self["worker"] = _number("--worker", value, int, 1)
-
-    @_help
-    def opt_worker_control(self, value: str) -> None:
-        """Internal, set by --workers for each worker: the descriptor of its
-        control channel."""
-        self["worker-control"] = _number("--worker-control", value, int, 0)
-
-    @_help
-    def opt_worker_fds(self, value: str) -> None:
-        """Internal, set by --workers for each worker: the descriptors of its
-        listening sockets, one for each --listen."""
-        self["worker-fds"] = [_number("--worker-fds", fd, int, 0) for fd in value.split(",")]
+    def opt_version(self) -> None:
+        """Print tcpgreet's version and Twisted's, and exit."""
+        print(f"tcpgreet {__version__} (Twisted {twisted_version})")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -250,11 +258,12 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--workers {self['workers']} is more than --max-connections "
                 f"{self['max-connections']}: each worker needs at least one connection")
-        self._check_worker()
         if self["trusted-proxy"] and not any(proxied(d) for d in self["listen"]):
             raise usage.UsageError("--trusted-proxy applies to haproxy: listeners, and no "
                                    "--listen is one")
         text, path = self["greeting"], self["greeting-file"]
+        if path == "":
+            raise usage.UsageError("--greeting-file: the file name is empty")
         if text is not None and path is not None:
             raise usage.UsageError("--greeting and --greeting-file exclude each other; "
                                    "give one")
@@ -267,15 +276,11 @@ class Options(usage.Options):
         except greeting.GreetingError as e:
             raise usage.UsageError(str(e)) from None
 
-    def _check_worker(self) -> None:
-        internal = (self["worker"], self["worker-control"], self["worker-fds"])
-        if internal == (None, None, None):
-            return
-        # A worker is given what to listen on: a --listen for each socket.
-        if None in internal or len(self["worker-fds"]) != len(self["listen"]) or \
-                self.defaultListen or self["workers"] != 1 or self["metrics"] is not None:
-            raise usage.UsageError("--worker, --worker-control and --worker-fds are set by "
-                                   "tcpgreet for its workers, not by hand; use --workers")
+    def parseArgs(self, *arguments: str) -> None:
+        if arguments:
+            raise usage.UsageError(
+                f"unexpected argument {arguments[0]!r}: options start with -, and a "
+                "value that holds spaces needs quotes")
 
     def parseOptions(self, options=None) -> None:
         """
@@ -299,11 +304,18 @@ def makeService(options: Options, reactor=None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    if options["workers"] > 1:
-        return _supervisor(options, reactor)
-    worker = options["worker"] is not None
+    top = (_supervisor if options["workers"] > 1 else _greeter)(options, reactor)
+    if startup.daemonizing(getattr(options, "parent", None)):
+        # Last, so that it reports once every other service has started.
+        startup.ReportStarted(startup.expect_daemon()).setServiceParent(top)
+    return top
+
+
+def _greeter(options: Options, reactor) -> IService:
+    role = options.worker
+    worker = role is not None
     wanted = listeners(options)
-    facades = ([InheritedReactor(reactor, fd) for fd in options["worker-fds"]] if worker
+    facades = ([InheritedReactor(reactor, fd) for fd in role.listen_fds] if worker
                else [reactor] * len(wanted))
     endpoints = _endpoints(options, wanted, facades)
     factory = _factory(options, reactor)
@@ -314,7 +326,7 @@ def makeService(options: Options, reactor=None) -> IService:
     greeter.setServiceParent(top)
     if worker:
         # After the greeter: it reports ready once the greeter serves.
-        ControlService(options["worker-control"], factory, reactor).setServiceParent(top)
+        ControlService(role.control_fd, factory, reactor).setServiceParent(top)
     if options["metrics"] is not None:
         _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
                          lambda: {"open": greeter.factory.limits.open,
@@ -388,34 +400,6 @@ def _supervisor(options: Options, reactor) -> IService:
     return top
 
 
-def worker_arguments(options: Options, descriptions: list[str]) -> list[str]:
-    """
-    The options every worker runs with: the supervisor's own, with a
-    --listen for each of C{descriptions} (what the supervisor listens on:
-    the workers adopt its sockets, whatever options it bound them with),
-    each worker's share of --max-connections, and neither --workers nor
-    --metrics, which are the supervisor's.
-    """
-    arguments = [f"--listen={description}" for description in descriptions]
-    if options["greeting-file"] is not None:
-        # twistd may change directory after reading the options.
-        arguments.append(f"--greeting-file={os.path.abspath(options['greeting-file'])}")
-    elif options["greeting"] is not None:
-        arguments.append(f"--greeting={options['greeting']}")
-    if options["quiet"]:
-        arguments.append("--quiet")
-    rate = options["rate-per-ip"]
-    arguments += [
-        f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
-        f"--max-per-ip={options['max-per-ip']}",
-        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate is not None else []),
-        f"--timeout={options['timeout']!r}",
-        f"--drain-timeout={options['drain-timeout']!r}",
-        *(f"--trusted-proxy={network}" for network in options["trusted-proxy"]),
-    ]
-    return arguments
-
-
 def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
                      refresh: Callable | None = None) -> MetricsService:
     from tcpgreet import metrics
@@ -423,10 +407,10 @@ def _metrics_service(description: str, reactor, stats: Callable, gauges: Callabl
     collector = metrics.GreetCollector(stats, gauges)
     try:
         site = metrics.metrics_site(collector, refresh=refresh)
-        endpoint = server_endpoint(reactor, description)
+        endpoint = server_endpoint(reactor, description, option="--metrics")
     except (metrics.MetricsUnavailableError, EndpointError) as e:
-        raise fail(str(e).replace("listen endpoint", "--metrics endpoint")) from None
+        raise fail(str(e)) from None
     return MetricsService(description, endpoint, site)
 
 
-__all__ = ["DEFAULT_BACKLOG", "Options", "makeService", "worker_arguments"]
+__all__ = ["DEFAULT_BACKLOG", "Options", "makeService"]

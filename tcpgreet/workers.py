@@ -34,6 +34,7 @@ from tcpgreet.logrelay import Lines, LogRelay
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, startup_format
 from tcpgreet.stats import Stats, total
+from tcpgreet.worker import WorkerRole, role_arguments
 
 log = Logger()
 
@@ -58,6 +59,35 @@ _SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 def per_worker(max_connections: int, workers: int) -> int:
     """Each worker's share of C{--max-connections}: the total never exceeds it."""
     return max(1, max_connections // workers)
+
+
+def worker_arguments(options, descriptions: list[str]) -> list[str]:
+    """
+    The options every worker runs with, from the supervisor's parsed
+    L{tcpgreet.tap.Options}: its own, with a --listen for each of
+    C{descriptions} (what the supervisor listens on: the workers adopt its
+    sockets, whatever options it bound them with), each worker's share of
+    --max-connections, and neither --workers nor --metrics, which are the
+    supervisor's.
+    """
+    arguments = [f"--listen={description}" for description in descriptions]
+    if options["greeting-file"] is not None:
+        # twistd may change directory after reading the options.
+        arguments.append(f"--greeting-file={os.path.abspath(options['greeting-file'])}")
+    elif options["greeting"] is not None:
+        arguments.append(f"--greeting={options['greeting']}")
+    if options["quiet"]:
+        arguments.append("--quiet")
+    rate = options["rate-per-ip"]
+    arguments += [
+        f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
+        f"--max-per-ip={options['max-per-ip']}",
+        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate is not None else []),
+        f"--timeout={options['timeout']!r}",
+        f"--drain-timeout={options['drain-timeout']!r}",
+        *(f"--trusted-proxy={network}" for network in options["trusted-proxy"]),
+    ]
+    return arguments
 
 
 class RestartBackoff:
@@ -219,11 +249,9 @@ class WorkerSupervisor(GreetService):
                 [(description, port) for (description, _), port
                  in zip(self.endpoints, self.ports, strict=True)],
                 number - 1, there.fileno())
-            arguments = [
-                self.executable, "-m", "tcpgreet.worker", *self.arguments,
-                "--worker", str(number), "--worker-control", str(plan.control_fd),
-                "--worker-fds", ",".join(map(str, plan.listen_fds)),
-            ]
+            role = WorkerRole(number, plan.control_fd, tuple(plan.listen_fds))
+            arguments = [self.executable, "-m", "tcpgreet.worker", *self.arguments,
+                         *role_arguments(role)]
             try:
                 worker.process = reactor.spawnProcess(
                     WorkerProcess(worker, self._ended), self.executable, arguments,

@@ -9,6 +9,7 @@ line, so no test races another process for a "free" port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -224,12 +225,12 @@ def run_twistd(*args: str, timeout: float = 30.0,
     return twistd(*twistd_command(*args)[1:], timeout=timeout, env=env)
 
 
-def twistd(*args: str, timeout: float = 30.0,
-           env: dict | None = None) -> subprocess.CompletedProcess:
+def twistd(*args: str, timeout: float = 30.0, env: dict | None = None,
+           cwd: str = NEUTRAL_CWD) -> subprocess.CompletedProcess:
     """Run C{twistd ARGS} to completion."""
     return subprocess.run([TWISTD, *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env=_env(env),
-                          cwd=NEUTRAL_CWD)
+                          cwd=cwd)
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
@@ -417,3 +418,33 @@ def wait_for_exit(pid: int, timeout: float, what: str = "") -> None:
         os.close(pidfd)
     if not readable:
         raise AssertionError(f"process {pid} {what or ''} still running after {timeout}s")
+
+
+def processes_with_argument(marker: str) -> list[int]:
+    """
+    The processes with C{marker} in their command line, and their children:
+    how a test finds a daemon it started (twistd without C{-n} leaves the
+    test's process group) and the workers of that daemon.
+    """
+    found: list[int] = []
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if marker.encode() in command:
+            found.append(int(entry))
+    return found + [pid for pid, parent in parents.items() if parent in found]
+
+
+def kill_processes_with_argument(marker: str) -> None:
+    """SIGKILL what L{processes_with_argument} finds: a test's cleanup."""
+    for pid in processes_with_argument(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

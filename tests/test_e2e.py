@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import tempfile
+from pathlib import Path
 from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,6 +24,8 @@ from .helpers import (
 )
 
 LOCAL = "tcp:0:interface=127.0.0.1"
+_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}")
+_TWISTD_VERSION = re.compile(r"twistd \S+ \(.*\) starting up")
 DEFAULT = b"Thank you for connecting\r\n"
 
 
@@ -154,9 +157,69 @@ class StartupErrorTests(SynchronousTestCase):
                              rf"^tcpgreet: cannot listen on 'tcp:{port}:interface=127\.0\.0\.1': "
                              r"address already in use$")
 
+    def test_a_port_in_use_shows_what_readme_says(self):
+        # README's transcript, for another server on port 27679: the log on
+        # standard output (-n), ending with the critical event, and the one
+        # line on standard error.
+        readme = (Path(__file__).parent.parent / "README.rst").read_text()
+        transcript = readme.split("    $ twistd -n --pidfile= tcpgreet\n", 1)[1]
+        *log, error = [line.strip() for line in transcript.split("\n    $ ", 1)[0].splitlines()]
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", 0))
+            s.listen(1)
+            port = s.getsockname()[1]
+            result = run_twistd("--listen", f"tcp:{port}")
+
+        def shown(lines):
+            return [_TWISTD_VERSION.sub("twistd VERSION", _TIME.sub("TIME", line))
+                    .replace(f"tcp:{port}", "tcp:27679") for line in lines]
+
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(shown(result.stdout.splitlines()), shown(log))
+        self.assertEqual(shown(result.stderr.splitlines()), [error])
+
     def test_invalid_endpoint(self):
         self.assertFails(["--listen", "tpc:80"],
-                         r"^tcpgreet: listen endpoint 'tpc:80': Unknown endpoint type: 'tpc'$")
+                         r"^tcpgreet: --listen 'tpc:80': unknown endpoint type 'tpc'; "
+                         r"use tcp, tcp6, ssl, unix, systemd or haproxy$")
+
+    def test_each_mistake_names_its_culprit(self):
+        see = " (see: twistd tcpgreet --help)"
+        for args, line in [
+            (["--listen", "tcp:abc"], "--listen 'tcp:abc': port 'abc' is not a number"),
+            (["--listen", "tcp:99999"],
+             "--listen 'tcp:99999': port 99999 is not between 0 and 65535"),
+            (["--listen", "tcp"], "--listen 'tcp': the port is missing, e.g. tcp:27679"),
+            (["--listen", "tcp:0:backlog=many"],
+             "--listen 'tcp:0:backlog=many': backlog 'many' is not a number"),
+            (["--listen", "tcp:0:colour=blue"],
+             "--listen 'tcp:0:colour=blue': tcp endpoints have no argument 'colour'"),
+            (["--listen", "tcp6:0:interface=::1"],
+             "--listen 'tcp6:0:interface=::1': 'interface' is given twice "
+             r"(escape the colons of an IPv6 address: interface=\:\:1)"),
+            (["--listen", "unix:/tmp/g.sock:mode=rw"],
+             "--listen 'unix:/tmp/g.sock:mode=rw': mode 'rw' is not an octal number"),
+            (["--listen", "systemd:index=0"],
+             "--listen 'systemd:index=0': 'domain' is missing (domain=INET or domain=INET6)"),
+            (["--listen", "haproxy:"],
+             "--listen 'haproxy:': haproxy: needs the endpoint it wraps, e.g. "
+             "haproxy:tcp:27679"),
+            (["--listen", "haproxy:tcp:x"], "--listen 'haproxy:tcp:x': port 'x' is not a number"),
+            (["--metrics", "tcp:abc"], "--metrics 'tcp:abc': port 'abc' is not a number"),
+            (["foo"], "unexpected argument 'foo': options start with -, and a value that "
+                      "holds spaces needs quotes" + see),
+            (["--rate-per-ip", "5/0"], "--rate-per-ip '5/0': BURST must be at least 1" + see),
+            (["--rate-per-ip", "5/"], "--rate-per-ip '5/': BURST is missing after the /" + see),
+            (["--rate-per-ip", "0/5"], "--rate-per-ip '0/5': R must be more than 0" + see),
+            (["--rate-per-ip", "fast"], "--rate-per-ip 'fast': R is not a number" + see),
+            (["--max-connections", "1e3"],
+             "--max-connections: '1e3' is not a whole number" + see),
+            (["--timeout", "inf"], "--timeout: 'inf' is not a finite number" + see),
+            (["--workers", "many"], "--workers: 'many' is not a whole number or auto" + see),
+            (["--greeting-file="], "--greeting-file: the file name is empty" + see),
+        ]:
+            self.assertFails(args, "^" + re.escape("tcpgreet: " + line) + "$")
 
     def test_missing_greeting_file(self):
         self.assertFails(["--greeting-file", "/nonexistent/motd"],
@@ -204,3 +267,9 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0)
         for option in ("--listen=", "--greeting=", "--greeting-file=", "--quiet"):
             self.assertIn(option, result.stdout)
+        self.assertNotIn("--worker=", result.stdout)
+
+    def test_version_names_tcpgreet_and_twisted(self):
+        result = twistd("tcpgreet", "--version")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertRegex(result.stdout, r"^tcpgreet \d+\.\d+\.\d+ \(Twisted \d+\.\d+\.\d+\S*\)\n$")

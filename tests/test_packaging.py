@@ -16,9 +16,9 @@ import venv
 import zipfile
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from .helpers import fetch
+from .helpers import fetch, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["setup.cfg", "setup.py", "README.rst", "LICENSE", "tcpgreet", "twisted"]
@@ -97,3 +97,14 @@ class PackagingTests(SynchronousTestCase):
         else:
             self.fail(f"twistd exited with {server.wait(30)} before listening")
         self.assertEqual(fetch("127.0.0.1", port), b"Thank you for connecting\r\n")
+
+
+class CheckoutTests(SynchronousTestCase):
+    def test_a_server_started_in_the_checkout_leaves_nothing_to_commit(self):
+        # twistd writes twistd.pid in the folder it runs from, unless --pidfile=.
+        if not (ROOT / ".git").exists():
+            raise SkipTest("not a git checkout")
+        git = require_tool(self, "git")
+        result = subprocess.run([git, "check-ignore", "--no-index", "--quiet", "twistd.pid"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, "twistd.pid is not in .gitignore")

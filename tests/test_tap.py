@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
@@ -18,13 +19,14 @@ from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.server import Site
 
-from tcpgreet import tap
+from tcpgreet import startup, tap
 from tcpgreet.endpoints import Listener
 from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.proxy import ProxyHeaderFactory
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
-from tcpgreet.workers import WorkerSupervisor
+from tcpgreet.worker import WorkerRole, role_arguments, split_arguments
+from tcpgreet.workers import WorkerSupervisor, worker_arguments
 
 from .certificates import make_certificate
 from .helpers import has_ipv6_loopback, temporary_file, unused_dual_port
@@ -43,9 +45,10 @@ class OptionsTests(SynchronousTestCase):
             "listen": ["tcp:27679", "tcp6:27679"], "greeting": None, "greeting-file": None,
             "quiet": 0, "max-connections": 10000, "max-per-ip": 0, "rate-per-ip": None,
             "timeout": 10.0, "drain-timeout": 5.0, "metrics": None, "trusted-proxy": [],
-            "workers": 1, "worker": None, "worker-control": None, "worker-fds": None,
+            "workers": 1,
         })
         self.assertEqual(options.greeting.static, b"Thank you for connecting\r\n")
+        self.assertIsNone(options.worker)
 
     def test_everything_given(self):
         path = temporary_file(self, b"motd\n")
@@ -56,7 +59,7 @@ class OptionsTests(SynchronousTestCase):
             "listen": ["tcp:1", "tcp6:2"], "greeting": None, "greeting-file": path,
             "quiet": 1, "max-connections": 5, "max-per-ip": 2, "rate-per-ip": (0.5, 3),
             "timeout": 2.5, "drain-timeout": 0.0, "metrics": None, "trusted-proxy": [],
-            "workers": 3, "worker": None, "worker-control": None, "worker-fds": None,
+            "workers": 3,
         })
         self.assertEqual(options.greeting.static, b"motd\r\n")
 
@@ -69,14 +72,22 @@ class OptionsTests(SynchronousTestCase):
             (["--max-connections", "many"], "--max-connections: 'many' is not a whole number"),
             (["--max-connections", "0"], "--max-connections: '0' must be at least 1"),
             (["--max-per-ip", "-1"], "--max-per-ip: '-1' must be at least 0"),
-            (["--rate-per-ip", "0"], "--rate-per-ip: '0' must be more than 0"),
-            (["--rate-per-ip", "5/0"], "--rate-per-ip: '0' must be at least 1"),
-            (["--rate-per-ip", "fast"], "--rate-per-ip: 'fast' is not a number"),
-            (["--timeout", "nan"], "--timeout: 'nan' must be at least 0.001"),
+            (["--rate-per-ip", "0"], "--rate-per-ip '0': R must be more than 0"),
+            (["--rate-per-ip", "-1/3"], "--rate-per-ip '-1/3': R must be more than 0"),
+            (["--rate-per-ip", "nan"], "--rate-per-ip 'nan': R is not a finite number"),
+            (["--rate-per-ip", "5/0"], "--rate-per-ip '5/0': BURST must be at least 1"),
+            (["--rate-per-ip", "5/"], "--rate-per-ip '5/': BURST is missing after the /"),
+            (["--rate-per-ip", "5/2.5"], "--rate-per-ip '5/2.5': BURST is not a whole number"),
+            (["--rate-per-ip", "fast"], "--rate-per-ip 'fast': R is not a number"),
+            (["--rate-per-ip", "/3"], "--rate-per-ip '/3': R is not a number"),
+            (["--timeout", "nan"], "--timeout: 'nan' is not a finite number"),
             (["--timeout", "0"], "--timeout: '0' must be at least 0.001"),
-            (["--drain-timeout", "inf"], "--drain-timeout: 'inf' must be at least 0"),
+            (["--drain-timeout", "inf"], "--drain-timeout: 'inf' is not a finite number"),
             (["--workers", "0"], "--workers: '0' must be at least 1"),
-            (["--workers", "two"], "--workers: 'two' is not a whole number"),
+            (["--workers", "two"], "--workers: 'two' is not a whole number or auto"),
+            (["--greeting-file", ""], "--greeting-file: the file name is empty"),
+            (["--quiet", "extra"], "unexpected argument 'extra': options start with -, "
+                                   "and a value that holds spaces needs quotes"),
             (["--workers", "3", "--max-connections", "2"],
              "--workers 3 is more than --max-connections 2: each worker needs at least "
              "one connection"),
@@ -89,21 +100,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse("--workers", "auto")["workers"], len(os.sched_getaffinity(0)))
         self.assertEqual(parse("--workers", "2")["workers"], 2)
 
-    def test_worker_options_are_internal(self):
-        options = parse("--listen", "tcp:1", "--listen", "tcp:2", "--worker", "2",
-                        "--worker-control", "3", "--worker-fds", "4,5")
-        self.assertEqual((options["worker"], options["worker-control"], options["worker-fds"]),
-                         (2, 3, [4, 5]))
-        for args in (["--worker", "1"],  # the rest missing
-                     # no --listen: a worker is always told what to adopt
-                     ["--worker", "1", "--worker-control", "3", "--worker-fds", "4,5"],
-                     ["-l", "tcp:1", "--worker", "1", "--worker-control", "3",
-                      "--worker-fds", "4,5"],
-                     ["--worker", "1", "--worker-control", "3", "--worker-fds", "4",
-                      "--workers", "2"]):
+    def test_a_worker_role_is_no_option(self):
+        # (--worker itself is an abbreviation of --workers, as getopt goes.)
+        for option in ("--worker-control", "--worker-fds"):
             with self.assertRaises(usage.UsageError) as caught:
-                parse(*args)
-            self.assertIn("set by tcpgreet for its workers", str(caught.exception))
+                parse(option, "1")
+            self.assertEqual(str(caught.exception), f"option {option} not recognized")
 
     def test_worker_arguments_reproduce_the_options(self):
         path = temporary_file(self)
@@ -111,16 +113,15 @@ class OptionsTests(SynchronousTestCase):
                            "--max-connections", "9", "--max-per-ip", "2", "--rate-per-ip",
                            "0.1/3", "--timeout", "2.5", "--drain-timeout", "0.25",
                            "--workers", "4", "--metrics", "tcp:9127")
-        arguments = tap.worker_arguments(supervisor, supervisor["listen"])
+        arguments = worker_arguments(supervisor, supervisor["listen"])
         self.assertNotIn("--metrics", " ".join(arguments))
-        worker = parse(*arguments, "--worker", "1", "--worker-control", "3",
-                       "--worker-fds", "4,5")
+        worker = parse(*arguments)
         expected = dict(supervisor, **{"max-connections": 2, "workers": 1, "metrics": None,
-                                       "worker": 1, "worker-control": 3, "worker-fds": [4, 5],
                                        "greeting-file": os.path.abspath(path)})
         self.assertEqual(dict(worker), expected)
-        greeted = parse(*tap.worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2"),
-                                              ["tcp:1"]))
+        role = WorkerRole(number=3, control_fd=7, listen_fds=(8, 9))
+        self.assertEqual(split_arguments([*arguments, *role_arguments(role)]), (role, arguments))
+        greeted = parse(*worker_arguments(parse("-g", "-{{x}}- ", "--workers", "2"), ["tcp:1"]))
         self.assertEqual(greeted["greeting"], "-{{x}}- ")
 
     def test_trusted_proxies_are_networks(self):
@@ -154,9 +155,9 @@ class OptionsTests(SynchronousTestCase):
     def test_worker_arguments_carry_the_trusted_proxies(self):
         supervisor = parse("-l", "haproxy:tcp:1", "--trusted-proxy", "127.0.0.1",
                            "--trusted-proxy", "fd00::/8", "--workers", "2")
-        arguments = tap.worker_arguments(supervisor, supervisor["listen"])
+        arguments = worker_arguments(supervisor, supervisor["listen"])
         self.assertIn("--trusted-proxy=127.0.0.1/32", arguments)
-        worker = parse(*arguments, "--worker", "1", "--worker-control", "3", "--worker-fds", "4")
+        worker = parse(*arguments)
         self.assertEqual(worker["trusted-proxy"], supervisor["trusted-proxy"])
 
     def test_greeting_text(self):
@@ -200,8 +201,31 @@ class OptionsTests(SynchronousTestCase):
                        "N|auto", "per worker", "--trusted-proxy=",
                        "[default: from any address]"):
             self.assertIn(option, text)
-        for internal in ("--worker=", "--worker-control=", "--worker-fds="):
-            self.assertRegex(text, re.escape(internal) + r" +Internal, set by --workers")
+        for internal in ("--worker=", "--worker-control=", "--worker-fds=", "Internal"):
+            self.assertNotIn(internal, text)
+        self.assertIn("systemd:domain=INET:name=tcpgreet", text)
+        self.assertNotIn("index=", text)
+
+    def test_readme_has_a_row_for_every_option_help_shows(self):
+        shown = set(re.findall(r"^ +(?:-\w, )?(--[a-z-]+)", str(tap.Options()), re.MULTILINE))
+        readme = (Path(__file__).parent.parent / "README.rst").read_text()
+        server = readme[readme.index("\nThe server\n"):readme.index("\nExamples::\n")]
+        rows = set(re.findall(r"^   \* - ``(?:-\w, )?(--[a-z-]+)", server, re.MULTILINE))
+        self.assertIn("--metrics", shown)
+        self.assertEqual(rows, shown)
+
+    def test_version_is_tcpgreet_s_and_twisted_s(self):
+        from twisted.copyright import version
+
+        from tcpgreet import __version__
+
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        with self.assertRaises(SystemExit) as caught:
+            parse("--version")
+        self.assertEqual(caught.exception.code, 0)
+        self.assertEqual(stdout.getvalue(),
+                         f"tcpgreet {__version__} (Twisted {version})\n")
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -308,8 +332,7 @@ class MakeServiceTests(SynchronousTestCase):
             self.make("--listen", "tcp:http")
         self.assertEqual(caught.exception.code, 1)
         self.assertEqual(stderr.getvalue(),
-                         "tcpgreet: listen endpoint 'tcp:http': "
-                         "invalid literal for int() with base 10: 'http'\n")
+                         "tcpgreet: --listen 'tcp:http': port 'http' is not a number\n")
 
     def test_metrics_listen_on_their_own_endpoint(self):
         reactor, _ = self.make("--listen", "tcp:1", "--metrics", "tcp:9127:interface=127.0.0.1")
@@ -325,7 +348,8 @@ class MakeServiceTests(SynchronousTestCase):
         with self.assertRaises(SystemExit):
             self.make("--metrics", "9127")
         self.assertEqual(stderr.getvalue(),
-                         "tcpgreet: --metrics endpoint '9127': Unknown endpoint type: '9127'\n")
+                         "tcpgreet: --metrics '9127': unknown endpoint type '9127'; "
+                         "use tcp, tcp6, ssl, unix, systemd or haproxy\n")
 
     def test_metrics_without_prometheus_client(self):
         from tcpgreet import metrics
@@ -336,7 +360,9 @@ class MakeServiceTests(SynchronousTestCase):
         with self.assertRaises(SystemExit):
             self.make("--metrics", "tcp:9127")
         self.assertEqual(stderr.getvalue(), f"tcpgreet: {metrics.MISSING}\n")
-        self.assertIn("pip install 'tcpgreet[metrics]'", metrics.MISSING)
+        # The extra as README names it: tcpgreet is not on the package index.
+        self.assertIn("pip install '.[metrics]'", metrics.MISSING)
+        self.assertNotIn("tcpgreet[metrics]", metrics.MISSING)
 
     def started_line(self, *args):
         """The start-up line of the service makeService builds for C{args}."""
@@ -426,8 +452,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(steered(*both, "--rate-per-ip", "3"), [True, False])
 
     def test_a_worker_greets_on_what_it_inherited_and_reports_to_its_supervisor(self):
-        top = tap.makeService(parse("--listen", "tcp:1", "--worker", "2", "--worker-control", "7",
-                                    "--worker-fds", "8"), reactor=MemoryReactorClock())
+        options = parse("--listen", "tcp:1")
+        options.worker = WorkerRole(number=2, control_fd=7, listen_fds=(8,))
+        top = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual([s.name for s in top], ["greeter", "control"])
         greeter, control = top.getServiceNamed("greeter"), top.getServiceNamed("control")
         self.assertFalse(greeter.announce)  # the supervisor's line says it all
@@ -435,6 +462,22 @@ class MakeServiceTests(SynchronousTestCase):
         [(_, endpoint)] = greeter.endpoints
         self.assertIsInstance(endpoint._reactor, InheritedReactor)
         self.assertEqual(endpoint._reactor._fd, 8)
+
+    def test_under_daemon_mode_the_last_service_tells_the_launcher(self):
+        launcher = object()  # a real one would wait in this process's next fork
+        self.patch(startup, "expect_daemon", lambda: launcher)
+        for workers, first in (("1", "greeter"), ("2", "supervisor")):
+            options = parse("--listen", "tcp:1", "--workers", workers)
+            options.parent = {"nodaemon": False, "debug": False}
+            top = tap.makeService(options, reactor=MemoryReactorClock())
+            self.assertEqual([s.name for s in top], [first, "report-started"])
+            self.assertIs(top.getServiceNamed("report-started").launcher, launcher)
+
+    def test_who_daemonizes(self):
+        self.assertEqual([startup.daemonizing(parent) for parent in (
+            {"nodaemon": False, "debug": False}, {"nodaemon": True, "debug": False},
+            {"nodaemon": False, "debug": True}, None, {})],
+            [True, False, False, False, False])
 
     def test_stop_restores_the_signal_handlers_once_drained(self):
         before = {signum: signal.getsignal(signum)

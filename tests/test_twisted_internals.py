@@ -16,6 +16,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import textwrap
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -177,12 +178,21 @@ def _private_module(dotted: str) -> bool:
 
 def _private_attributes(tree: ast.AST, path: Path):
     """(enclosing class or None, private name, place) for each use."""
+    modules = {alias.asname or alias.name for node in ast.walk(tree)
+               if isinstance(node, ast.Import) for alias in node.names
+               if not alias.name.startswith("twisted")}
+
+    def _of_another_module(receiver) -> bool:
+        # os._exit, sys._getframe: the standard library's, not Twisted's.
+        return isinstance(receiver, ast.Name) and receiver.id in modules
+
     def visit(node, owner):
         for child in ast.iter_child_nodes(node):
             inner = child.name if isinstance(child, ast.ClassDef) else owner
             name = None
             if isinstance(child, ast.Attribute):
-                name = child.attr
+                if not _of_another_module(child.value):
+                    name = child.attr
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
                     isinstance(node, ast.ClassDef):
                 name = child.name  # perhaps an override of a private hook
@@ -217,8 +227,11 @@ def _twistedOwned(module, owner: str | None, name: str) -> bool:
 
 
 def _assigned_in_own_source(cls: type, name: str) -> bool:
+    """Whether C{cls}'s own code stores C{self.name} (tuple targets too)."""
     try:
-        source = inspect.getsource(cls)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return False
-    return re.search(_ASSIGNMENT.format(re.escape(name)), source) is not None
+    return any(isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+               and isinstance(node.value, ast.Name) and node.value.id == "self"
+               and node.attr == name for node in ast.walk(tree))
