@@ -195,7 +195,7 @@ class GreetService(service.Service):
         # Until the drain is over, a second SIGTERM or SIGINT is only noted
         # (Twisted's handler would stop the stopping reactor again, and
         # raise), and SIGHUP still reloads rather than killing the process.
-        previous = {signum: signal.signal(signum, self._stopping)
+        previous = {signum: signal.signal(signum, self._stopSignalled)
                     for signum in (signal.SIGTERM, signal.SIGINT)}
         # Every listener stops accepting now, in this same call, before any
         # of them has finished closing; a closing port serves its backlog
@@ -213,7 +213,7 @@ class GreetService(service.Service):
             signal.signal(signum, handler)
         return result
 
-    def _stopping(self, signum, frame) -> None:
+    def _stopSignalled(self, signum, frame) -> None:
         self._reactor_().callFromThread(self.signalledWhileStopping,
                                         signal.Signals(signum).name)
 

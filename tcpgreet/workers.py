@@ -191,7 +191,7 @@ class WorkerSupervisor(GreetService):
         self._retired = Stats()
         self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
         self._restarting: dict[int, IDelayedCall] = {}  # by worker number
-        self._stopping = False
+        self._shuttingDown = False
 
     # -- starting ----------------------------------------------------------
 
@@ -263,7 +263,7 @@ class WorkerSupervisor(GreetService):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
         how = exit_description(reason)
-        if self._stopping:
+        if self._shuttingDown:
             if not (reason.check(ProcessDone) or
                     getattr(reason.value, "signal", None) == signal.SIGTERM):
                 log.warn("worker {worker} (pid {pid}) {how} while stopping",
@@ -286,7 +286,7 @@ class WorkerSupervisor(GreetService):
         worker.ended.callback(None)
 
     def _restartLater(self, number: int, delay: float) -> None:
-        if self._stopping:
+        if self._shuttingDown:
             return
         self._restarting[number] = self._reactor_().callLater(delay, self._start, number)
 
@@ -308,7 +308,7 @@ class WorkerSupervisor(GreetService):
         return True
 
     def stopService(self) -> Deferred:
-        self._stopping = True
+        self._shuttingDown = True
         for call in self._restarting.values():
             call.cancel()
         self._restarting.clear()

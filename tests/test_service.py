@@ -63,13 +63,13 @@ class DrainTests(SynchronousTestCase):
         protocol, transport = open_connection(self.factory)
         stopped = self.service.stopService()
         # A second SIGTERM is noted, not obeyed; SIGHUP still reloads.
-        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stopping)
-        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stopping)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stopSignalled)
+        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stopSignalled)
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
         transport.flushed()
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.successResultOf(stopped)
-        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stopping)
+        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stopSignalled)
         self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
 
     def test_what_is_left_after_the_drain_timeout_is_aborted(self):

@@ -90,6 +90,10 @@ class ProcessReactor(MemoryReactorClock):
         protocol.makeConnection(process)
         return process
 
+    def callFromThread(self, f, *args, **kwargs):
+        # What a signal handler uses: run on the next turn of the loop.
+        self.callLater(0, f, *args, **kwargs)
+
 
 class SupervisorTests(SynchronousTestCase):
     def setUp(self):
@@ -179,6 +183,18 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.spawned), 2)  # nothing restarted
         self.assertIn("still running 8 s after SIGTERM: killing it", "\n".join(self.lines()))
+
+    def test_stop_signals_during_the_drain_are_noted_not_ignored(self):
+        self.supervisor.stopService()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            self.assertTrue(callable(handler), f"{signum!r} handler: {handler!r}")
+            handler(signum, None)
+        self.reactor.advance(0)
+        for name in ("SIGTERM", "SIGINT"):
+            self.assertIn(f"{name} while stopping: still waiting for 2 worker(s)",
+                          self.lines())
+        self.assertEqual([self.process(n).signals for n in (1, 2)], [["TERM"], ["TERM"]])
 
     def test_stop_cancels_a_pending_restart(self):
         self.process(1).end(exitCode=1)  # restart due in 0.5 s

@@ -186,6 +186,11 @@ class SupervisionTests(SynchronousTestCase):
         self.assertNotIn(None, slow)
         server.signal(signal.SIGTERM)
         server.wait_for_count(r"\[worker \d, pid \d+\] draining 3 connection\(s\)", 2)
+        # A second stop signal during the drain is noted, as in one process.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            server.signal(signum)
+            server.wait_for(rf"{signal.Signals(signum).name} while stopping: "
+                            r"still waiting for 2 worker\(s\)")
         refused = wait_until(lambda: connect_refused(server), 10, "the port to close")
         self.assertTrue(refused)
         for s in slow:
