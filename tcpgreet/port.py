@@ -314,7 +314,15 @@ class GreetPort(tcp.Port):
         """The service logs what it listens on and when it stops."""
 
     def doRead(self) -> None:
-        accepted = self._acceptBatch(self.numberAccepts)
+        try:
+            accepted = self._acceptBatch(self.numberAccepts)
+        except Exception:
+            # An exception that reached the reactor would disconnect this
+            # port, and the service would stop accepting for good; as
+            # Twisted's own doRead does, log it and keep listening.
+            log.failure("error accepting connections on port {port}",
+                        port=self._realPortNumber)
+            return
         # Twisted's heuristic: accept more per pass while the backlog keeps
         # filling them, fewer when it does not.
         if accepted == self.numberAccepts:
@@ -346,12 +354,13 @@ class GreetPort(tcp.Port):
                 self._acceptFailed(e)
                 break
             accepted += 1
-            if len(addr) == 4 and addr[3]:
-                # An IPv6 link-local peer: keep its scope in the host.
-                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                addr = (host[0], *addr[1:])
             transport = None
             try:
+                if len(addr) == 4 and addr[3]:
+                    # An IPv6 link-local peer: keep its scope in the host.
+                    host = socket.getnameinfo(addr,
+                                              socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
                 protocol = factory.buildProtocol(buildAddr(addr))
                 if protocol is None:
                     skt.close()
@@ -429,9 +438,14 @@ class GreetPort(tcp.Port):
         # The kernel has completed the handshake of the connections still in
         # the backlog, and closing the listening socket would reset them:
         # serve them, right before it closes (the drain then covers them).
-        for _ in range(BACKLOG_PASSES):
-            if not self._acceptBatch(self.numberAccepts + 100):
-                break
+        try:
+            for _ in range(BACKLOG_PASSES):
+                if not self._acceptBatch(self.numberAccepts + 100):
+                    break
+        except Exception:
+            # The socket must close all the same, or the service's stop
+            # would wait for it for ever.
+            log.failure("error serving the backlog of port {port}", port=self._realPortNumber)
         super().connectionLost(reason)
 
 

@@ -242,3 +242,104 @@ class AcceptErrorTests(SynchronousTestCase):
         listening.doRead()
         self.assertEqual(listening.socket.calls, 100)
         self.assertIn(listening, clock.getReaders())
+
+
+class AcceptingSocket:
+    """
+    A listening socket whose accept yields C{clients} (descriptor, address)
+    in turn, then C{then()}'s exception (EAGAIN unless told otherwise).
+    """
+
+    family = socket.AF_INET6
+    type = socket.SOCK_STREAM
+
+    def __init__(self, clients, then=lambda: BlockingIOError(errno.EAGAIN, "no more")):
+        self.clients = list(clients)
+        self.then = then
+        self.closed = False
+
+    def _accept(self):
+        if self.clients:
+            return self.clients.pop(0)
+        raise self.then()
+
+    def fileno(self):
+        return -1
+
+    def shutdown(self, how):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class DoReadGuardTests(SynchronousTestCase):
+    """
+    Nothing that goes wrong in an accept pass reaches the reactor, which
+    would disconnect the listening port: it would stop accepting for good.
+    """
+
+    def make(self, listening_socket):
+        clock = MemoryReactorClock()
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=clock)
+        listening = port.GreetPort(0, factory, interface="::", reactor=clock)
+        listening.socket = listening_socket
+        listening.fileno = listening_socket.fileno
+        listening._socketKind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
+        listening._direct = True
+        listening.connected = True
+        listening.numberAccepts = 100
+        listening.startReading()
+        return clock, factory, listening
+
+    def client_pair(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        theirs.settimeout(10)
+        return ours.detach(), theirs
+
+    def test_a_peer_whose_address_cannot_be_rendered_costs_only_its_connection(self):
+        def getnameinfo(*args):
+            raise socket.gaierror(socket.EAI_FAMILY, "injected")
+
+        self.patch(socket, "getnameinfo", getnameinfo)
+        link_local, first = self.client_pair()
+        plain, second = self.client_pair()
+        clock, factory, listening = self.make(AcceptingSocket([
+            (link_local, ("fe80::1", 1234, 0, 2)),  # a scope: getnameinfo is asked
+            (plain, ("2001:db8::1", 1235, 0, 0)),
+        ]))
+        listening.doRead()  # raises on a port without the guard
+        self.assertEqual(first.recv(10), b"")  # closed, not leaked
+        self.assertEqual(second.recv(10), b"hi\r\n")  # the next one is served
+        self.assertIn(listening, clock.getReaders())
+        self.assertEqual((factory.stats.greeted, factory.limits.open), (1, 0))
+        [failure] = self.flushLoggedErrors(socket.gaierror)
+        self.assertEqual(failure.value.strerror, "injected")
+
+    def test_an_unexpected_error_outside_any_connection_leaves_the_port_listening(self):
+        plain, client = self.client_pair()
+        clock, factory, listening = self.make(AcceptingSocket(
+            [(plain, ("2001:db8::1", 1235, 0, 0))], then=lambda: RuntimeError("injected")))
+        listening.doRead()
+        self.assertEqual(client.recv(10), b"hi\r\n")
+        self.assertIn(listening, clock.getReaders())
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "injected")
+        # The next pass accepts as before.
+        again, client = self.client_pair()
+        listening.socket.clients.append((again, ("2001:db8::2", 1236, 0, 0)))
+        listening.socket.then = lambda: BlockingIOError(errno.EAGAIN, "no more")
+        listening.doRead()
+        self.assertEqual(client.recv(10), b"hi\r\n")
+        self.assertEqual(factory.stats.greeted, 2)
+
+    def test_an_error_while_serving_the_backlog_still_closes_the_port(self):
+        listening_socket = AcceptingSocket([], then=lambda: RuntimeError("injected"))
+        clock, _, listening = self.make(listening_socket)
+        stopped = listening.stopListening()
+        clock.advance(0)
+        self.successResultOf(stopped)
+        self.assertTrue(listening_socket.closed)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
