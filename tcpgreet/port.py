@@ -49,6 +49,14 @@ ACCEPT_PAUSE = 0.1
 # On stop, how many accept passes may go to serving the backlog.
 BACKLOG_PASSES = 20
 
+# The most connections one accept pass takes (and greets).  Twisted's own
+# batch grows by 20 after every full pass, without limit; under a flood
+# that keeps the backlog full, one pass would grow until timers, /metrics,
+# a worker's control channel and the drain all waited seconds behind it.
+# This many greetings take a few milliseconds, and a pass this long
+# already spreads the reactor's own cost over enough connections.
+MAX_ACCEPTS_PER_PASS = 128
+
 # The most a DirectTransport tries to send by itself.
 DIRECT_WRITE_LIMIT = 65536
 
@@ -324,9 +332,9 @@ class GreetPort(tcp.Port):
                         port=self._realPortNumber)
             return
         # Twisted's heuristic: accept more per pass while the backlog keeps
-        # filling them, fewer when it does not.
+        # filling them (up to a limit), fewer when it does not.
         if accepted == self.numberAccepts:
-            self.numberAccepts += 20
+            self.numberAccepts = min(accepted + 20, MAX_ACCEPTS_PER_PASS)
         else:
             self.numberAccepts = max(1, accepted)
 

@@ -4,7 +4,10 @@ hand-over to the reactor, and accept errors that neither spin nor flood.
 """
 
 import errno
+import os
 import socket
+import tempfile
+from pathlib import Path
 
 from twisted.internet import defer, reactor, tcp, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -14,10 +17,12 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from bench import cpus
+from bench import loadgen as load_generators
 from tcpgreet import greeting, port
 from tcpgreet.server import GreetFactory
 
-from .helpers import fetch
+from .helpers import fetch, require_tool
 
 
 def blocking_fetch(address, send=b"", rcvbuf=None, timeout=10):
@@ -273,24 +278,26 @@ class AcceptingSocket:
         self.closed = True
 
 
+def port_on(listening_socket):
+    """A direct-serving GreetPort accepting from C{listening_socket}, on a fake clock."""
+    clock = MemoryReactorClock()
+    factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=clock)
+    listening = port.GreetPort(0, factory, interface="::", reactor=clock)
+    listening.socket = listening_socket
+    listening.fileno = listening_socket.fileno
+    listening._socketKind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
+    listening._direct = True
+    listening.connected = True
+    listening.numberAccepts = 100
+    listening.startReading()
+    return clock, factory, listening
+
+
 class DoReadGuardTests(SynchronousTestCase):
     """
     Nothing that goes wrong in an accept pass reaches the reactor, which
     would disconnect the listening port: it would stop accepting for good.
     """
-
-    def make(self, listening_socket):
-        clock = MemoryReactorClock()
-        factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=clock)
-        listening = port.GreetPort(0, factory, interface="::", reactor=clock)
-        listening.socket = listening_socket
-        listening.fileno = listening_socket.fileno
-        listening._socketKind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
-        listening._direct = True
-        listening.connected = True
-        listening.numberAccepts = 100
-        listening.startReading()
-        return clock, factory, listening
 
     def client_pair(self):
         ours, theirs = socket.socketpair()
@@ -305,7 +312,7 @@ class DoReadGuardTests(SynchronousTestCase):
         self.patch(socket, "getnameinfo", getnameinfo)
         link_local, first = self.client_pair()
         plain, second = self.client_pair()
-        clock, factory, listening = self.make(AcceptingSocket([
+        clock, factory, listening = port_on(AcceptingSocket([
             (link_local, ("fe80::1", 1234, 0, 2)),  # a scope: getnameinfo is asked
             (plain, ("2001:db8::1", 1235, 0, 0)),
         ]))
@@ -319,7 +326,7 @@ class DoReadGuardTests(SynchronousTestCase):
 
     def test_an_unexpected_error_outside_any_connection_leaves_the_port_listening(self):
         plain, client = self.client_pair()
-        clock, factory, listening = self.make(AcceptingSocket(
+        clock, factory, listening = port_on(AcceptingSocket(
             [(plain, ("2001:db8::1", 1235, 0, 0))], then=lambda: RuntimeError("injected")))
         listening.doRead()
         self.assertEqual(client.recv(10), b"hi\r\n")
@@ -336,10 +343,122 @@ class DoReadGuardTests(SynchronousTestCase):
 
     def test_an_error_while_serving_the_backlog_still_closes_the_port(self):
         listening_socket = AcceptingSocket([], then=lambda: RuntimeError("injected"))
-        clock, _, listening = self.make(listening_socket)
+        clock, _, listening = port_on(listening_socket)
         stopped = listening.stopListening()
         clock.advance(0)
         self.successResultOf(stopped)
         self.assertTrue(listening_socket.closed)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class EndlessBacklog(AcceptingSocket):
+    """A listening socket that always has another client waiting."""
+
+    def __init__(self):
+        super().__init__([])
+        self.accepted = 0
+
+    def _accept(self):
+        ours, theirs = socket.socketpair()
+        theirs.close()  # the greeting meets a closed peer: cheap, and counted
+        self.accepted += 1
+        return ours.detach(), ("2001:db8::1", 1000 + self.accepted % 60000, 0, 0)
+
+
+class AcceptBatchTests(SynchronousTestCase):
+    def test_a_full_backlog_does_not_grow_the_pass_without_bound(self):
+        _, factory, listening = port_on(EndlessBacklog())
+        batches = []
+        for _ in range(20):  # Twisted's rule would reach 100 + 20 * 20 = 500
+            before = listening.socket.accepted
+            listening.doRead()
+            batches.append(listening.socket.accepted - before)
+        self.assertEqual(max(batches), port.MAX_ACCEPTS_PER_PASS)
+        self.assertEqual(batches[-5:], [port.MAX_ACCEPTS_PER_PASS] * 5)
+        self.assertLessEqual(listening.numberAccepts, port.MAX_ACCEPTS_PER_PASS)
+        self.assertEqual(factory.limits.open, 0)
+
+
+FLOOD_GREETING = b"Thank you for connecting\r\n"
+
+
+class FloodTests(TestCase):
+    """
+    A connection flood that keeps the backlog full, from the benchmark's C
+    load generator on loopback, against a GreetPort on this process's real
+    reactor, which meanwhile runs a timer every 10 ms and notes how late
+    each one fires.  A timer can only fire between two accept passes, so
+    its lateness is what the longest pass costs.
+    """
+
+    # Two generators of 2000 connections each keep more connections waiting
+    # than one pass takes, on a 2-CPU machine where the server's CPU would
+    # otherwise keep up with one generator's; the backlog holds them all.
+    GENERATORS = 2
+    CONCURRENCY = 2000
+    BACKLOG = 4096
+    SECONDS = 5.0
+    TICK = 0.01
+    LATE = 0.05  # the bound: a timer fires within 50 ms of its time
+    # A fraction of the ticks may be later than that: on a shared machine
+    # the scheduler can take the CPU from this process for that long, with
+    # no pass in progress.  Passes that grow with the flood make far more
+    # late than this (a third to a half within 5 s).
+    ALLOWED_LATE = 0.05
+
+    def load_generator(self):
+        if load_generators.find_compiler() is None:
+            require_tool(self, "cc")  # skipped, or a failure in CI
+        scratch = Path(tempfile.mkdtemp(prefix="tcpgreet-flood-"))
+        return load_generators.choose("c", scratch, lambda note: None)
+
+    def pin(self, placement):
+        """
+        Give the reactor's thread CPUs of its own, as the benchmark does, so
+        that the generators (on another CPU) take none of its time.
+        """
+        if placement.server is not None:
+            before = os.sched_getaffinity(0)  # this thread's only, on Linux
+            os.sched_setaffinity(0, placement.server)
+            self.addCleanup(os.sched_setaffinity, 0, before)
+
+    @defer.inlineCallbacks
+    def test_a_timer_fires_on_time_under_a_connection_flood(self):
+        generator = self.load_generator()
+        placement = cpus.plan(1)
+        self.pin(placement)
+        factory = GreetFactory(greeting.from_text(FLOOD_GREETING[:-2].decode()), quiet=True)
+        listening = port.listen(reactor, 0, factory, backlog=self.BACKLOG,
+                                interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        lateness: list[float] = []
+        fullest = [0]
+        pending = []
+
+        def tick(due):
+            lateness.append(reactor.seconds() - due)
+            fullest[0] = max(fullest[0], listening.numberAccepts)
+            pending[:] = [reactor.callLater(self.TICK, tick, reactor.seconds() + self.TICK)]
+
+        pending.append(reactor.callLater(self.TICK, tick, reactor.seconds() + self.TICK))
+        self.addCleanup(lambda: pending[0].active() and pending[0].cancel())
+
+        def flood():
+            return generator.run(listening.getHost().port, self.CONCURRENCY, self.SECONDS,
+                                 expected=FLOOD_GREETING, placement=placement)
+
+        results = yield defer.gatherResults(
+            [threads.deferToThread(flood) for _ in range(self.GENERATORS)])
+        pending[0].cancel()
+        # It was a flood: whole passes, the backlog never empty.
+        self.assertGreater(sum(result.greeted for result in results), 10000)
+        self.assertEqual(sum(result.errors["wrong"] for result in results), 0)
+        self.assertGreaterEqual(fullest[0], port.MAX_ACCEPTS_PER_PASS)
+        late = sorted(lateness)
+        too_late = [seconds for seconds in late if seconds > self.LATE]
+        self.assertLessEqual(
+            len(too_late), self.ALLOWED_LATE * len(late),
+            f"{len(too_late)} of {len(late)} timers fired more than {self.LATE * 1000:g} ms "
+            f"late (median {late[len(late) // 2] * 1000:.1f} ms, worst {late[-1] * 1000:.1f} "
+            f"ms; the batch grew to {fullest[0]} accepts)")
 
