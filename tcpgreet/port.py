@@ -420,11 +420,17 @@ class GreetPort(tcp.Port):
             except OSError:
                 pass
             _reserve.take()
+        # Serving the backlog on the way out (connectionLost), the port is
+        # closing: a pause would outlive it, after loseConnection cancelled
+        # the one before.
+        closing = self.disconnecting
         self._acceptErrors.note(
             error=os.strerror(e.errno or 0), key=e.errno, shed=shed,
-            action=f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
-        self.stopReading()
-        self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+            action="the port is closing" if closing
+            else f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
+        if not closing:
+            self.stopReading()
+            self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
 
     def _resume(self) -> None:
         self._paused = None

@@ -242,6 +242,23 @@ class AcceptErrorTests(SynchronousTestCase):
         self.assertEqual([e["count"] for e in failures], [1, 999])
         self.assertIn("No buffer space", failures[0]["error"])
 
+    def test_running_out_while_closing_leaves_no_pause_behind(self):
+        clock, listening, events = self.make(errno.EMFILE)
+        listening.socket.shutdown = lambda how: None
+        listening.socket.close = lambda: None
+        listening.fileno = listening.socket.fileno
+        listening.doRead()  # paused
+        stopped = listening.stopListening()  # cancels the pause
+        clock.advance(0)  # connectionLost serves the backlog: EMFILE again
+        self.successResultOf(stopped)
+        self.assertIsNone(listening._paused)
+        self.assertEqual([call for call in clock.getDelayedCalls()
+                          if call.func == listening._resume], [])
+        clock.advance(2)
+        failures = [e for e in events if "accept failed" in e.get("log_format", "")]
+        self.assertEqual([e["action"] for e in failures][-1], "the port is closing")
+        self.assertNotIn(listening, clock.getReaders())
+
     def test_transient_errors_skip_to_the_next_connection(self):
         clock, listening, _ = self.make(errno.ECONNABORTED)
         listening.doRead()
