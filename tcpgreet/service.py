@@ -201,9 +201,21 @@ class GreetService(service.Service):
         # of them has finished closing; a closing port serves its backlog
         # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
-        closed = DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        closed = DeferredList([maybeDeferred(port.stopListening) for port in ports],
+                              consumeErrors=True)
+        closed.addCallback(self._portsClosed, [description for description, _ in self.endpoints])
         closed.addCallback(lambda _: self.drain())
         return closed.addBoth(self._restoreSignals, previous)
+
+    def _portsClosed(self, results: list, descriptions: list[str]) -> None:
+        """
+        Say now which listener failed to stop (not later, as an unhandled
+        error, when its Deferred is collected); the drain goes on regardless.
+        """
+        for description, (stopped, result) in zip(descriptions, results, strict=False):
+            if not stopped:
+                log.failure("cannot stop listening on {listener!r}", result,
+                            listener=description)
 
     def _restoreSignals(self, result, previous: dict):
         if self._previous_sighup is not None:

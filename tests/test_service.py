@@ -2,11 +2,13 @@
 GreetService: reload and the graceful drain on stop.
 """
 
+import gc
 import signal
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -45,6 +47,25 @@ class DrainTests(SynchronousTestCase):
         for closed in stopping:
             closed.callback(None)
         self.successResultOf(stopped)
+
+    def test_a_listener_that_fails_to_stop_is_reported_and_the_drain_goes_on(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first = self.service.ports[0]
+        self.patch(first, "stopListening", lambda: fail(RuntimeError("cannot close")))
+        protocol, transport = open_connection(self.factory)
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)  # draining all the same
+        transport.flushed()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.successResultOf(stopped)
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        [event] = [e for e in events if e.get("log_failure") is failure]
+        self.assertEqual(formatEvent(event), "cannot stop listening on 'tcp:1'")
+        # Said once, now: not again as an unhandled error when collected.
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
 
     def test_stop_waits_for_greetings_in_progress(self):
         connections = [open_connection(self.factory) for _ in range(3)]
