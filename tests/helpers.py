@@ -245,6 +245,28 @@ def _env(extra: dict | None) -> dict:
     return env
 
 
+def namespace_command(testcase) -> list[str]:
+    """
+    The command that runs a program in network and process namespaces of
+    its own, where it may give itself addresses (C{ip addr add}) that touch
+    nothing outside, and where every process it starts dies with it.
+    Missing programs skip the test, or fail it under
+    TCPGREET_REQUIRE_SYSTEM_TOOLS=1; a machine that does not permit new
+    namespaces (a container without the privilege) skips it.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    unshare = require_tool(testcase, "unshare")
+    require_tool(testcase, "ip")
+    # As root, or as anyone through a user namespace of their own.
+    for user in ([], ["--user", "--map-root-user"]):
+        command = [unshare, *user, "--net", "--pid", "--fork", "--kill-child"]
+        if subprocess.run([*command, "true"], capture_output=True,
+                          timeout=30).returncode == 0:
+            return command
+    raise SkipTest("unshare --net is not permitted here")
+
+
 def has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:

@@ -13,19 +13,23 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from . import confine
+from . import confine, netns_steering
 from .haproxy import start_haproxy
 from .helpers import (
     TWISTD,
     Server,
     assert_fails_in_one_line,
     fetch,
+    namespace_command,
     process_gone,
     run_twistd,
     start_server,
@@ -35,6 +39,7 @@ from .helpers import (
 from .test_deploy_systemd import DEPLOY, FIRST_GREETING_TIMEOUT, socket_activate, unit_settings
 from .test_faults import MiB, greeting_file
 
+ROOT = Path(__file__).resolve().parent.parent
 LOCAL = "tcp:0:interface=127.0.0.1"
 DEFAULT = b"Thank you for connecting\r\n"
 READY = r"worker (\d+) \(pid (\d+)\) ready"
@@ -260,6 +265,26 @@ class LimitTests(SynchronousTestCase):
             self.assertIsNotNone(hold(self, server, source))
             self.assertIsNone(hold(self, server, source), source)
         server.wait_for(r"refused \d+ connection\(s\) .* by --max-per-ip")
+
+    def test_max_per_ip_counts_an_ipv6_64_across_workers(self):
+        # In a network namespace of the test's own, with addresses of two
+        # /64s: all the addresses of one /64 count as one client, so that
+        # with --max-per-ip 2 two of their connections are served in all,
+        # whichever addresses they come from (steered by their last 32
+        # bits, they would be spread over both workers: 2 each); another
+        # /64 is counted apart.
+        command = namespace_command(self)
+        same_64 = [f"fd00:1::{last:x}" for last in range(1, 9)]
+        other_64 = ["fd00:2::1"] * 3
+        result = subprocess.run(
+            [*command, sys.executable, "-m", "tests.netns_steering", "2", *same_64, *other_64],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if result.returncode == netns_steering.UNAVAILABLE:
+            raise SkipTest(f"no IPv6 in a network namespace: {result.stderr.strip()}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        greeted = json.loads(result.stdout.splitlines()[-1])
+        self.assertEqual(greeted, [[address, index < 2] for index, address in enumerate(same_64)]
+                         + [[address, index < 2] for index, address in enumerate(other_64)])
 
     def test_max_connections_is_shared_out(self):
         server = start_workers(self, "--listen", LOCAL, "--max-connections", "2",
