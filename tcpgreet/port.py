@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from tcpgreet.logs import RateLimitedLog
 
@@ -289,6 +290,14 @@ _PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
 
 
+class IAdoptingPort(Interface):
+    """A listening port that can serve a connection accepted elsewhere."""
+
+    def adoptConnection(fd: int) -> None:  # noqa: N805 (zope: no self)
+        """Serve the connected socket at C{fd}, which the port now owns."""
+
+
+@implementer(IAdoptingPort)
 class GreetPort(tcp.Port):
     """
     A L{tcp.Port} that serves connections of a direct-capable factory within
@@ -338,12 +347,31 @@ class GreetPort(tcp.Port):
         else:
             self.numberAccepts = max(1, accepted)
 
-    def _acceptBatch(self, limit: int) -> int:
-        """Accept and serve up to C{limit} connections; how many were accepted."""
+    def adoptConnection(self, fd: int) -> None:
+        """
+        Serve the connection at C{fd}, which this port now owns, as if it
+        had been accepted here: it reached this port's socket while this
+        process was not there to accept it, and its supervisor did.
+        """
+        family, kind = self._socketKind
+        skt = socket.socket(family, kind, 0, fd)
+        try:
+            addr = skt.getpeername()
+        except OSError:  # its client has reset it already
+            skt.close()
+            return
+        self._acceptBatch(1, lambda: (skt.detach(), addr))
+
+    def _acceptBatch(self, limit: int, accept=None) -> int:
+        """
+        Accept and serve up to C{limit} connections (from C{accept}, the
+        listening socket's by default); how many were accepted.
+        """
         # socket.accept() looks the family and type up through enum
         # conversions for every connection; the listening socket's own
         # numbers, read once, are all a connected socket needs.
-        accept = self.socket._accept
+        if accept is None:
+            accept = self.socket._accept
         family, kind = self._socketKind
         Socket = socket.socket
         factory = self.factory

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
+from tcpgreet.port import IAdoptingPort
 from tcpgreet.server import DRAIN, GreetFactory
 
 log = Logger()
@@ -154,6 +155,19 @@ class GreetService(service.Service):
     def connectionsPerProcess(self) -> int:
         """The most connections one process of this service holds open."""
         return self.factory.limits.max_connections
+
+    def adoptConnection(self, listener: int, fd: int) -> None:
+        """
+        Serve the connection at C{fd} as one accepted by the port of
+        listener C{listener} (its index in the endpoints): a worker's
+        supervisor accepted it for this worker.  A port that no longer
+        listens, or cannot adopt, closes it.
+        """
+        port = self.ports[listener] if 0 <= listener < len(self.ports) else None
+        if not IAdoptingPort.providedBy(port):
+            os.close(fd)
+            return
+        port.adoptConnection(fd)
 
     def startService(self) -> None:
         if not self.ports:

@@ -75,6 +75,26 @@ class DirectPathTests(TestCase):
         self.assertEqual(factory.stats.greeted, 1)
 
 
+class AdoptionTests(TestCase):
+    @defer.inlineCallbacks
+    def test_a_connection_accepted_elsewhere_is_served_as_if_accepted_here(self):
+        factory = GreetFactory(greeting.from_text("{peer_host}"), quiet=True)
+        listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        with socket.socket() as elsewhere:  # another socket: the supervisor's copy, say
+            elsewhere.bind(("127.0.0.1", 0))
+            elsewhere.listen()
+            client = socket.create_connection(elsewhere.getsockname(), timeout=10,
+                                              source_address=("127.0.0.3", 0))
+            self.addCleanup(client.close)
+            fd, _ = elsewhere._accept()
+        listening.adoptConnection(fd)
+        data = yield threads.deferToThread(lambda: b"".join(iter(lambda: client.recv(100),
+                                                                  b"")))
+        self.assertEqual(data, b"127.0.0.3\r\n")
+        self.assertEqual((factory.stats.accepted, factory.limits.open), (1, 0))
+
+
 @implementer(IHalfCloseableProtocol)
 class HalfCloseAndListen(Protocol):
     """Says hello, closes its write side, then listens until the client is done."""

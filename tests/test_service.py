@@ -4,6 +4,7 @@ GreetService: reload and the graceful drain on stop.
 
 import gc
 import signal
+import socket
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail
@@ -103,6 +104,13 @@ class DrainTests(SynchronousTestCase):
         protocol.connectionLost(Failure(error.ConnectionAborted()))
         self.successResultOf(stopped)
         self.assertEqual(self.factory.stats.aborted, {"drain": 1})
+
+    def test_a_connection_handed_to_a_port_that_cannot_take_it_is_closed(self):
+        for listener in (0, 7):  # a port of another kind; no such port
+            ours, theirs = socket.socketpair()
+            self.addCleanup(theirs.close)
+            self.service.adoptConnection(listener, ours.detach())
+            self.assertEqual(theirs.recv(10), b"")
 
     def test_nothing_in_progress_stops_at_once(self):
         self.successResultOf(self.service.stopService())

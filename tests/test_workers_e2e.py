@@ -182,6 +182,40 @@ class SupervisionTests(SynchronousTestCase):
         server.stop()
         self.assertNotIn("Traceback", server.log)
 
+    def test_no_connection_waits_for_a_worker_that_is_down(self):
+        path, text = greeting_file(self, 100)
+        # Steered: every connection from 127.0.0.2 reaches worker 1's socket.
+        server = start_workers(self, "--listen", LOCAL, "--greeting-file", path,
+                               "--max-per-ip", "100")
+        take_away(self, path)  # its replacements fail at start: it stays down a while
+        old = ready_pids(server)[1]
+        os.kill(old, signal.SIGKILL)
+        server.wait_for(rf"worker 1 \(pid {old}\) was killed by signal 9")
+        for _ in range(5):
+            self.assertEqual(fetch_from("127.0.0.2", server), text)
+        self.assertEqual([worker for worker, _, _ in greeted(server, 5)], [2] * 5)
+        self.assertIn("restarting it in", server.log)  # it was down all along
+        os.rename(path + ".away", path)
+        server.wait_for_count(READY, 3, timeout=20)
+        server.wait_for(r"worker 1 serves again; the others served 5 of its connection\(s\)")
+        self.assertEqual(fetch_from("127.0.0.2", server), text)
+        self.assertEqual(greeted(server, 6)[-1][0], 1)  # its own again
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+
+    def test_unsteered_connections_skip_a_worker_that_is_down(self):
+        path, text = greeting_file(self, 100)
+        server = start_workers(self, "--listen", LOCAL, "--greeting-file", path, "--quiet")
+        take_away(self, path)
+        old = ready_pids(server)[2]
+        os.kill(old, signal.SIGKILL)
+        server.wait_for(rf"worker 2 \(pid {old}\) was killed by signal 9")
+        # The kernel's hash puts about half of them in worker 2's queue.
+        for _ in range(20):
+            self.assertEqual(fetch(server.host, server.port), text)
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+
     def test_sigterm_drains_every_worker(self):
         path, expected = greeting_file(self, MiB)
         # Per-address steering makes it certain which worker gets which client.
@@ -229,6 +263,13 @@ class SupervisionTests(SynchronousTestCase):
         self.assertEqual(sorted(map(int, reloaded)), sorted(ready_pids(server).values()))
         for _ in range(20):
             self.assertEqual(fetch(server.host, server.port), b"second\r\n")
+
+
+def take_away(testcase, path: str) -> None:
+    """Make C{path} unreadable as PATH.away, until put back (or the test ends)."""
+    away = path + ".away"
+    os.rename(path, away)
+    testcase.addCleanup(lambda: os.path.exists(away) and os.rename(away, path))
 
 
 def connect_refused(server) -> bool:
