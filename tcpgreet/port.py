@@ -34,7 +34,7 @@ import termios
 from twisted.internet import error, tcp
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
@@ -286,6 +286,27 @@ class _ReserveDescriptor:
 
 _reserve = _ReserveDescriptor()
 
+
+def _log_with_reserve_free(event: dict) -> None:
+    """
+    Log C{event} with the reserve descriptor given up meanwhile.  Accept
+    errors are logged while the process is out of descriptors, and an
+    observer may need one: twistd's log file lists its directory to rotate,
+    and without a descriptor it finds no rotated file to shift and
+    overwrites the last one.  (Twisted's own accept path does no better: it
+    logs once the reserve is taken back.)
+    """
+    released = _reserve.release()
+    try:
+        globalLogPublisher(event)
+    finally:
+        if released:
+            _reserve.take()  # else _resume or the next failure takes it
+
+
+# Accept errors, logged through _log_with_reserve_free.
+_accept_log = Logger(namespace=__name__, observer=_log_with_reserve_free)
+
 _PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
 
@@ -317,7 +338,7 @@ class GreetPort(tcp.Port):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._acceptErrors = RateLimitedLog(
-            log, "accept failed: {error} ({count} in the last {interval:g} s); "
+            _accept_log, "accept failed: {error} ({count} in the last {interval:g} s); "
             "closed {shed} waiting connection(s); {action}",
             clock=self.reactor, sums=("shed",))
 

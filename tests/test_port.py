@@ -227,6 +227,24 @@ class AcceptErrorTests(SynchronousTestCase):
         self.assertEqual(len(failures), 1)
         self.assertIn("pausing accepts", failures[0]["action"])
 
+    def test_the_reserve_is_free_while_an_accept_error_is_logged(self):
+        clock, listening, _ = self.make(errno.EMFILE)
+        reserve_free = []
+
+        def observer(event):
+            if "accept failed" in event.get("log_format", ""):
+                reserve_free.append(port._reserve._fd is None)
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        listening.doRead()  # the first line, at once
+        clock.advance(port.ACCEPT_PAUSE)
+        listening.doRead()
+        clock.advance(1)  # the summary, from a timer
+        # An observer that needs a descriptor (a log file rotating) has one.
+        self.assertEqual(reserve_free, [True, True])
+        self.assertIsNotNone(port._reserve._fd)  # taken back after each
+
     def test_waiting_connections_are_shed_through_the_reserve(self):
         pairs = [socket.socketpair() for _ in range(3)]
         _, listening, events = self.make(errno.EMFILE, [a for a, _ in pairs])
