@@ -334,6 +334,7 @@ class GreetPort(tcp.Port):
     _direct = False
     _paused = None
     _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
+    _address = "a port not listening"  # for log lines: where it listens
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -347,6 +348,9 @@ class GreetPort(tcp.Port):
         super().startListening()
         self._direct = bool(getattr(self.factory, "directTransport", False))
         self._socketKind = (int(self.socket.family), int(self.socket.type))
+        host = self.getHost()
+        self._address = f"[{host.host}]:{host.port}" if ":" in host.host else \
+            f"{host.host}:{host.port}"
 
     def _logConnectionLostMsg(self) -> None:
         """The service logs what it listens on and when it stops."""
@@ -358,8 +362,7 @@ class GreetPort(tcp.Port):
             # An exception that reached the reactor would disconnect this
             # port, and the service would stop accepting for good; as
             # Twisted's own doRead does, log it and keep listening.
-            log.failure("error accepting connections on port {port}",
-                        port=self._realPortNumber)
+            log.failure("error accepting connections on {address}", address=self._address)
             return
         # Twisted's heuristic: accept more per pass while the backlog keeps
         # filling them (up to a limit), fewer when it does not.
@@ -508,7 +511,7 @@ class GreetPort(tcp.Port):
         except Exception:
             # The socket must close all the same, or the service's stop
             # would wait for it for ever.
-            log.failure("error serving the backlog of port {port}", port=self._realPortNumber)
+            log.failure("error serving the backlog of {address}", address=self._address)
         super().connectionLost(reason)
 
 
