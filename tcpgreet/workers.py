@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -179,12 +180,15 @@ class StandIn:
     without a stand-in they would wait there through the restart backoff,
     up to L{MAX_DELAY} seconds, connected and never greeted.
 
-    @ivar handed: connections handed over so far.
+    @ivar listener: the index of the listener the socket is for.
+    @ivar steered: whether the kernel steers clients among its group.
+    @ivar handed: connections handed to a live worker so far.
     """
 
-    def __init__(self, supervisor: WorkerSupervisor, listener: int, skt: socket.socket,
-                 steered: bool) -> None:
-        self._supervisor = supervisor
+    def __init__(self, reactor, handOver: Callable[[StandIn, socket.socket, tuple], None],
+                 listener: int, skt: socket.socket, steered: bool) -> None:
+        self._reactor = reactor
+        self._handOver = handOver
         self.listener = listener
         self._socket = skt
         self.steered = steered
@@ -193,13 +197,13 @@ class StandIn:
 
     def start(self) -> None:
         self._paused = None
-        self._supervisor._reactor_().addReader(self)
+        self._reactor.addReader(self)
 
     def stop(self) -> None:
         if self._paused is not None:
             self._paused.cancel()
             self._paused = None
-        self._supervisor._reactor_().removeReader(self)
+        self._reactor.removeReader(self)
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -224,12 +228,10 @@ class StandIn:
                 log.warn("cannot accept for a worker that is down: {error}; "
                          "trying again in {pause:g} s", error=os.strerror(e.errno or 0),
                          pause=STAND_IN_PAUSE)
-                reactor = self._supervisor._reactor_()
-                reactor.removeReader(self)
-                self._paused = reactor.callLater(STAND_IN_PAUSE, self.start)
+                self._reactor.removeReader(self)
+                self._paused = self._reactor.callLater(STAND_IN_PAUSE, self.start)
                 return
-            self.handed += 1
-            self._supervisor.handOver(self, socket.socket(fileno=fd), address)
+            self._handOver(self, socket.socket(fileno=fd), address)
 
 
 class WorkerSupervisor(GreetService):
@@ -374,7 +376,8 @@ class WorkerSupervisor(GreetService):
         """Accept from worker C{number}'s own sockets until it serves again."""
         if number in self._standIns:
             return
-        standIns = [StandIn(self, index, held.socket_for(number - 1), held.steered)
+        standIns = [StandIn(self._reactor_(), self.handOver, index,
+                            held.socket_for(number - 1), held.steered)
                     for index, held in enumerate(self.ports)
                     if isinstance(held, HeldListener) and not held.shared]
         if not standIns:
@@ -385,11 +388,12 @@ class WorkerSupervisor(GreetService):
         for standIn in standIns:
             standIn.start()
 
-    def _standDown(self, number: int) -> None:
+    def _standDown(self, number: int, back: bool = True) -> None:
+        """Stop standing in for worker C{number}: it is C{back}, or all stop."""
         standIns = self._standIns.pop(number, [])
         for standIn in standIns:
             standIn.stop()
-        if standIns:
+        if standIns and back:
             log.info("worker {worker} serves again; the others served {handed} of its "
                      "connection(s) meanwhile", worker=number,
                      handed=sum(standIn.handed for standIn in standIns))
@@ -413,6 +417,7 @@ class WorkerSupervisor(GreetService):
         else:
             target = live[self._unsteered % len(live)]
             self._unsteered += 1
+        standIn.handed += 1
         # The descriptor must stay open until the worker has its copy.
         handed = target.channel.adopt(standIn.listener, connection.fileno())
         handed.addBoth(lambda _: connection.close())
@@ -445,7 +450,7 @@ class WorkerSupervisor(GreetService):
             call.cancel()
         self._restarting.clear()
         for number in list(self._standIns):  # before their sockets close
-            self._standDown(number)
+            self._standDown(number, back=False)
         return super().stopService()
 
     def drain(self) -> Deferred:

@@ -294,6 +294,7 @@ class StandInTests(SynchronousTestCase):
         self.assertEqual(len(self.stand_ins()), 1)
         self.stop()
         self.assertEqual(self.stand_ins(), [])
+        self.assertFalse([e for e in self.events if "serves again;" in formatEvent(e)])
 
     def connect(self, source):
         host, port = self.supervisor.ports[0].sockets[0].getsockname()
