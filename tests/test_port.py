@@ -444,6 +444,15 @@ class FloodTests(TestCase):
     reactor, which meanwhile runs a timer every 10 ms and notes how late
     each one fires.  A timer can only fire between two accept passes, so
     its lateness is what the longest pass costs.
+
+    On a shared 2-CPU machine a timer is also late whenever the kernel runs
+    other processes instead of this one, which no server can help (and the
+    reactor's thread's CPU time cannot tell the two apart: the kernel's work
+    on its sends is not counted in it).  So the bound is on nearly every
+    timer, not on every one: at most one in ten may fire more than 50 ms
+    late.  Capped, none or a few in a hundred do, even with the machine's
+    load at 6; with passes that grow with the flood, a third to two thirds
+    do within the 5 s.
     """
 
     # Two generators of 2000 connections each keep more connections waiting
@@ -454,12 +463,8 @@ class FloodTests(TestCase):
     BACKLOG = 4096
     SECONDS = 5.0
     TICK = 0.01
-    LATE = 0.05  # the bound: a timer fires within 50 ms of its time
-    # A fraction of the ticks may be later than that: on a shared machine
-    # the scheduler can take the CPU from this process for that long, with
-    # no pass in progress.  Passes that grow with the flood make far more
-    # late than this (a third to a half within 5 s).
-    ALLOWED_LATE = 0.05
+    LATE = 0.05  # the bound: a timer fires within 50 ms of its time...
+    ALLOWED_LATE = 0.10  # ...but for at most this share of them (see above)
 
     def load_generator(self):
         if load_generators.find_compiler() is None:
