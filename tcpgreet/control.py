@@ -3,7 +3,9 @@ The control channel between the supervisor and each of its workers: AMP
 over a socket pair, one end of which the worker inherits.
 
 A worker says when it serves (L{Ready}); the supervisor asks each worker for
-its counters when C{/metrics} is scraped (L{GetStats}).  The channel also
+its counters when C{/metrics} is scraped (L{GetStats}), and hands it the
+connections that reached another worker's socket while that worker was down
+(L{Adopt}).  The channel also
 tells a worker that its supervisor is gone: when it closes unasked, the
 worker stops, so no worker outlives a supervisor killed outright.
 """
@@ -50,6 +52,17 @@ class Ready(amp.Command):
     """
 
     arguments: list = []
+    response: list = []
+
+
+class Adopt(amp.Command):
+    """
+    The supervisor hands a worker a connection to serve as if it had
+    accepted it on C{listener} (the index of its C{--listen}); the worker
+    owns the descriptor from then on.
+    """
+
+    arguments = [(b"listener", amp.Integer()), (b"connection", amp.Descriptor())]
     response: list = []
 
 
@@ -125,18 +138,36 @@ class SupervisorChannel(_Channel):
         asked.addTimeout(timeout, clock)
         return asked.addCallback(stats_from_response)
 
+    def adopt(self, listener: int, connection: int) -> Deferred:
+        """
+        Hand the worker C{connection} (a descriptor), accepted on its
+        socket of C{listener}; the descriptor must stay open until the
+        answer, by which time the worker holds its own copy.
+        """
+        return self.callRemote(Adopt, listener=listener, connection=connection)
+
 
 class WorkerChannel(_Channel):
-    """A worker's end of its channel: answers with the factory's counters."""
+    """
+    A worker's end of its channel: answers with the factory's counters, and
+    gives each connection handed over to C{adopt}.
+    """
 
-    def __init__(self, factory: GreetFactory, lost: Callable[[], None]) -> None:
+    def __init__(self, factory: GreetFactory, lost: Callable[[], None],
+                 adopt: Callable[[int, int], None]) -> None:
         super().__init__()
         self._factory = factory
         self._lost = lost
+        self._adopt = adopt
 
     @GetStats.responder
     def stats(self) -> dict:
         return stats_response(self._factory.stats, self._factory.limits.open)
+
+    @Adopt.responder
+    def adopt(self, listener: int, connection: int) -> dict:
+        self._adopt(listener, connection)
+        return {}
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -153,7 +184,7 @@ class ControlService(service.Service):
 
     def __init__(self, fileDescriptor: int, factory: GreetFactory, reactor) -> None:
         self.fileDescriptor = fileDescriptor
-        self.channel = WorkerChannel(factory, self._supervisorGone)
+        self.channel = WorkerChannel(factory, self._supervisorGone, self._adopt)
         self._reactor = reactor
         self._stopping = False
 
@@ -169,6 +200,10 @@ class ControlService(service.Service):
         self._stopping = True
         if self.channel.transport is not None:
             self.channel.transport.loseConnection()
+
+    def _adopt(self, listener: int, connection: int) -> None:
+        # The greeting service beside this one serves it (tcpgreet.tap).
+        self.parent.getServiceNamed("greeter").adoptConnection(listener, connection)
 
     def _supervisorGone(self) -> None:
         if self._stopping:

@@ -9,9 +9,11 @@ wrapper come out exactly as in a single process:
   - in the supervisor, L{HoldingReactor} binds: a reuseport group of one
     socket per worker for a TCP listener (C{tcp}, C{tcp6}, C{ssl}, and
     those under C{haproxy:}), one socket for a UNIX listener, and a copy of
-    the socket systemd passed for a C{systemd} listener.  It never accepts;
-    it keeps the sockets open, so a worker that restarts finds the
-    connections that arrived meanwhile waiting in their queue;
+    the socket systemd passed for a C{systemd} listener.  It serves no
+    connection; it keeps the sockets open, and while a worker is down it
+    accepts from that worker's sockets itself and hands each connection to
+    another worker (L{tcpgreet.workers.StandIn}), so that none waits for
+    the restart;
   - in a worker, L{InheritedReactor} adopts the descriptor the supervisor
     handed it for that listener instead of binding.
 
@@ -48,13 +50,17 @@ class HeldListener:
     Sockets the supervisor listens on for its workers, never accepting.
 
     @ivar sockets: one per worker, or a single one all workers share.
+    @ivar steered: whether the kernel steers each client to one of the
+        sockets by its address (L{tcpgreet.reuseport.steering_program}).
     @ivar systemd_fd: for a socket systemd passed, the descriptor number
         it came under, which the workers must see it under too.
     """
 
     def __init__(self, sockets: list[socket.socket], systemd_fd: int | None = None,
-                 unix_path: bytes | None = None, lock: FilesystemLock | None = None) -> None:
+                 unix_path: bytes | None = None, lock: FilesystemLock | None = None,
+                 steered: bool = False) -> None:
         self.sockets = sockets
+        self.steered = steered
         self.systemd_fd = systemd_fd
         self._unix_path = unix_path
         self._lock = lock
@@ -165,7 +171,8 @@ class HoldingReactor:
     def listenTCP(self, portNumber: int, factory, backlog: int = 50,
                   interface: str = "") -> HeldListener:
         return HeldListener(bind_group(interface, portNumber, backlog, self._workers,
-                                       steer=self.steer, ipv6_only=self.ipv6_only))
+                                       steer=self.steer, ipv6_only=self.ipv6_only),
+                            steered=self.steer)
 
     def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
                   interface: str = "") -> HeldListener:

@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO
 
 from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatEvent
+from twisted.python import threadable
 from zope.interface import implementer
 
 # Past this much pending text a batch is written at once.
@@ -173,6 +175,12 @@ class BatchingObserver:
     loop together, flushing when the turn is over (or when C{BATCH_LIMIT}
     bytes are pending, or at once while the event loop is not running).
 
+    Thread-safe: Twisted calls observers in the thread that logs, which is
+    not always the reactor's (a thread pool's failure, a Deferred's
+    unhandled error collected in another thread).  The lines pending and
+    their writing are guarded by a lock, and a thread other than the
+    reactor's asks for the flush with C{callFromThread}.
+
     @ivar lost: lines that could not be written.
     """
 
@@ -181,6 +189,8 @@ class BatchingObserver:
         self._out = out
         self._render = render
         self._reactor = reactor
+        # Reentrant: a stream that logged as it wrote must not deadlock.
+        self._lock = threading.RLock()
         self._pending: list[str] = []
         self._size = 0
         self._scheduled = False
@@ -192,38 +202,48 @@ class BatchingObserver:
         text = self._render(event)
         if not text:
             return
-        self._pending.append(text)
-        self._size += len(text)
-        reactor = self._reactor_()
-        if not reactor.running or self._size > BATCH_LIMIT:
-            self.flush()
-        elif not self._scheduled:
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+            reactor = self._reactor_()
+            if not reactor.running or self._size > BATCH_LIMIT:
+                self.flush()
+                return
+            if self._scheduled:
+                return
             self._scheduled = True
+        # callLater belongs to the reactor's thread (and, before any reactor
+        # has registered one, to whoever drives the loop: a test's clock).
+        if threadable.ioThread is None or threadable.isInIOThread():
             reactor.callLater(0, self.flush)
+        else:
+            reactor.callFromThread(self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False
-        if not self._pending:
-            return
-        text = "".join(self._pending)
-        lines = len(self._pending)
-        self._pending.clear()
-        self._size = 0
-        try:
-            self._out.write(text)
-            self._out.flush()
-        except (OSError, ValueError) as e:
-            # A full disk or a reader that went away must not become a log
-            # event of its own (which would bring us right back here): the
-            # lines are lost, and standard error hears of it once.
-            self.lost += lines
-            if not self._failing:
-                self._failing = True
-                with contextlib.suppress(OSError, ValueError):
-                    print(f"tcpgreet: cannot write the log ({e}); dropping log lines",
-                          file=sys.__stderr__, flush=True)
-        else:
-            self._failing = False
+        with self._lock:
+            self._scheduled = False
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            lines = len(self._pending)
+            self._pending.clear()
+            self._size = 0
+            try:
+                self._out.write(text)
+                self._out.flush()
+            except (OSError, ValueError) as e:
+                # A full disk or a reader that went away must not become a
+                # log event of its own (which would bring us right back
+                # here): the lines are lost, and standard error hears of it
+                # once.
+                self.lost += lines
+                if not self._failing:
+                    self._failing = True
+                    with contextlib.suppress(OSError, ValueError):
+                        print(f"tcpgreet: cannot write the log ({e}); dropping log lines",
+                              file=sys.__stderr__, flush=True)
+            else:
+                self._failing = False
 
     def _reactor_(self):
         if not self._watching:

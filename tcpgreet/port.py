@@ -34,8 +34,9 @@ import termios
 from twisted.internet import error, tcp
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from tcpgreet.logs import RateLimitedLog
 from tcpgreet.reuseport import bind_address
@@ -49,6 +50,14 @@ ACCEPT_PAUSE = 0.1
 
 # On stop, how many accept passes may go to serving the backlog.
 BACKLOG_PASSES = 20
+
+# The most connections one accept pass takes (and greets).  Twisted's own
+# batch grows by 20 after every full pass, without limit; under a flood
+# that keeps the backlog full, one pass would grow until timers, /metrics,
+# a worker's control channel and the drain all waited seconds behind it.
+# This many greetings take a few milliseconds, and a pass this long
+# already spreads the reactor's own cost over enough connections.
+MAX_ACCEPTS_PER_PASS = 128
 
 # The most a DirectTransport tries to send by itself.
 DIRECT_WRITE_LIMIT = 65536
@@ -278,10 +287,39 @@ class _ReserveDescriptor:
 
 _reserve = _ReserveDescriptor()
 
+
+def _log_with_reserve_free(event: dict) -> None:
+    """
+    Log C{event} with the reserve descriptor given up meanwhile.  Accept
+    errors are logged while the process is out of descriptors, and an
+    observer may need one: twistd's log file lists its directory to rotate,
+    and without a descriptor it finds no rotated file to shift and
+    overwrites the last one.  (Twisted's own accept path does no better: it
+    logs once the reserve is taken back.)
+    """
+    released = _reserve.release()
+    try:
+        globalLogPublisher(event)
+    finally:
+        if released:
+            _reserve.take()  # else _resume or the next failure takes it
+
+
+# Accept errors, logged through _log_with_reserve_free.
+_accept_log = Logger(namespace=__name__, observer=_log_with_reserve_free)
+
 _PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
 
 
+class IAdoptingPort(Interface):
+    """A listening port that can serve a connection accepted elsewhere."""
+
+    def adoptConnection(fd: int) -> None:  # noqa: N805 (zope: no self)
+        """Serve the connected socket at C{fd}, which the port now owns."""
+
+
+@implementer(IAdoptingPort)
 class GreetPort(tcp.Port):
     """
     A L{tcp.Port} that serves connections of a direct-capable factory within
@@ -303,11 +341,12 @@ class GreetPort(tcp.Port):
     _direct = False
     _paused = None
     _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
+    _address = "a port not listening"  # for log lines: where it listens
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._acceptErrors = RateLimitedLog(
-            log, "accept failed: {error} ({count} in the last {interval:g} s); "
+            _accept_log, "accept failed: {error} ({count} in the last {interval:g} s); "
             "closed {shed} waiting connection(s); {action}",
             clock=self.reactor, sums=("shed",))
 
@@ -330,6 +369,9 @@ class GreetPort(tcp.Port):
         self.numberAccepts = 100
         self._direct = bool(getattr(self.factory, "directTransport", False))
         self._socketKind = (int(skt.family), int(skt.type))
+        host = self.getHost()
+        self._address = f"[{host.host}]:{host.port}" if ":" in host.host else \
+            f"{host.host}:{host.port}"
         self.startReading()
 
     def createInternetSocket(self) -> socket.socket:
@@ -355,20 +397,46 @@ class GreetPort(tcp.Port):
         """The service logs what it listens on and when it stops."""
 
     def doRead(self) -> None:
-        accepted = self._acceptBatch(self.numberAccepts)
+        try:
+            accepted = self._acceptBatch(self.numberAccepts)
+        except Exception:
+            # An exception that reached the reactor would disconnect this
+            # port, and the service would stop accepting for good; as
+            # Twisted's own doRead does, log it and keep listening.
+            log.failure("error accepting connections on {address}", address=self._address)
+            return
         # Twisted's heuristic: accept more per pass while the backlog keeps
-        # filling them, fewer when it does not.
+        # filling them (up to a limit), fewer when it does not.
         if accepted == self.numberAccepts:
-            self.numberAccepts += 20
+            self.numberAccepts = min(accepted + 20, MAX_ACCEPTS_PER_PASS)
         else:
             self.numberAccepts = max(1, accepted)
 
-    def _acceptBatch(self, limit: int) -> int:
-        """Accept and serve up to C{limit} connections; how many were accepted."""
+    def adoptConnection(self, fd: int) -> None:
+        """
+        Serve the connection at C{fd}, which this port now owns, as if it
+        had been accepted here: it reached this port's socket while this
+        process was not there to accept it, and its supervisor did.
+        """
+        family, kind = self._socketKind
+        skt = socket.socket(family, kind, 0, fd)
+        try:
+            addr = skt.getpeername()
+        except OSError:  # its client has reset it already
+            skt.close()
+            return
+        self._acceptBatch(1, lambda: (skt.detach(), addr))
+
+    def _acceptBatch(self, limit: int, accept=None) -> int:
+        """
+        Accept and serve up to C{limit} connections (from C{accept}, the
+        listening socket's by default); how many were accepted.
+        """
         # socket.accept() looks the family and type up through enum
         # conversions for every connection; the listening socket's own
         # numbers, read once, are all a connected socket needs.
-        accept = self.socket._accept
+        if accept is None:
+            accept = self.socket._accept
         family, kind = self._socketKind
         Socket = socket.socket
         factory = self.factory
@@ -387,12 +455,13 @@ class GreetPort(tcp.Port):
                 self._acceptFailed(e)
                 break
             accepted += 1
-            if len(addr) == 4 and addr[3]:
-                # An IPv6 link-local peer: keep its scope in the host.
-                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                addr = (host[0], *addr[1:])
             transport = None
             try:
+                if len(addr) == 4 and addr[3]:
+                    # An IPv6 link-local peer: keep its scope in the host.
+                    host = socket.getnameinfo(addr,
+                                              socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
                 protocol = factory.buildProtocol(buildAddr(addr))
                 if protocol is None:
                     skt.close()
@@ -444,11 +513,17 @@ class GreetPort(tcp.Port):
             except OSError:
                 pass
             _reserve.take()
+        # Serving the backlog on the way out (connectionLost), the port is
+        # closing: a pause would outlive it, after loseConnection cancelled
+        # the one before.
+        closing = self.disconnecting
         self._acceptErrors.note(
             error=os.strerror(e.errno or 0), key=e.errno, shed=shed,
-            action=f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
-        self.stopReading()
-        self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+            action="the port is closing" if closing
+            else f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
+        if not closing:
+            self.stopReading()
+            self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
 
     def _resume(self) -> None:
         self._paused = None
@@ -470,9 +545,14 @@ class GreetPort(tcp.Port):
         # The kernel has completed the handshake of the connections still in
         # the backlog, and closing the listening socket would reset them:
         # serve them, right before it closes (the drain then covers them).
-        for _ in range(BACKLOG_PASSES):
-            if not self._acceptBatch(self.numberAccepts + 100):
-                break
+        try:
+            for _ in range(BACKLOG_PASSES):
+                if not self._acceptBatch(self.numberAccepts + 100):
+                    break
+        except Exception:
+            # The socket must close all the same, or the service's stop
+            # would wait for it for ever.
+            log.failure("error serving the backlog of {address}", address=self._address)
         super().connectionLost(reason)
 
 

@@ -6,10 +6,11 @@ Each socket of a group has a queue of its own, and the kernel puts every new
 connection in one of them.  By default it chooses by a hash of the
 connection's addresses and ports, which spreads even the connections of a
 single client evenly.  Per-address limits need the opposite: every
-connection from one address must reach the one worker that counts that
-address.  For them a classic BPF program is attached to the group
+connection from one client must reach the one worker that counts that
+client: an IPv4 address, or an IPv6 /64 (as L{tcpgreet.limits.address_key}
+counts them).  For them a classic BPF program is attached to the group
 (C{SO_ATTACH_REUSEPORT_CBPF}); it returns the index of the socket to use,
-the client's address modulo the size of the group.  A socket's index is its
+the client's key modulo the size of the group.  A socket's index is its
 place in the order the group's sockets started listening, so socket I of
 L{bind_group} is index I.
 """
@@ -17,6 +18,7 @@ L{bind_group} is index I.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 import struct
 
@@ -29,7 +31,9 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 # Classic BPF opcodes (<linux/bpf_common.h>, <linux/filter.h>).
 _LD_B_ABS = 0x30  # A = byte at k
 _LD_W_ABS = 0x20  # A = 32-bit word at k, in network byte order
+_TAX = 0x07  # X = A
 _ALU_RSH_K = 0x74  # A >>= k
+_ALU_XOR_X = 0xAC  # A ^= X
 _ALU_MOD_K = 0x94  # A %= k
 _JEQ_K = 0x15  # if A == k: skip jt, else skip jf
 _JA = 0x05  # skip k
@@ -39,25 +43,42 @@ _RET_A = 0x16  # return A
 # wherever the packet's data pointer is (past the TCP header, here).
 _NET = 0x100000000 - 0x100000
 _IPV4_SOURCE = 12  # the IPv4 source address
-_IPV6_SOURCE_LAST_WORD = 20  # the last 32 bits of the IPv6 source address
+_IPV6_SOURCE = 8  # the IPv6 source address: its /64 is the two words here
+
+
+def steering_key(host: str) -> int:
+    """
+    The number L{steering_program} steers a client by: its IPv4 address;
+    for IPv6, the two 32-bit words of its /64 XORed (the rest of the
+    address is the client's to choose, so it must not count).
+    """
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+            return int(address.ipv4_mapped)
+        prefix = int(address) >> 64
+        return (prefix >> 32) ^ (prefix & 0xFFFFFFFF)
+    return int(address)
 
 
 def steering_program(count: int) -> bytes:
     """
-    The classic BPF program that picks socket I{source address mod count}:
-    for IPv4 the whole source address, for IPv6 its last 32 bits.  The IP
-    version is read from the packet, so a dual-stack IPv6 listener steers
-    its IPv4 clients by their IPv4 address too.
+    The classic BPF program that picks socket I{steering_key(source) mod
+    count}.  The IP version is read from the packet, so a dual-stack IPv6
+    listener steers its IPv4 clients by their IPv4 address too.
     """
     if count < 1:
         raise ValueError("a group has at least one socket")
     instructions = [
         (_LD_B_ABS, 0, 0, _NET),  # A = version and header length
         (_ALU_RSH_K, 0, 0, 4),  # A = IP version
-        (_JEQ_K, 0, 2, 4),  # IPv4? next instruction, else the IPv6 load
+        (_JEQ_K, 0, 2, 4),  # IPv4? next instruction, else the IPv6 loads
         (_LD_W_ABS, 0, 0, _NET + _IPV4_SOURCE),
-        (_JA, 0, 0, 1),
-        (_LD_W_ABS, 0, 0, _NET + _IPV6_SOURCE_LAST_WORD),
+        (_JA, 0, 0, 4),  # over the IPv6 loads
+        (_LD_W_ABS, 0, 0, _NET + _IPV6_SOURCE),  # the /64's first word
+        (_TAX, 0, 0, 0),
+        (_LD_W_ABS, 0, 0, _NET + _IPV6_SOURCE + 4),  # and its second
+        (_ALU_XOR_X, 0, 0, 0),
         (_ALU_MOD_K, 0, 0, count),
         (_RET_A, 0, 0, 0),
     ]

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
+from tcpgreet.port import IAdoptingPort
 from tcpgreet.proxy import ProxyHeaderEndpoint
 from tcpgreet.server import DRAIN, GreetFactory
 from tcpgreet.startup import fail
@@ -150,6 +151,19 @@ class GreetService(service.Service):
         """The most connections one process of this service holds open."""
         return self.factory.limits.max_connections
 
+    def adoptConnection(self, listener: int, fd: int) -> None:
+        """
+        Serve the connection at C{fd} as one accepted by the port of
+        listener C{listener} (its index in the endpoints): a worker's
+        supervisor accepted it for this worker.  A port that no longer
+        listens, or cannot adopt, closes it.
+        """
+        port = self.ports[listener] if 0 <= listener < len(self.ports) else None
+        if not IAdoptingPort.providedBy(port):
+            os.close(fd)
+            return
+        port.adoptConnection(fd)
+
     def startService(self) -> None:
         if not self.ports:
             self.privilegedStartService()
@@ -200,15 +214,27 @@ class GreetService(service.Service):
         # Until the drain is over, a second SIGTERM or SIGINT is only noted
         # (Twisted's handler would stop the stopping reactor again, and
         # raise), and SIGHUP still reloads rather than killing the process.
-        previous = {signum: signal.signal(signum, self._stopping)
+        previous = {signum: signal.signal(signum, self._stopSignalled)
                     for signum in (signal.SIGTERM, signal.SIGINT)}
         # Every listener stops accepting now, in this same call, before any
         # of them has finished closing; a closing port serves its backlog
         # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
-        closed = DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        closed = DeferredList([maybeDeferred(port.stopListening) for port in ports],
+                              consumeErrors=True)
+        closed.addCallback(self._portsClosed, [description for description, _ in self.endpoints])
         closed.addCallback(lambda _: self.drain())
         return closed.addBoth(self._restoreSignals, previous)
+
+    def _portsClosed(self, results: list, descriptions: list[str]) -> None:
+        """
+        Say now which listener failed to stop (not later, as an unhandled
+        error, when its Deferred is collected); the drain goes on regardless.
+        """
+        for description, (stopped, result) in zip(descriptions, results, strict=False):
+            if not stopped:
+                log.failure("cannot stop listening on {listener!r}", result,
+                            listener=description)
 
     def _restoreSignals(self, result, previous: dict):
         if self._previous_sighup is not None:
@@ -218,7 +244,7 @@ class GreetService(service.Service):
             signal.signal(signum, handler)
         return result
 
-    def _stopping(self, signum, frame) -> None:
+    def _stopSignalled(self, signum, frame) -> None:
         self._reactor_().callFromThread(self.signalledWhileStopping,
                                         signal.Signals(signum).name)
 

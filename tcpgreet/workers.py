@@ -3,11 +3,13 @@ The supervisor of C{--workers N}: N worker processes serve the listeners it
 holds, and it keeps them running.
 
 The supervisor binds every listener itself (L{tcpgreet.handover}), before
-twistd drops privileges, and never accepts.  It starts each worker with
-C{reactor.spawnProcess}, handing it its listening sockets, a control
+twistd drops privileges, and serves no connection.  It starts each worker
+with C{reactor.spawnProcess}, handing it its listening sockets, a control
 channel (L{tcpgreet.control}) and a pipe for its log (L{tcpgreet.logrelay}).
 A worker that exits unasked is restarted at once, or after a growing delay
-if it keeps dying young (L{RestartBackoff}).  SIGHUP is passed on to every
+if it keeps dying young (L{RestartBackoff}); until its replacement serves,
+the supervisor accepts from its sockets and hands each connection to a
+live worker (L{StandIn}).  SIGHUP is passed on to every
 worker; SIGTERM and SIGINT stop them all, each with its own graceful drain,
 and SIGKILL whatever is still running once the drain should be over.
 """
@@ -15,22 +17,27 @@ and SIGKILL whatever is still running once the drain should be over.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IStreamServerEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcpgreet.control import SupervisorChannel, adopt_channel
-from tcpgreet.handover import handover
+from tcpgreet.handover import HeldListener, handover
 from tcpgreet.logrelay import Lines, LogRelay
+from tcpgreet.logs import RateLimitedLog
+from tcpgreet.reuseport import steering_key
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, startup_format
 from tcpgreet.stats import Stats, total
@@ -50,6 +57,11 @@ KILL_MARGIN = 5.0
 
 # How long a scrape of /metrics waits for a worker's counters.
 STATS_TIMEOUT = 1.0
+
+# A stand-in accepts at most this many connections a reactor pass, and
+# after running out of descriptors, waits this long before it tries again.
+STAND_IN_BATCH = 64
+STAND_IN_PAUSE = 0.1
 
 # The environment variables systemd passes sockets with: a worker gets its
 # own (see tcpgreet.worker).
@@ -186,6 +198,72 @@ class WorkerProcess(ProcessProtocol):
         self._ended(self.worker, reason)
 
 
+@implementer(IReadDescriptor)
+class StandIn:
+    """
+    Accepts, for a worker that is down, from its socket of one listener,
+    and gives each connection to the supervisor to hand to a live worker.
+
+    In a reuseport group the kernel keeps putting a share of the new
+    connections (with steering: every connection of the same clients) in
+    the queue of each socket, whether or not a process accepts from it;
+    without a stand-in they would wait there through the restart backoff,
+    up to L{MAX_DELAY} seconds, connected and never greeted.
+
+    @ivar listener: the index of the listener the socket is for.
+    @ivar steered: whether the kernel steers clients among its group.
+    @ivar handed: connections handed to a live worker so far.
+    """
+
+    def __init__(self, reactor, handOver: Callable[[StandIn, socket.socket, tuple], None],
+                 listener: int, skt: socket.socket, steered: bool) -> None:
+        self._reactor = reactor
+        self._handOver = handOver
+        self.listener = listener
+        self._socket = skt
+        self.steered = steered
+        self._paused: IDelayedCall | None = None
+        self.handed = 0
+
+    def start(self) -> None:
+        self._paused = None
+        self._reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        self._reactor.removeReader(self)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "stand-in"
+
+    def connectionLost(self, reason) -> None:
+        """The reactor let go of the socket; the supervisor still holds it."""
+
+    def doRead(self) -> None:
+        for _ in range(STAND_IN_BATCH):
+            try:
+                fd, address = self._socket._accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
+                    continue
+                # Out of descriptors or memory: do not spin on a socket
+                # that stays readable.
+                log.warn("cannot accept for a worker that is down: {error}; "
+                         "trying again in {pause:g} s", error=os.strerror(e.errno or 0),
+                         pause=STAND_IN_PAUSE)
+                self._reactor.removeReader(self)
+                self._paused = self._reactor.callLater(STAND_IN_PAUSE, self.start)
+                return
+            self._handOver(self, socket.socket(fileno=fd), address)
+
+
 class WorkerSupervisor(GreetService):
     """
     A greeting service whose connections are served by worker processes.
@@ -221,7 +299,12 @@ class WorkerSupervisor(GreetService):
         self._retired = Stats()
         self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
         self._restarting: dict[int, IDelayedCall] = {}  # by worker number
-        self._stopping = False
+        self._standIns: dict[int, list[StandIn]] = {}  # by number, for workers down
+        self._unsteered = 0  # the next live worker an unsteered connection goes to
+        self._shuttingDown = False
+        self._nobodyServes = RateLimitedLog(
+            log, "closed {count} connection(s) in the last {interval:g} s: "
+            "no worker is serving", level=LogLevel.error, clock=reactor)
 
     # -- starting ----------------------------------------------------------
 
@@ -280,6 +363,7 @@ class WorkerSupervisor(GreetService):
     def _ready(self, worker: Worker) -> None:
         worker.served_since = self._reactor_().seconds()
         log.info("worker {worker} (pid {pid}) ready", worker=worker.number, pid=worker.pid)
+        self._standDown(worker.number)
         if worker.reload_pending:
             worker.reload_pending = False
             worker.signal("HUP")
@@ -292,7 +376,7 @@ class WorkerSupervisor(GreetService):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
         how = exit_description(reason)
-        if self._stopping:
+        if self._shuttingDown:
             if not (reason.check(ProcessDone) or
                     getattr(reason.value, "signal", None) == signal.SIGTERM):
                 log.warn("worker {worker} (pid {pid}) {how} while stopping",
@@ -312,10 +396,63 @@ class WorkerSupervisor(GreetService):
                 log.warn("worker {worker} (pid {pid}) {how}; restarting it",
                          worker=worker.number, pid=worker.pid, how=how, delay=delay)
             self._restartLater(worker.number, delay)
+            self._standIn(worker.number)
         worker.ended.callback(None)
 
+    # -- standing in for a worker that is down -------------------------------
+
+    def _standIn(self, number: int) -> None:
+        """Accept from worker C{number}'s own sockets until it serves again."""
+        if number in self._standIns:
+            return
+        standIns = [StandIn(self._reactor_(), self.handOver, index,
+                            held.socket_for(number - 1), held.steered)
+                    for index, held in enumerate(self.ports)
+                    if isinstance(held, HeldListener) and not held.shared]
+        if not standIns:
+            return
+        self._standIns[number] = standIns
+        log.info("until worker {worker} serves again, the others serve the connections "
+                 "that reach its sockets", worker=number)
+        for standIn in standIns:
+            standIn.start()
+
+    def _standDown(self, number: int, back: bool = True) -> None:
+        """Stop standing in for worker C{number}: it is C{back}, or all stop."""
+        standIns = self._standIns.pop(number, [])
+        for standIn in standIns:
+            standIn.stop()
+        if standIns and back:
+            log.info("worker {worker} serves again; the others served {handed} of its "
+                     "connection(s) meanwhile", worker=number,
+                     handed=sum(standIn.handed for standIn in standIns))
+
+    def handOver(self, standIn: StandIn, connection: socket.socket, address: tuple) -> None:
+        """
+        Give C{connection}, accepted by C{standIn}, to a live worker: on a
+        steered listener, the same worker for every connection of a client
+        (while the same workers are live), so that per-address limits stay
+        exact; else each to the next.  With no live worker it is closed, so
+        that its client learns now instead of waiting.
+        """
+        live = [worker for _, worker in sorted(self.workers.items())
+                if worker.served_since is not None and worker.channel.transport is not None]
+        if not live:
+            connection.close()
+            self._nobodyServes.note()
+            return
+        if standIn.steered:
+            target = live[steering_key(address[0]) % len(live)]
+        else:
+            target = live[self._unsteered % len(live)]
+            self._unsteered += 1
+        standIn.handed += 1
+        # The descriptor must stay open until the worker has its copy.
+        handed = target.channel.adopt(standIn.listener, connection.fileno())
+        handed.addBoth(lambda _: connection.close())
+
     def _restartLater(self, number: int, delay: float) -> None:
-        if self._stopping:
+        if self._shuttingDown:
             return
         self._restarting[number] = self._reactor_().callLater(delay, self._start, number)
 
@@ -337,10 +474,12 @@ class WorkerSupervisor(GreetService):
         return True
 
     def stopService(self) -> Deferred:
-        self._stopping = True
+        self._shuttingDown = True
         for call in self._restarting.values():
             call.cancel()
         self._restarting.clear()
+        for number in list(self._standIns):  # before their sockets close
+            self._standDown(number, back=False)
         return super().stopService()
 
     def drain(self) -> Deferred:

@@ -140,6 +140,12 @@ class Server:
                     + self._stderr_if_dead())
             self.lines.append(line)
 
+    def logged(self, pattern: str) -> re.Match | None:
+        """The first line read so far that matches C{pattern}, waiting for none."""
+        self._drain()
+        regex = re.compile(pattern)
+        return next(filter(None, map(regex.search, self.lines)), None)
+
     def wait_for_count(self, pattern: str, count: int, timeout: float = 10.0) -> int:
         """Wait until C{count} log lines match C{pattern}; fail after C{timeout}."""
         regex = re.compile(pattern)
@@ -169,7 +175,8 @@ class Server:
 
     def listening(self, timeout: float = 15.0) -> Server:
         """Wait until the server says where it listens; return self."""
-        match = _LISTENING.search(self.wait_for(r"listening on ", timeout).string)
+        self.startup_line = self.wait_for(r"listening on ", timeout).string
+        match = _LISTENING.search(self.startup_line)
         assert match, "start-up line without an address"
         self.host = match.group(1) or match.group(2)
         if self.host in ("0.0.0.0", "::"):
@@ -296,6 +303,28 @@ def _env(extra: dict | None) -> dict:
     if extra:
         env.update(extra)
     return env
+
+
+def namespace_command(testcase) -> list[str]:
+    """
+    The command that runs a program in network and process namespaces of
+    its own, where it may give itself addresses (C{ip addr add}) that touch
+    nothing outside, and where every process it starts dies with it.
+    Missing programs skip the test, or fail it under
+    TCPGREET_REQUIRE_SYSTEM_TOOLS=1; a machine that does not permit new
+    namespaces (a container without the privilege) skips it.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    unshare = require_tool(testcase, "unshare")
+    require_tool(testcase, "ip")
+    # As root, or as anyone through a user namespace of their own.
+    for user in ([], ["--user", "--map-root-user"]):
+        command = [unshare, *user, "--net", "--pid", "--fork", "--kill-child"]
+        if subprocess.run([*command, "true"], capture_output=True,
+                          timeout=30).returncode == 0:
+            return command
+    raise SkipTest("unshare --net is not permitted here")
 
 
 def has_ipv6_loopback() -> bool:

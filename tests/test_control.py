@@ -1,23 +1,25 @@
 """
-The control channel: counters across it, a worker reporting ready, and a
-worker stopping when its supervisor is gone.
+The control channel: counters across it, a worker reporting ready, a
+connection handed over, and a worker stopping when its supervisor is gone.
 """
 
 import os
 import socket
 
+from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcpgreet import greeting
 from tcpgreet.control import (
     ControlService,
     SupervisorChannel,
     WorkerChannel,
+    adopt_channel,
     stats_from_response,
     stats_response,
 )
@@ -69,7 +71,8 @@ class ChannelTests(SynchronousTestCase):
         self.lost = []
         self.worker, self.supervisor, self.pump = connectedServerAndClient(
             lambda: SupervisorChannel(lambda: self.ready.append(True)),
-            lambda: WorkerChannel(self.factory, lambda: self.lost.append(True)),
+            lambda: WorkerChannel(self.factory, lambda: self.lost.append(True),
+                                  lambda listener, fd: None),
             clock=self.clock)
 
     def test_stats_over_the_channel(self):
@@ -103,6 +106,32 @@ class ChannelTests(SynchronousTestCase):
         self.supervisor.transport.loseConnection()
         self.pump.flush()
         self.assertEqual(self.lost, [True])
+
+
+class HandOverTests(TestCase):
+    @defer.inlineCallbacks
+    def test_a_connection_handed_over_arrives_whole(self):
+        # Over a real UNIX socket pair: descriptors travel beside the box.
+        supervisor_end, worker_end = socket.socketpair()
+        adopted = []
+        worker = WorkerChannel(None, lambda: None,
+                               lambda listener, fd: adopted.append((listener, fd)))
+        supervisor = SupervisorChannel(lambda: None)
+        adopt_channel(reactor, worker_end.fileno(), worker)
+        adopt_channel(reactor, supervisor_end.fileno(), supervisor)
+        worker_end.close()
+        supervisor_end.close()
+        self.addCleanup(lambda: supervisor.transport and supervisor.transport.loseConnection())
+        self.addCleanup(lambda: worker.transport and worker.transport.loseConnection())
+        client, accepted = socket.socketpair()
+        self.addCleanup(client.close)
+        with accepted:
+            yield supervisor.adopt(3, accepted.fileno())
+        [(listener, fd)] = adopted
+        self.assertEqual(listener, 3)
+        with socket.socket(fileno=fd) as theirs:  # the same connection, in other hands
+            theirs.sendall(b"hello")
+            self.assertEqual(client.recv(5), b"hello")
 
 
 class WorkerReactor(MemoryReactorClock):

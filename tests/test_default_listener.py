@@ -71,7 +71,8 @@ class DefaultListenerTests(SynchronousTestCase):
         server = start_default(self, "--greeting", "{peer_host}", "--max-per-ip", "1",
                                "--timeout", "30", "--metrics", "tcp:0:interface=127.0.0.1")
         port = server.port
-        self.assertIn(listeners_text(port) + "; ", server.wait_for("listening on").string)
+        self.assertIn(listeners_text(port) + "; ", server.startup_line)
+        metrics = server.wait_for(r"metrics at (http://[\d.:]+/metrics)").group(1)
         self.assertEqual(fetch("127.0.0.1", port), b"127.0.0.1\r\n")
         self.assertEqual(fetch("::1", port), b"::1\r\n")
         server.wait_for(r"\] 127\.0\.0\.1 port \d+: greeted, 11 bytes")
@@ -82,7 +83,6 @@ class DefaultListenerTests(SynchronousTestCase):
         self.assertEqual(fetch("127.0.0.1", port), b"")
         server.wait_for(r"by --max-per-ip \(latest from 127\.0\.0\.1\)")
         self.assertEqual(fetch("::1", port), b"::1\r\n")
-        metrics = server.wait_for(r"metrics at (http://[\d.:]+/metrics)").group(1)
         with urllib.request.urlopen(metrics, timeout=10) as response:
             self.assertRegex(response.read().decode(), r"(?m)^tcpgreet_listeners 2\.0$")
         server.stop()
@@ -94,11 +94,11 @@ class DefaultListenerTests(SynchronousTestCase):
                                "--max-per-ip", "1")
         port = server.port
         self.assertIn(listeners_text(port) + " with 2 workers; ",
-                      server.wait_for("listening on").string)
+                      server.startup_line)
         server.wait_for_count(READY, 2)
-        # Steered by address mod 2: 127.0.0.1 and ::1 to worker 2, 127.0.0.2
-        # to worker 1.
-        for source, worker in (("127.0.0.1", 2), ("::1", 2), ("127.0.0.2", 1)):
+        # Steered by address mod 2 (IPv6 by its /64): 127.0.0.1 to worker 2,
+        # 127.0.0.2 and ::1 (of ::/64) to worker 1.
+        for source, worker in (("127.0.0.1", 2), ("::1", 1), ("127.0.0.2", 1)):
             host = "::1" if ":" in source else "127.0.0.1"
             self.assertEqual(fetch(host, port, source=source), f"{source}\r\n".encode())
             line = server.wait_for(rf"\] {re.escape(source)} port \d+: greeted").string
@@ -112,11 +112,12 @@ class DefaultListenerTests(SynchronousTestCase):
         for workers in ((), ("--workers", "2")):
             server = start_default(self, *workers, preexec_fn=confine.without_ipv6)
             port = server.port
-            server.wait_for(r"no IPv6 here \(address family not supported by protocol\): "
-                            rf"the default listens on IPv4 alone, tcp:{port}$")
+            # Said before the start-up line, which start_default waited for.
+            self.assertIsNotNone(server.logged(
+                r"no IPv6 here \(address family not supported by protocol\): "
+                rf"the default listens on IPv4 alone, tcp:{port}$"), server.log)
             self.assertIn(f"listening on tcp:{port} (0.0.0.0:{port})" +
-                          (" with 2 workers; " if workers else "; "),
-                          server.wait_for("tcpgreet .* listening on").string)
+                          (" with 2 workers; " if workers else "; "), server.startup_line)
             self.assertEqual(fetch("127.0.0.1", port), DEFAULT)
             with self.assertRaises(ConnectionRefusedError):
                 fetch("::1", port)
@@ -166,7 +167,7 @@ class RealDefaultTests(SynchronousTestCase):
             if "address already in use" in str(e):
                 raise SkipTest("port 27679 was taken meanwhile") from None
             raise
-        self.assertIn(listeners_text(27679), server.wait_for("listening on").string)
+        self.assertIn(listeners_text(27679), server.startup_line)
         self.assertEqual(fetch("127.0.0.1", 27679), DEFAULT)
         self.assertEqual(fetch("::1", 27679), DEFAULT)
         server.wait_for(r"\] 127\.0\.0\.1 port \d+: greeted, 26 bytes")

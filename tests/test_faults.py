@@ -9,14 +9,16 @@ import contextlib
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import fetch, start_server, temporary_file, wait_until
+from .helpers import Server, fetch, start_server, temporary_file, wait_until
 from .load import rss_kib, run_load
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -166,6 +168,82 @@ class DescriptorTests(SynchronousTestCase):
         self.assertNotIn("Traceback", server.log)
 
 
+class LogAtDescriptorExhaustionTests(SynchronousTestCase):
+    """
+    twistd's own log file (C{--logfile}) at the moment the process runs out
+    of descriptors, with a rotation due: the file lists the directory to
+    find the rotated files it must shift, which takes a descriptor.  Without
+    one, the listing comes back empty and the last rotated file is
+    overwritten; nothing may be lost that way, and logging must go on.
+    """
+
+    ROTATE_AT = 1_000_000  # twistd's LogFile.rotateLength
+
+    def test_a_rotation_due_when_descriptors_run_out_loses_nothing(self):
+        directory = tempfile.mkdtemp(prefix="tcpgreet-log-")
+        self.addCleanup(shutil.rmtree, directory)
+        log = os.path.join(directory, "twistd.log")
+        previous = b"a line from the previous rotation\n" * 100
+        with open(log + ".1", "wb") as f:
+            f.write(previous)
+        with open(log, "wb") as f:  # close to the size at which it rotates
+            f.write((b"#" * 63 + b"\n") * ((self.ROTATE_AT - 4096) // 64))
+        path, _ = greeting_file(self, MiB)  # connections stay open: not read
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+        server = Server("--listen", LOCAL, "--greeting-file", path, "--quiet",
+                        preexec_fn=limit, twistd_args=("--logfile", log))
+        self.addCleanup(server.stop)
+        port = int(wait_until(lambda: re.search(rb"listening on .*:(\d+)\)", read(log)),
+                              15, "the start-up line")[1])
+        # Lines of a known size, until the file has reached the size at which
+        # the next line rotates it.
+        sighups = 0
+        while os.path.getsize(log) < self.ROTATE_AT:
+            self.assertLess(sighups, 200)
+            server.signal(signal.SIGHUP)
+            sighups += 1
+            wait_until(lambda n=sighups: read(log).count(RELOADED) >= n, 10,
+                       f"reload line {sighups}")
+        before = read(log)
+        # Hold connections until the server cannot accept any more.
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for _ in range(100):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.settimeout(10)
+            c.connect(("127.0.0.1", port))
+            clients.append(c)
+            if not c.recv(1, socket.MSG_PEEK):  # shed: out of descriptors
+                break
+        else:
+            self.fail("100 connections did not exhaust 64 descriptors")
+        wait_until(lambda: b"accept failed: Too many open files" in read(log), 10,
+                   "the accept failure in the new log file")
+        # Nothing lost: the rotation made room for the previous rotated file.
+        self.assertEqual(read(log + ".2"), previous)
+        self.assertEqual(read(log + ".1"), before)
+        # And the log goes on, once descriptors are free again.
+        for c in clients:
+            c.close()
+        clients.clear()
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: RELOADED in read(log), 10, "a line after the exhaustion")
+        self.assertEqual(fetch("127.0.0.1", port, timeout=10)[:10], b"x" * 10)
+        self.assertNotIn(b"Traceback", read(log))
+
+
+RELOADED = b"reloaded greeting from"
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class HostileClientTests(SynchronousTestCase):
     def test_ten_mib_of_garbage(self):
         server = start_server(self, "--listen", LOCAL, "--quiet")
@@ -250,7 +328,7 @@ class LimitTests(SynchronousTestCase):
 
     def test_rate_per_ip(self):
         server = start_server(self, "--listen", LOCAL, "--rate-per-ip", "1/5")
-        server.wait_for(r"listening on .*, rate-per-ip 1/5, ")
+        self.assertIn(", rate-per-ip 1/5, ", server.startup_line)
         results = [fetch(server.host, server.port, source="127.0.0.3") for _ in range(8)]
         self.assertEqual(results, [DEFAULT] * 5 + [b""] * 3)
         self.assertEqual(fetch(server.host, server.port, source="127.0.0.4"), DEFAULT)

@@ -10,7 +10,7 @@ from unittest import skipUnless
 from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.reuseport import bind_group, steering_program
+from tcpgreet.reuseport import bind_group, steering_key, steering_program
 
 from .helpers import has_ipv6_loopback
 
@@ -41,13 +41,25 @@ class SteeringProgramTests(SynchronousTestCase):
         self.assertEqual(instructions, [
             (0x30, 0, 0, net),  # ldb [net + 0]: version and header length
             (0x74, 0, 0, 4),  # rsh #4
-            (0x15, 0, 2, 4),  # jeq #4: IPv4, else skip to the IPv6 load
+            (0x15, 0, 2, 4),  # jeq #4: IPv4, else skip to the IPv6 loads
             (0x20, 0, 0, net + 12),  # ld [net + 12]: IPv4 source
-            (0x05, 0, 0, 1),  # ja: over the IPv6 load
-            (0x20, 0, 0, net + 20),  # ld [net + 20]: last word of the IPv6 source
+            (0x05, 0, 0, 4),  # ja: over the IPv6 loads
+            (0x20, 0, 0, net + 8),  # ld [net + 8]: the IPv6 source's first word
+            (0x07, 0, 0, 0),  # tax
+            (0x20, 0, 0, net + 12),  # ld [net + 12]: its second; the /64 ends here
+            (0xAC, 0, 0, 0),  # xor x
             (0x94, 0, 0, 3),  # mod #3
             (0x16, 0, 0, 0),  # ret a
         ])
+
+    def test_the_key_is_an_ipv4_address_or_an_ipv6_64(self):
+        self.assertEqual(steering_key("127.0.0.2"), 0x7F000002)
+        self.assertEqual(steering_key("::ffff:127.0.0.2"), 0x7F000002)
+        key = 0x20010DB8 ^ 0x00010002
+        for host in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff",
+                     "2001:db8:1:2:a:b:c:d%eth0"):
+            self.assertEqual(steering_key(host), key, host)
+        self.assertNotEqual(steering_key("2001:db8:1:3::1"), key)
 
     def test_a_group_has_a_socket(self):
         with self.assertRaises(ValueError):
@@ -92,7 +104,7 @@ class GroupTests(SynchronousTestCase):
         group = self.group(2, steer=True, interface="::")
         port = group[0].getsockname()[1]
         for _ in range(3):
-            self.assertEqual(accepted_by(group, "::1", port, "::1"), [1])
+            self.assertEqual(accepted_by(group, "::1", port, "::1"), [0])  # its /64 is 0
             # An IPv4 client of the dual-stack socket: steered by its address.
             self.assertEqual(accepted_by(group, "127.0.0.2", port), [0])
             self.assertEqual(accepted_by(group, "127.0.0.3", port), [1])
@@ -108,8 +120,10 @@ class GroupTests(SynchronousTestCase):
         for s in ipv6:
             self.assertEqual(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
         both = ipv4 + ipv6  # indexes 0 and 1 are IPv4's, 2 and 3 IPv6's
+        # ::1's /64 is ::/64, key 0: the first of the IPv6 group.
+        self.assertEqual(steering_key("::1") % 2, 0)
         for _ in range(3):
-            self.assertEqual(accepted_by(both, "::1", port, "::1"), [3])
+            self.assertEqual(accepted_by(both, "::1", port, "::1"), [2])
             self.assertEqual(accepted_by(both, "127.0.0.2", port), [0])
             self.assertEqual(accepted_by(both, "127.0.0.3", port), [1])
 

@@ -2,11 +2,14 @@
 GreetService: reload and the graceful drain on stop.
 """
 
+import gc
 import signal
+import socket
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -46,6 +49,25 @@ class DrainTests(SynchronousTestCase):
             closed.callback(None)
         self.successResultOf(stopped)
 
+    def test_a_listener_that_fails_to_stop_is_reported_and_the_drain_goes_on(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first = self.service.ports[0]
+        self.patch(first, "stopListening", lambda: fail(RuntimeError("cannot close")))
+        protocol, transport = open_connection(self.factory)
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)  # draining all the same
+        transport.flushed()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.successResultOf(stopped)
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        [event] = [e for e in events if e.get("log_failure") is failure]
+        self.assertEqual(formatEvent(event), "cannot stop listening on 'tcp:1'")
+        # Said once, now: not again as an unhandled error when collected.
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
+
     def test_stop_waits_for_greetings_in_progress(self):
         connections = [open_connection(self.factory) for _ in range(3)]
         stopped = self.service.stopService()
@@ -63,13 +85,13 @@ class DrainTests(SynchronousTestCase):
         protocol, transport = open_connection(self.factory)
         stopped = self.service.stopService()
         # A second SIGTERM is noted, not obeyed; SIGHUP still reloads.
-        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stopping)
-        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stopping)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stopSignalled)
+        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stopSignalled)
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
         transport.flushed()
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.successResultOf(stopped)
-        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stopping)
+        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stopSignalled)
         self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
 
     def test_what_is_left_after_the_drain_timeout_is_aborted(self):
@@ -82,6 +104,13 @@ class DrainTests(SynchronousTestCase):
         protocol.connectionLost(Failure(error.ConnectionAborted()))
         self.successResultOf(stopped)
         self.assertEqual(self.factory.stats.aborted, {"drain": 1})
+
+    def test_a_connection_handed_to_a_port_that_cannot_take_it_is_closed(self):
+        for listener in (0, 7):  # a port of another kind; no such port
+            ours, theirs = socket.socketpair()
+            self.addCleanup(theirs.close)
+            self.service.adoptConnection(listener, ours.detach())
+            self.assertEqual(theirs.recv(10), b"")
 
     def test_nothing_in_progress_stops_at_once(self):
         self.successResultOf(self.service.stopService())

@@ -3,21 +3,28 @@ The supervisor's logic with a fake clock and fake processes: restarts and
 their backoff, stopping, SIGHUP, and counters that never go back.
 """
 
+import os
 import signal
+import socket
 
+from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet import greeting
+from tcpgreet.endpoints import server_endpoint
+from tcpgreet.handover import HoldingReactor
 from tcpgreet.limits import ConnectionLimits
+from tcpgreet.reuseport import steering_key
 from tcpgreet.server import GreetFactory
 from tcpgreet.stats import Stats
 from tcpgreet.workers import (
     KILL_MARGIN,
     RestartBackoff,
+    StandIn,
     WorkerSupervisor,
     exit_description,
     per_worker,
@@ -89,6 +96,10 @@ class ProcessReactor(MemoryReactorClock):
         self.spawned.append((process, args, env, childFDs))
         protocol.makeConnection(process)
         return process
+
+    def callFromThread(self, f, *args, **kwargs):
+        # What a signal handler uses: run on the next turn of the loop.
+        self.callLater(0, f, *args, **kwargs)
 
 
 class SupervisorTests(SynchronousTestCase):
@@ -180,6 +191,18 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)  # nothing restarted
         self.assertIn("still running 8 s after SIGTERM: killing it", "\n".join(self.lines()))
 
+    def test_stop_signals_during_the_drain_are_noted_not_ignored(self):
+        self.supervisor.stopService()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            self.assertTrue(callable(handler), f"{signum!r} handler: {handler!r}")
+            handler(signum, None)
+        self.reactor.advance(0)
+        for name in ("SIGTERM", "SIGINT"):
+            self.assertIn(f"{name} while stopping: still waiting for 2 worker(s)",
+                          self.lines())
+        self.assertEqual([self.process(n).signals for n in (1, 2)], [["TERM"], ["TERM"]])
+
     def test_stop_cancels_a_pending_restart(self):
         self.process(1).end(exitCode=1)  # restart due in 0.5 s
         self.supervisor.stopService()
@@ -208,3 +231,101 @@ class SupervisorTests(SynchronousTestCase):
         said(1, 4)
         self.supervisor._sum()
         self.assertEqual(self.supervisor.totals.greeted, 19)
+
+
+class StandInTests(SynchronousTestCase):
+    """
+    A worker that is down: the supervisor accepts from its sockets and hands
+    each connection to a worker that serves, until the worker serves again.
+    """
+
+    def setUp(self):
+        self.reactor = ProcessReactor()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=self.reactor)
+        description = "tcp:0:interface=127.0.0.1"
+        endpoint = server_endpoint(HoldingReactor(self.reactor, 2, steer=True), description)
+        self.supervisor = WorkerSupervisor(factory, [(description, endpoint)], 2, [],
+                                           reactor=self.reactor)
+        self.supervisor.privilegedStartService()
+        self.supervisor.startService()
+        self.addCleanup(self.stop)
+        self.handed = {1: [], 2: []}
+        for number in (1, 2):
+            self.serve(number)
+
+    def serve(self, number):
+        """Worker C{number} is ready, and records what it is handed."""
+        worker = self.supervisor.workers[number]
+        worker.channel.makeConnection(StringTransport())
+        worker.channel.ready()
+
+        def adopt(listener, fd, handed=self.handed[number]):
+            with socket.socket(fileno=os.dup(fd)) as connection:
+                handed.append((listener, connection.getpeername()[0]))
+            return succeed(None)
+
+        worker.channel.adopt = adopt
+
+    def stop(self):
+        if self.supervisor.running:
+            self.supervisor.stopService()
+            for process, *_ in self.reactor.spawned:
+                if not process.gone:
+                    process.end(signal=signal.SIGTERM)
+
+    def stand_ins(self):
+        return [r for r in self.reactor.getReaders() if isinstance(r, StandIn)]
+
+    def test_only_while_the_worker_is_down(self):
+        self.assertEqual(self.stand_ins(), [])
+        self.supervisor.workers[1].process.end(signal=signal.SIGKILL)
+        [stand_in] = self.stand_ins()
+        self.assertEqual(stand_in.fileno(), self.supervisor.ports[0].socket_for(0).fileno())
+        self.reactor.advance(1)  # its replacement starts...
+        self.assertEqual(len(self.stand_ins()), 1)  # ...but does not serve yet
+        self.serve(1)
+        self.assertEqual(self.stand_ins(), [])
+
+    def test_stopping_stops_standing_in(self):
+        self.supervisor.workers[2].process.end(signal=signal.SIGKILL)
+        self.assertEqual(len(self.stand_ins()), 1)
+        self.stop()
+        self.assertEqual(self.stand_ins(), [])
+        self.assertFalse([e for e in self.events if "serves again;" in formatEvent(e)])
+
+    def connect(self, source):
+        host, port = self.supervisor.ports[0].sockets[0].getsockname()
+        client = socket.create_connection((host, port), timeout=10,
+                                          source_address=(source, 0))
+        self.addCleanup(client.close)
+        return client
+
+    def test_a_client_is_handed_to_one_live_worker(self):
+        self.supervisor.workers[1].process.end(signal=signal.SIGKILL)
+        # 127.0.0.2 is steered to worker 1's socket (index 0): 0x7F000002 % 2.
+        self.assertEqual(steering_key("127.0.0.2") % 2, 0)
+        for _ in range(3):
+            self.connect("127.0.0.2")
+        [stand_in] = self.stand_ins()
+        stand_in.doRead()
+        self.assertEqual(self.handed, {1: [], 2: [(0, "127.0.0.2")] * 3})
+        self.assertEqual(stand_in.handed, 3)
+        self.reactor.advance(1)  # its replacement starts
+        self.serve(1)
+        self.assertIn("worker 1 serves again; the others served 3 of its connection(s) "
+                      "meanwhile", [formatEvent(e) for e in self.events])
+
+    def test_with_no_worker_serving_a_client_learns_at_once(self):
+        for number in (1, 2):
+            self.supervisor.workers[number].process.end(signal=signal.SIGKILL)
+        client = self.connect("127.0.0.2")
+        stand_in = next(s for s in self.stand_ins()
+                        if s.fileno() == self.supervisor.ports[0].socket_for(0).fileno())
+        stand_in.doRead()
+        self.assertEqual(client.recv(10), b"")  # closed, not left waiting
+        self.assertIn("closed 1 connection(s) in the last 1 s: no worker is serving",
+                      [formatEvent(e) for e in self.events])
+

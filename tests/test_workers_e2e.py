@@ -13,13 +13,16 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from . import confine
+from . import confine, netns_steering
 from .haproxy import start_haproxy
 from .helpers import (
     TWISTD,
@@ -27,6 +30,7 @@ from .helpers import (
     assert_fails_in_one_line,
     fetch,
     has_ipv6_loopback,
+    namespace_command,
     process_gone,
     run_twistd,
     start_server,
@@ -44,6 +48,7 @@ from .test_deploy_systemd import (
 )
 from .test_faults import MiB, greeting_file
 
+ROOT = Path(__file__).resolve().parent.parent
 LOCAL = "tcp:0:interface=127.0.0.1"
 DEFAULT = b"Thank you for connecting\r\n"
 READY = r"worker (\d+) \(pid (\d+)\) ready"
@@ -186,6 +191,40 @@ class SupervisionTests(SynchronousTestCase):
         server.stop()
         self.assertNotIn("Traceback", server.log)
 
+    def test_no_connection_waits_for_a_worker_that_is_down(self):
+        path, text = greeting_file(self, 100)
+        # Steered: every connection from 127.0.0.2 reaches worker 1's socket.
+        server = start_workers(self, "--listen", LOCAL, "--greeting-file", path,
+                               "--max-per-ip", "100")
+        take_away(self, path)  # its replacements fail at start: it stays down a while
+        old = ready_pids(server)[1]
+        os.kill(old, signal.SIGKILL)
+        server.wait_for(rf"worker 1 \(pid {old}\) was killed by signal 9")
+        for _ in range(5):
+            self.assertEqual(fetch_from("127.0.0.2", server), text)
+        self.assertEqual([worker for worker, _, _ in greeted(server, 5)], [2] * 5)
+        self.assertIn("restarting it in", server.log)  # it was down all along
+        os.rename(path + ".away", path)
+        server.wait_for_count(READY, 3, timeout=20)
+        server.wait_for(r"worker 1 serves again; the others served 5 of its connection\(s\)")
+        self.assertEqual(fetch_from("127.0.0.2", server), text)
+        self.assertEqual(greeted(server, 6)[-1][0], 1)  # its own again
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+
+    def test_unsteered_connections_skip_a_worker_that_is_down(self):
+        path, text = greeting_file(self, 100)
+        server = start_workers(self, "--listen", LOCAL, "--greeting-file", path, "--quiet")
+        take_away(self, path)
+        old = ready_pids(server)[2]
+        os.kill(old, signal.SIGKILL)
+        server.wait_for(rf"worker 2 \(pid {old}\) was killed by signal 9")
+        # The kernel's hash puts about half of them in worker 2's queue.
+        for _ in range(20):
+            self.assertEqual(fetch(server.host, server.port), text)
+        server.stop()
+        self.assertNotIn("Traceback", server.log)
+
     def test_sigterm_drains_every_worker(self):
         path, expected = greeting_file(self, MiB)
         # Per-address steering makes it certain which worker gets which client.
@@ -195,6 +234,11 @@ class SupervisionTests(SynchronousTestCase):
         self.assertNotIn(None, slow)
         server.signal(signal.SIGTERM)
         server.wait_for_count(r"\[worker \d, pid \d+\] draining 3 connection\(s\)", 2)
+        # A second stop signal during the drain is noted, as in one process.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            server.signal(signum)
+            server.wait_for(rf"{signal.Signals(signum).name} while stopping: "
+                            r"still waiting for 2 worker\(s\)")
         refused = wait_until(lambda: connect_refused(server), 10, "the port to close")
         self.assertTrue(refused)
         for s in slow:
@@ -228,6 +272,13 @@ class SupervisionTests(SynchronousTestCase):
         self.assertEqual(sorted(map(int, reloaded)), sorted(ready_pids(server).values()))
         for _ in range(20):
             self.assertEqual(fetch(server.host, server.port), b"second\r\n")
+
+
+def take_away(testcase, path: str) -> None:
+    """Make C{path} unreadable as PATH.away, until put back (or the test ends)."""
+    away = path + ".away"
+    os.rename(path, away)
+    testcase.addCleanup(lambda: os.path.exists(away) and os.rename(away, path))
 
 
 def connect_refused(server) -> bool:
@@ -264,6 +315,26 @@ class LimitTests(SynchronousTestCase):
             self.assertIsNotNone(hold(self, server, source))
             self.assertIsNone(hold(self, server, source), source)
         server.wait_for(r"refused \d+ connection\(s\) .* by --max-per-ip")
+
+    def test_max_per_ip_counts_an_ipv6_64_across_workers(self):
+        # In a network namespace of the test's own, with addresses of two
+        # /64s: all the addresses of one /64 count as one client, so that
+        # with --max-per-ip 2 two of their connections are served in all,
+        # whichever addresses they come from (steered by their last 32
+        # bits, they would be spread over both workers: 2 each); another
+        # /64 is counted apart.
+        command = namespace_command(self)
+        same_64 = [f"fd00:1::{last:x}" for last in range(1, 9)]
+        other_64 = ["fd00:2::1"] * 3
+        result = subprocess.run(
+            [*command, sys.executable, "-m", "tests.netns_steering", "2", *same_64, *other_64],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if result.returncode == netns_steering.UNAVAILABLE:
+            raise SkipTest(f"no IPv6 in a network namespace: {result.stderr.strip()}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        greeted = json.loads(result.stdout.splitlines()[-1])
+        self.assertEqual(greeted, [[address, index < 2] for index, address in enumerate(same_64)]
+                         + [[address, index < 2] for index, address in enumerate(other_64)])
 
     def test_max_connections_is_shared_out(self):
         server = start_workers(self, "--listen", LOCAL, "--max-connections", "2",
