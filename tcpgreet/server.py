@@ -377,8 +377,6 @@ class GreetFactory(Factory):
         """Count, release and log one connection: the one line per connection."""
         stats = self.stats
         duration = time.monotonic() - protocol.started
-        if self.waiting:
-            self.done(protocol)
         self.limits.release(getattr(protocol.peer, "host", None))
         # Greeted: the FIN followed the whole greeting (a byte stream), or,
         # over TLS, the handshake was done and nothing of the greeting was
@@ -402,8 +400,15 @@ class GreetFactory(Factory):
                 outcome = "lost"
                 why = reason.getErrorMessage()
                 stats.lost += 1
-        if self.quiet:
-            return
+        if not self.quiet:
+            self._logFinished(protocol, outcome, why, duration)
+        if self.waiting:
+            # Last, so that whoever waits for the connections to finish (a
+            # drain, see whenIdle) finds this one counted and logged.
+            self.done(protocol)
+
+    def _logFinished(self, protocol: GreetProtocol, outcome: str, why: str | None,
+                     duration: float) -> None:
         host, port = peer_host_port(protocol.peer)
         tls = INegotiated.providedBy(protocol.transport)
         if why is None:
