@@ -32,9 +32,12 @@ from zope.interface import implementer
 from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.logs import RateLimitedLog
+from tcpgreet.port import IDirectFactory, IDirectTransport
 from tcpgreet.stats import Stats
 
 log = Logger()
+
+_direct = IDirectTransport.providedBy
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -180,8 +183,11 @@ class GreetProtocol(Protocol):
             self.greetingWritten()
         else:
             self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
-        if self.connected:
-            # Still open: the transport could not finish within this call.
+        if self.connected and self._timer is None and not _direct(self.transport):
+            # Still open: the transport cannot finish within this call.  A
+            # direct transport finishes after it returns, or hands the
+            # connection to the reactor and then says so (through
+            # IDirectFactory.connectionWaiting, which set the timer).
             factory.connectionWaiting(self)
 
     def greetingWritten(self) -> None:
@@ -241,6 +247,7 @@ class GreetProtocol(Protocol):
         self.factory.connectionFinished(self, reason)
 
 
+@implementer(IDirectFactory)
 class GreetFactory(Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,
@@ -256,7 +263,6 @@ class GreetFactory(Factory):
 
     protocol = GreetProtocol
     noisy = False  # one line per connection is ours to write, not Factory's
-    directTransport = True  # see tcpgreet.port: our protocol can be served in the accept pass
 
     def __init__(self, greeting: Greeting, quiet: bool = False,
                  limits: ConnectionLimits | None = None,
@@ -356,7 +362,11 @@ class GreetFactory(Factory):
         return d
 
     def connectionWaiting(self, protocol: GreetProtocol) -> None:
-        """A connection needs the reactor: give it a deadline."""
+        """
+        A connection needs the reactor: give it a deadline.  Its protocol
+        says so at the end of C{connectionMade}, or, on a direct transport,
+        the port (L{IDirectFactory}).
+        """
         self.waiting.add(protocol)
         protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
 

@@ -7,14 +7,24 @@ import errno
 import socket
 
 from twisted.internet import defer, reactor, tcp, threads
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    ILoggingContext,
+    IPushProducer,
+    ISystemHandle,
+    ITCPTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from tcpgreet import greeting, port
+from tcpgreet.port import IDirectFactory
 from tcpgreet.server import GreetFactory
 
 from .helpers import fetch
@@ -90,13 +100,17 @@ class HalfCloseAndListen(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IDirectFactory)
 class HalfCloseFactory(Factory):
     protocol = HalfCloseAndListen
-    directTransport = True
 
     def __init__(self):
         self.heard = defer.Deferred()
         self.writeClosed = False
+        self.waiting = []
+
+    def connectionWaiting(self, protocol):
+        self.waiting.append(protocol)
 
 
 class HandOverTests(TestCase):
@@ -120,6 +134,35 @@ class HandOverTests(TestCase):
         self.assertTrue(factory.writeClosed)
         heard = yield factory.heard
         self.assertEqual(heard, b"and goodbye")
+        self.assertEqual(len(factory.waiting), 1)  # handed to the reactor, and told
+
+
+class DirectFactoryTests(TestCase):
+    def test_the_greeting_factory_promises_what_a_direct_factory_must(self):
+        verifyObject(port.IDirectFactory, GreetFactory(greeting.from_text("hi")))
+
+    def test_only_a_factory_that_provides_the_interface_is_served_directly(self):
+        class Undeclared(Factory):
+            directTransport = True  # an attribute promises nothing
+            protocol = Protocol
+
+        served = []
+        for factory in (Undeclared(), HalfCloseFactory(),
+                        GreetFactory(greeting.from_text("hi"))):
+            listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            served.append(listening._direct)
+        self.assertEqual(served, [False, True, True])
+
+    def test_a_direct_transport_declares_what_it_is(self):
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        listening = port.GreetPort(0, HalfCloseFactory(), reactor=MemoryReactorClock())
+        transport = port.DirectTransport(left, Protocol(), ("127.0.0.1", 1), listening)
+        self.addCleanup(transport.getHandle().close)
+        for interface in (port.IDirectTransport, ITCPTransport, ITLSTransport, ISystemHandle,
+                          IConsumer, IPushProducer, ILoggingContext):
+            self.assertTrue(verifyObject(interface, transport), interface)
 
 
 class BrokenGreeting(TestCase):
