@@ -26,6 +26,7 @@ a count.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import errno
@@ -410,7 +411,13 @@ class DirectTransport:
     def getHandle(self) -> socket.socket:
         if self.server is not None:
             return self.server.getHandle()
-        return self.socket
+        skt = self.socket
+        if type(skt) is _socket.socket and not self._closed:
+            # The port accepts into the bare C socket (see GreetPort): the
+            # standard library's wrapper costs a Python-level __init__ and
+            # close per connection.  Whoever asks gets the wrapper.
+            self.socket = skt = socket.socket(skt.family, skt.type, 0, skt.detach())
+        return skt
 
     def getTcpNoDelay(self) -> bool:
         return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
@@ -492,6 +499,9 @@ class GreetPort(tcp.Port):
     """
 
     _direct = False
+    # What an accepted socket is made into: a DirectTransport works on the
+    # bare C socket, and wraps it only when it must (getHandle).
+    _acceptedSocket: type = socket.socket
     _paused = None
     _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
 
@@ -506,6 +516,7 @@ class GreetPort(tcp.Port):
         _reserve.take()
         super().startListening()
         self._direct = IDirectFactory.providedBy(self.factory)
+        self._acceptedSocket = _socket.socket if self._direct else socket.socket
         self._socketKind = (int(self.socket.family), int(self.socket.type))
 
     def _logConnectionLostMsg(self) -> None:
@@ -527,7 +538,7 @@ class GreetPort(tcp.Port):
         # numbers, read once, are all a connected socket needs.
         accept = self.socket._accept
         family, kind = self._socketKind
-        Socket = socket.socket
+        Socket = self._acceptedSocket
         factory = self.factory
         direct = self._direct
         buildAddr = self._buildAddr

@@ -3,6 +3,7 @@ GreetPort and DirectTransport: greetings served within the accept pass, the
 hand-over to the reactor, and accept errors that neither spin nor flood.
 """
 
+import _socket
 import errno
 import socket
 
@@ -151,8 +152,22 @@ class DirectFactoryTests(TestCase):
                         GreetFactory(greeting.from_text("hi"))):
             listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
             self.addCleanup(listening.stopListening)
-            served.append(listening._direct)
-        self.assertEqual(served, [False, True, True])
+            served.append((listening._direct, listening._acceptedSocket))
+        self.assertEqual(served, [(False, socket.socket), (True, _socket.socket),
+                                  (True, _socket.socket)])
+
+    def test_whoever_asks_for_the_handle_gets_a_standard_socket(self):
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        bare = _socket.socket(left.family, left.type, 0, left.detach())
+        listening = port.GreetPort(0, HalfCloseFactory(), reactor=MemoryReactorClock())
+        transport = port.DirectTransport(bare, Protocol(), ("127.0.0.1", 1), listening)
+        handle = transport.getHandle()
+        self.addCleanup(handle.close)
+        self.assertIsInstance(handle, socket.socket)
+        self.assertIs(transport.getHandle(), handle)
+        handle.sendall(b"still the same connection")
+        self.assertEqual(right.recv(100), b"still the same connection")
 
     def test_a_direct_transport_declares_what_it_is(self):
         left, right = socket.socketpair()
