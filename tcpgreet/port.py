@@ -6,12 +6,16 @@ non-blocking and close-on-exec flags set with four fcntl calls, a log prefix
 formatted, the socket registered with epoll for reading, modified for
 writing, unregistered, and a second reactor pass to write and close.  A
 greeting that fits in the socket's send buffer needs none of that, so
-L{GreetPort} hands such connections a L{DirectTransport} that writes at once
-and closes at once, inside the accept pass.  The moment a connection needs
-the reactor after all (a short write, a client that has spoken, a protocol
-that registers a producer or stays open), the direct transport hands the
-socket to an ordinary L{tcp.Server} and steps aside, so protocols see normal
-Twisted semantics either way.
+L{GreetPort} serves the connections of a factory that provides
+L{IDirectFactory} within the accept pass, on a L{DirectTransport}: a whole
+C{ITCPTransport} that sends at once and, once C{connectionMade} returns,
+does what the protocol asked for (close, half-close) as a C{tcp.Server}
+would have in the reactor passes that follow.  The moment a connection
+needs the reactor after all (a short write, a client that has spoken, a
+protocol that registers a producer or stays open), the direct transport
+hands the socket to an ordinary L{tcp.Server} and steps aside.  The same
+protocol-level tests run against both transports
+(tests/test_transport_contract.py) and see the same thing.
 
 L{GreetPort} also owns the accept loop, so accept errors cannot turn into a
 busy loop or a log flood: running out of descriptors sheds the waiting
@@ -22,6 +26,7 @@ a count.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import errno
@@ -32,11 +37,20 @@ import struct
 import termios
 
 from twisted.internet import error, tcp
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    ILoggingContext,
+    IProtocolFactory,
+    IPushProducer,
+    ISystemHandle,
+    ITCPTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from tcpgreet.logs import RateLimitedLog
 from tcpgreet.reuseport import bind_address
@@ -66,6 +80,8 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _ABORTED = Failure(error.ConnectionAborted())
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _FIONREAD = termios.FIONREAD
+_SHUT_WR = socket.SHUT_WR
+_half_closeable = IHalfCloseableProtocol.providedBy
 
 
 _unread_count = array.array("i", [0])
@@ -77,20 +93,66 @@ def _unread(skt: socket.socket) -> int:
     return _unread_count[0]
 
 
+class IDirectFactory(IProtocolFactory):
+    """
+    A factory whose connections a L{GreetPort} may serve within the accept
+    pass, on a L{DirectTransport}.
+
+    Providing it promises that the factory's protocols need nothing of
+    their transport but C{ITCPTransport} (and the other interfaces a
+    L{DirectTransport} declares): no reactor-transport internals, no
+    reliance on being registered with the reactor.  In exchange the port
+    says when a connection needs the reactor (L{connectionWaiting}), which
+    a protocol cannot know when its C{connectionMade} returns, because what
+    it asked for then takes effect only afterwards.
+    """
+
+    def connectionWaiting(protocol):  # noqa: N805 (zope: no self)
+        """
+        The connection of C{protocol}, served on a L{DirectTransport}, now
+        needs the reactor (it was handed to a L{tcp.Server}), and may stay
+        open for as long as the client takes: give it a deadline if it
+        wants one.  Not called for connections finished in the accept pass.
+        """
+
+
+class IDirectTransport(ITCPTransport):
+    """
+    An C{ITCPTransport} of a connection that the reactor has not seen yet:
+    the port's, until the connection is finished or handed over (see
+    L{IDirectFactory.connectionWaiting}).
+    """
+
+    server = Attribute("The tcp.Server the connection was handed to, or None.")
+
+
+@implementer(IDirectTransport, ITLSTransport, ISystemHandle, IConsumer, IPushProducer,
+             ILoggingContext)
 class DirectTransport:
     """
     The transport of a connection served within the accept pass.
 
-    Writes go straight to the socket (it is in blocking mode, so each send
-    says C{MSG_DONTWAIT}); closing closes the socket at once.  Anything that
-    needs the reactor calls L{upgrade}, which moves the socket, the protocol
-    and whatever is left to an ordinary L{tcp.Server}.
+    It does what a L{tcp.Server} does, with the reactor's next passes
+    replaced by the moment the protocol's callback returns
+    (L{serve}): what a L{tcp.Server} would buffer it sends at once (the
+    socket is in blocking mode, so each send says C{MSG_DONTWAIT}), and
+    C{loseConnection}, C{loseWriteConnection} and C{abortConnection} take
+    effect once C{connectionMade} has returned, in the order and with the
+    notifications a L{tcp.Server} gives: the FIN goes out before
+    C{writeConnectionLost}, and after it C{loseConnection} closes at once.
+    It never reads: a client that has spoken by the time the protocol
+    half-closes, or a protocol still open when C{connectionMade} returns,
+    is handed to a L{tcp.Server} (L{upgrade}), which delivers what the
+    client said; so is anything else that needs the reactor (a short
+    write, a producer, pausing, TLS).  After a hand-over every method
+    forwards to the server.
 
-    @ivar server: the L{tcp.Server} this connection was upgraded to, if any.
+    @ivar server: the L{tcp.Server} this connection was handed to, if any.
     """
 
-    __slots__ = ("_addr", "_halfClosed", "_port", "connected", "disconnected",
-                 "disconnecting", "protocol", "server", "socket")
+    __slots__ = ("_addr", "_closed", "_disconnecting", "_fatal", "_port", "_serving",
+                 "_writable", "_writeDisconnected", "_writeDisconnecting", "protocol",
+                 "server", "socket")
 
     def __init__(self, skt: socket.socket, protocol, addr: tuple, port: GreetPort) -> None:
         self.socket = skt
@@ -98,148 +160,273 @@ class DirectTransport:
         self._addr = addr
         self._port = port
         self.server: tcp.Server | None = None
-        self._halfClosed = False
-        self.connected = True
-        self.disconnecting = False
-        self.disconnected = False
+        # Whether a write goes to the socket: open, not handed over, no
+        # FIN sent, not aborted.
+        self._writable = True
+        # What the protocol asked for, not done yet (see serve).
+        self._disconnecting = False
+        self._writeDisconnecting = False
+        self._fatal: Failure | None = None  # aborted, or a send failed
+        self._writeDisconnected = False  # the FIN is out
+        self._closed = False
+        # Within the port's serving of this connection, where what the
+        # protocol asks for waits until its callback returns.
+        self._serving = True
 
-    # -- the fast path --------------------------------------------------
+    def serve(self) -> None:
+        """
+        Make the connection, then do what the protocol asked for in
+        C{connectionMade} (close, half-close, or nothing: hand over), as a
+        L{tcp.Server} would in the reactor passes after it.
+        """
+        try:
+            self.protocol.makeConnection(self)
+        except BaseException:
+            # Nothing will settle this connection now; the port aborts it
+            # (GreetPort._discard), which must take effect at once.
+            self._serving = False
+            raise
+        if self.server is not None:
+            return None
+        if self._fatal is not None:
+            return self._close(self._fatal)
+        if self._disconnecting:
+            return self._close(connectionDone)
+        if self._writeDisconnecting:
+            try:
+                spoken = _unread(self.socket)
+            except OSError as e:
+                return self._close(_lost_failure(e))
+            if not spoken:
+                # A reactor transport would deliver the client's bytes
+                # before the FIN; there are none, so the FIN can go now.
+                self._halfClose()
+                if self._closed or self.server is not None:
+                    return None
+                if self._fatal is not None:
+                    return self._close(self._fatal)
+        self.upgrade()
+        return None
+
+    def _halfClose(self) -> None:
+        """Send the FIN, then tell the protocol, as tcp.Server does."""
+        self._writable = False
+        self._writeDisconnected = True
+        try:  # noqa: SIM105 (not a context manager per connection)
+            self.socket.shutdown(_SHUT_WR)
+        except OSError:
+            pass
+        protocol = self.protocol
+        if not _half_closeable(protocol):
+            protocol = IHalfCloseableProtocol(protocol, None)
+            if protocol is None:
+                return
+        try:
+            protocol.writeConnectionLost()
+        except BaseException:
+            failure = Failure()
+            log.failure("error in writeConnectionLost of a connection from {peer}", failure,
+                        peer=self._addr[0])
+            if not self._closed:
+                self._close(failure)
+
+    # -- what a protocol calls --------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.server is not None:
-            return self.server.write(data)
-        if not self.connected or not data:
-            return None
+        if not isinstance(data, bytes):
+            raise TypeError("Data must be bytes")
+        if not self._writable:
+            # Handed over, or gone: tcp.Server drops what is written once
+            # the connection is closed or half-closed.
+            if self.server is not None:
+                self.server.write(data)
+            return
+        if not data:
+            return
         if len(data) > DIRECT_WRITE_LIMIT:
             # Unlikely to fit in the send buffer; the reactor's transport
             # sends from this very object, where a short write here would
             # have to copy the rest.
-            return self.upgrade().write(data)
+            self.upgrade().write(data)
+            return
         try:
             sent = self.socket.send(data, _DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as e:
-            return self._lost(e)
+            self._fail(_lost_failure(e))
+            return
         if sent < len(data):
             self.upgrade().write(data[sent:])
-        return None
 
     def writeSequence(self, data) -> None:
+        data = list(data)
+        for chunk in data:
+            if not isinstance(chunk, bytes):
+                raise TypeError("Data must be bytes")
         self.write(b"".join(data))
 
     def loseWriteConnection(self) -> None:
-        """
-        Half-close.  With everything written and nothing unread from the
-        client, the FIN can follow the greeting straight away and the
-        protocol hears of it at once; otherwise the reactor takes over.
-        """
+        """Half-close once everything is sent (the FIN comes later)."""
         if self.server is not None:
-            return self.server.loseWriteConnection()
-        if not self.connected:
-            return None
-        try:
-            if _unread(self.socket):
-                return self._handOver().loseWriteConnection()
-        except OSError as e:
-            return self._lost(e)
-        # The FIN is owed, not yet sent: a protocol that closes in
-        # writeConnectionLost (ours does) gets it from close() without a
-        # shutdown call; one that stays open gets the shutdown on upgrade.
-        self._halfClosed = True
-        writeConnectionLost = getattr(self.protocol, "writeConnectionLost", None)
-        if writeConnectionLost is not None:
-            writeConnectionLost()
-        return None
+            self.server.loseWriteConnection()
+        elif not self._closed:
+            self._writeDisconnecting = True
 
     def loseConnection(self) -> None:
         """
-        Close now: everything written is already in the kernel.  Like a
-        reactor transport's close, this answers unread client bytes with a
-        reset; a protocol whose client may still be talking half-closes
-        instead (L{loseWriteConnection}), as L{GreetProtocol} does.
+        Close once everything is sent, as tcp.Server does: at once if the
+        FIN is already out, else when C{connectionMade} returns.  Unread
+        client bytes are answered with a reset, as by any transport's close;
+        a protocol whose client may still be talking half-closes instead
+        (L{loseWriteConnection}), as L{GreetProtocol} does.
         """
         if self.server is not None:
-            return self.server.loseConnection()
-        if not self.connected:
-            return None
-        return self._close(connectionDone)
+            self.server.loseConnection()
+        elif self._closed or self._disconnecting:
+            pass
+        elif self._writeDisconnected:
+            self._close(connectionDone)
+        else:
+            self._disconnecting = True
+            if not self._serving:
+                self._close(connectionDone)
 
     def abortConnection(self) -> None:
         if self.server is not None:
-            return self.server.abortConnection()
-        if not self.connected:
-            return None
-        with contextlib.suppress(OSError):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        return self._close(_ABORTED)
+            self.server.abortConnection()
+        elif not self._closed and self._fatal is not _ABORTED:
+            self._fail(_ABORTED)
 
-    def _lost(self, e: OSError) -> None:
-        self._close(Failure(error.ConnectionLost(e.strerror or str(e))))
+    def _fail(self, reason: Failure) -> None:
+        """End the connection with C{reason}, sending nothing more."""
+        self._writable = False
+        self._fatal = reason
+        if not self._serving:
+            self._close(reason)
 
     def _close(self, reason: Failure) -> None:
-        self.connected = False
-        self.disconnecting = True
-        self.disconnected = True
-        self.socket.close()
+        self._closed = True
+        self._writable = False
+        skt = self.socket
+        if reason is _ABORTED:
+            with contextlib.suppress(OSError):
+                skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        skt.close()
         protocol, self.protocol = self.protocol, None
         protocol.connectionLost(reason)
 
     # -- handing over to the reactor --------------------------------------
 
-    def _handOver(self) -> tcp.Server:
+    def upgrade(self) -> tcp.Server:
         """
-        The client has spoken: deliver what it said, as any transport would,
-        and let the reactor take the connection from here.
+        Move this connection to an ordinary reactor-driven transport, with
+        whatever the protocol asked for and is not done yet, and tell the
+        factory (L{IDirectFactory.connectionWaiting}).
         """
-        data = self.socket.recv(65536, _DONTWAIT)
-        if data:
-            self.protocol.dataReceived(data)
+        server = self.server
+        if server is not None:
+            return server
+        if self._closed:
+            raise error.ConnectionDone("the connection is closed")
+        port = self._port
+        protocol = self.protocol
+        port.sessionno += 1
+        self.server = server = port.transport(
+            self.getHandle(), protocol, self._addr, port, port.sessionno, port.reactor)
+        protocol.transport = server
+        self._writable = False
+        if self._writeDisconnected:
+            # The FIN is out: tell the transport its write side is gone (as
+            # its own half-close would have) so it neither writes nor
+            # shuts down again.
+            server._writeDisconnecting = server._writeDisconnected = True
+        elif self._writeDisconnecting:
+            server.loseWriteConnection()
+        if self._fatal is not None:
+            server.abortConnection()
+        elif self._disconnecting:
+            server.loseConnection()
+        port.factory.connectionWaiting(protocol)
+        return server
+
+    def _handedOver(self) -> tcp.Server | None:
+        """The server to forward to, if the connection can still have one."""
+        if self.server is not None:
+            return self.server
+        if self._closed or self._fatal is not None:
+            return None
         return self.upgrade()
 
-    def upgrade(self) -> tcp.Server:
-        """Move this connection to an ordinary reactor-driven transport."""
-        if self.server is None:
-            port = self._port
-            port.sessionno += 1
-            self.server = server = port.transport(
-                self.socket, self.protocol, self._addr, port, port.sessionno, port.reactor)
-            self.protocol.transport = server
-            if self._halfClosed:
-                # Pay the half-close owed since loseWriteConnection, and
-                # tell the transport its write side is gone (as its own
-                # loseWriteConnection would have) so it neither writes nor
-                # shuts down again.
-                with contextlib.suppress(OSError):
-                    self.socket.shutdown(socket.SHUT_WR)
-                server._writeDisconnecting = server._writeDisconnected = True
-        return self.server
-
     def registerProducer(self, producer, streaming: bool) -> None:
-        self.upgrade().registerProducer(producer, streaming)
+        server = self._handedOver()
+        if server is None:
+            producer.stopProducing()  # as a disconnected tcp.Server does
+        else:
+            server.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self.upgrade().unregisterProducer()
+        if self.server is not None:
+            self.server.unregisterProducer()
 
     def pauseProducing(self) -> None:
-        self.upgrade().pauseProducing()
+        server = self._handedOver()
+        if server is not None:
+            server.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.upgrade().resumeProducing()
+        server = self._handedOver()
+        if server is not None:
+            server.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.upgrade().stopProducing()
+        self.loseConnection()
+
+    def startTLS(self, contextFactory, normal: bool = True) -> None:
+        server = self._handedOver()
+        if server is None:
+            raise error.ConnectionDone("the connection is closed")
+        server.startTLS(contextFactory, normal)
 
     # -- what a connection is -------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        if self.server is not None:
+            return bool(self.server.connected)
+        return not self._closed
+
+    @property
+    def disconnecting(self) -> bool:
+        if self.server is not None:
+            return bool(self.server.disconnecting)
+        return self._disconnecting or self._closed
+
+    @property
+    def disconnected(self) -> bool:
+        if self.server is not None:
+            return bool(self.server.disconnected)
+        return self._closed
 
     def getPeer(self):
         return self._port._buildAddr(self._addr)
 
     def getHost(self):
-        return self._port.getHost()
+        """This connection's own address (not the listener's, which may be 0.0.0.0)."""
+        if self.server is not None:
+            return self.server.getHost()
+        return self._port._buildAddr(_numeric(self.socket.getsockname()))
 
     def getHandle(self) -> socket.socket:
-        return self.socket
+        if self.server is not None:
+            return self.server.getHandle()
+        skt = self.socket
+        if type(skt) is _socket.socket and not self._closed:
+            # The port accepts into the bare C socket (see GreetPort): the
+            # standard library's wrapper costs a Python-level __init__ and
+            # close per connection.  Whoever asks gets the wrapper.
+            self.socket = skt = socket.socket(skt.family, skt.type, 0, skt.detach())
+        return skt
 
     def getTcpNoDelay(self) -> bool:
         return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
@@ -254,7 +441,26 @@ class DirectTransport:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, enabled)
 
     def logPrefix(self) -> str:
-        return self._port.logPrefix()
+        if self.server is not None:
+            return self.server.logPrefix()
+        protocol = self.protocol
+        if ILoggingContext.providedBy(protocol):
+            prefix = protocol.logPrefix()
+        else:
+            prefix = type(protocol).__name__
+        return f"{prefix},direct,{self._addr[0]}"
+
+
+def _lost_failure(e: OSError) -> Failure:
+    return Failure(error.ConnectionLost(e.strerror or str(e)))
+
+
+def _numeric(addr: tuple) -> tuple:
+    """A socket address with an IPv6 scope kept in its host, as Twisted has it."""
+    if len(addr) == 4 and addr[3]:
+        host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+        return (host, *addr[1:])
+    return addr
 
 
 class _ReserveDescriptor:
@@ -325,11 +531,9 @@ class GreetPort(tcp.Port):
     A L{tcp.Port} that serves connections of a direct-capable factory within
     the accept pass and keeps accepting through resource exhaustion.
 
-    A factory opts in with a true C{directTransport} attribute: its
-    protocols must write, close, and otherwise treat the transport as any
-    C{ITCPTransport}; anything they do that needs the reactor upgrades the
-    connection.  Other factories (TLS, PROXY wrappers) get the stock
-    transport.
+    A factory opts in by providing L{IDirectFactory}; its connections get a
+    L{DirectTransport}.  Other factories (TLS, PROXY wrappers) get the
+    stock transport.
 
     @ivar ipv6Only: for an IPv6 port, take IPv6 clients only
         (C{IPV6_V6ONLY}), so that an IPv4 port can share its port number
@@ -339,6 +543,9 @@ class GreetPort(tcp.Port):
 
     ipv6Only = False
     _direct = False
+    # What an accepted socket is made into: a DirectTransport works on the
+    # bare C socket, and wraps it only when it must (getHandle).
+    _acceptedSocket: type = socket.socket
     _paused = None
     _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
     _address = "a port not listening"  # for log lines: where it listens
@@ -367,7 +574,8 @@ class GreetPort(tcp.Port):
         self.socket = skt
         self.fileno = skt.fileno
         self.numberAccepts = 100
-        self._direct = bool(getattr(self.factory, "directTransport", False))
+        self._direct = IDirectFactory.providedBy(self.factory)
+        self._acceptedSocket = _socket.socket if self._direct else socket.socket
         self._socketKind = (int(skt.family), int(skt.type))
         host = self.getHost()
         self._address = f"[{host.host}]:{host.port}" if ":" in host.host else \
@@ -438,7 +646,7 @@ class GreetPort(tcp.Port):
         if accept is None:
             accept = self.socket._accept
         family, kind = self._socketKind
-        Socket = socket.socket
+        Socket = self._acceptedSocket
         factory = self.factory
         direct = self._direct
         buildAddr = self._buildAddr
@@ -468,9 +676,7 @@ class GreetPort(tcp.Port):
                     continue
                 if direct:
                     transport = DirectTransport(skt, protocol, addr, self)
-                    protocol.makeConnection(transport)
-                    if transport.connected and transport.server is None:
-                        transport.upgrade()
+                    transport.serve()
                 else:
                     self.sessionno += 1
                     transport = self.transport(

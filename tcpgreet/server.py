@@ -33,9 +33,12 @@ from zope.interface import implementer
 from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.logs import RateLimitedLog
+from tcpgreet.port import IDirectFactory, IDirectTransport
 from tcpgreet.stats import Stats
 
 log = Logger()
+
+_direct = IDirectTransport.providedBy
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -203,8 +206,11 @@ class GreetProtocol(Protocol):
             self.greetingWritten()
         else:
             self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
-        if self.connected:
-            # Still open: the transport could not finish within this call.
+        if self.connected and self._timer is None and not _direct(self.transport):
+            # Still open: the transport cannot finish within this call.  A
+            # direct transport finishes after it returns, or hands the
+            # connection to the reactor and then says so (through
+            # IDirectFactory.connectionWaiting, which set the timer).
             factory.connectionWaiting(self)
 
     def greetingWritten(self) -> None:
@@ -264,6 +270,7 @@ class GreetProtocol(Protocol):
         self.factory.connectionFinished(self, reason)
 
 
+@implementer(IDirectFactory)
 class GreetFactory(Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,
@@ -279,7 +286,6 @@ class GreetFactory(Factory):
 
     protocol = GreetProtocol
     noisy = False  # one line per connection is ours to write, not Factory's
-    directTransport = True  # see tcpgreet.port: our protocol can be served in the accept pass
 
     def __init__(self, greeting: Greeting, quiet: bool = False,
                  limits: ConnectionLimits | None = None,
@@ -379,7 +385,11 @@ class GreetFactory(Factory):
         return d
 
     def connectionWaiting(self, protocol: GreetProtocol) -> None:
-        """A connection needs the reactor: give it a deadline."""
+        """
+        A connection needs the reactor: give it a deadline.  Its protocol
+        says so at the end of C{connectionMade}, or, on a direct transport,
+        the port (L{IDirectFactory}).
+        """
         self.waiting.add(protocol)
         protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
 
@@ -400,8 +410,6 @@ class GreetFactory(Factory):
         """Count, release and log one connection: the one line per connection."""
         stats = self.stats
         duration = time.monotonic() - protocol.started
-        if self.waiting:
-            self.done(protocol)
         self.limits.release(getattr(protocol.peer, "host", None))
         # Greeted: the FIN followed the whole greeting (a byte stream: the
         # common case, decided first), or, over TLS, the handshake was done
@@ -429,8 +437,15 @@ class GreetFactory(Factory):
                 why = tls_reason(reason, protocol.handshook) if tls else \
                     reason.getErrorMessage()
                 stats.lost += 1
-        if self.quiet:
-            return
+        if not self.quiet:
+            self._logFinished(protocol, outcome, why, duration, tls)
+        if self.waiting:
+            # Last, so that whoever waits for the connections to finish (a
+            # drain, see whenIdle) finds this one counted and logged.
+            self.done(protocol)
+
+    def _logFinished(self, protocol: GreetProtocol, outcome: str, why: str | None,
+                     duration: float, tls: bool) -> None:
         host, port = peer_host_port(protocol.peer)
         if why is None:
             log.info(_GREETED_TLS if tls else _GREETED,

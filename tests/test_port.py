@@ -3,6 +3,7 @@ GreetPort and DirectTransport: greetings served within the accept pass, the
 hand-over to the reactor, and accept errors that neither spin nor flood.
 """
 
+import _socket
 import errno
 import os
 import socket
@@ -10,16 +11,26 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, error, reactor, tcp, threads
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    ILoggingContext,
+    IPushProducer,
+    ISystemHandle,
+    ITCPTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from bench import cpus
 from bench import loadgen as load_generators
 from tcpgreet import greeting, port
+from tcpgreet.port import IDirectFactory
 from tcpgreet.server import GreetFactory
 
 from .helpers import fetch, require_tool
@@ -45,6 +56,7 @@ class DirectPathTests(TestCase):
         listening.transport = CountingServer
         CountingServer.created = 0
         self.addCleanup(listening.stopListening)
+        self.listening = listening
         return factory, ("127.0.0.1", listening.getHost().port)
 
     @defer.inlineCallbacks
@@ -59,9 +71,14 @@ class DirectPathTests(TestCase):
     @defer.inlineCallbacks
     def test_a_client_that_speaks_first_still_gets_everything(self):
         factory, address = self.listen("hello")
+        # The kernel offers each connection to accept() only once its first
+        # bytes are in, so the accept pass always finds the client has
+        # spoken, and the connection is handed to the reactor to hear it.
+        self.listening.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
         data = yield threads.deferToThread(blocking_fetch, address, b"x" * 100000)
         self.assertEqual(data, b"hello\r\n")
         yield factory.whenIdle()
+        self.assertEqual(CountingServer.created, 1)
         self.assertEqual(factory.stats.greeted, 1)
 
     @defer.inlineCallbacks
@@ -139,13 +156,17 @@ class HalfCloseAndListen(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IDirectFactory)
 class HalfCloseFactory(Factory):
     protocol = HalfCloseAndListen
-    directTransport = True
 
     def __init__(self):
         self.heard = defer.Deferred()
         self.writeClosed = False
+        self.waiting = []
+
+    def connectionWaiting(self, protocol):
+        self.waiting.append(protocol)
 
 
 class HandOverTests(TestCase):
@@ -169,6 +190,49 @@ class HandOverTests(TestCase):
         self.assertTrue(factory.writeClosed)
         heard = yield factory.heard
         self.assertEqual(heard, b"and goodbye")
+        self.assertEqual(len(factory.waiting), 1)  # handed to the reactor, and told
+
+
+class DirectFactoryTests(TestCase):
+    def test_the_greeting_factory_promises_what_a_direct_factory_must(self):
+        verifyObject(port.IDirectFactory, GreetFactory(greeting.from_text("hi")))
+
+    def test_only_a_factory_that_provides_the_interface_is_served_directly(self):
+        class Undeclared(Factory):
+            directTransport = True  # an attribute promises nothing
+            protocol = Protocol
+
+        served = []
+        for factory in (Undeclared(), HalfCloseFactory(),
+                        GreetFactory(greeting.from_text("hi"))):
+            listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            served.append((listening._direct, listening._acceptedSocket))
+        self.assertEqual(served, [(False, socket.socket), (True, _socket.socket),
+                                  (True, _socket.socket)])
+
+    def test_whoever_asks_for_the_handle_gets_a_standard_socket(self):
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        bare = _socket.socket(left.family, left.type, 0, left.detach())
+        listening = port.GreetPort(0, HalfCloseFactory(), reactor=MemoryReactorClock())
+        transport = port.DirectTransport(bare, Protocol(), ("127.0.0.1", 1), listening)
+        handle = transport.getHandle()
+        self.addCleanup(handle.close)
+        self.assertIsInstance(handle, socket.socket)
+        self.assertIs(transport.getHandle(), handle)
+        handle.sendall(b"still the same connection")
+        self.assertEqual(right.recv(100), b"still the same connection")
+
+    def test_a_direct_transport_declares_what_it_is(self):
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        listening = port.GreetPort(0, HalfCloseFactory(), reactor=MemoryReactorClock())
+        transport = port.DirectTransport(left, Protocol(), ("127.0.0.1", 1), listening)
+        self.addCleanup(transport.getHandle().close)
+        for interface in (port.IDirectTransport, ITCPTransport, ITLSTransport, ISystemHandle,
+                          IConsumer, IPushProducer, ILoggingContext):
+            self.assertTrue(verifyObject(interface, transport), interface)
 
 
 class BrokenGreeting(TestCase):

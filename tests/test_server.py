@@ -395,6 +395,17 @@ class LimitTests(SynchronousTestCase):
 
 
 class StatsTests(SynchronousTestCase):
+    def test_whoever_waits_for_idle_finds_the_last_connection_counted_and_logged(self):
+        factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
+        log = CapturedLog(self)
+        protocol, transport = open_connection(factory)
+        transport.flushed()
+        seen = []
+        factory.whenIdle().addCallback(
+            lambda _: seen.append((factory.stats.greeted, len(log.events))))
+        finish(protocol)
+        self.assertEqual(seen, [(1, 1)])
+
     def test_greeted_connections_are_counted(self):
         factory = GreetFactory(greeting.from_text("hello"), quiet=True,
                                reactor=MemoryReactorClock())

@@ -30,6 +30,9 @@ INTERNALS = {
     # The fast accept path (tcpgreet/port.py).
     "socket:socket._accept":
         "accept without building a socket object per connection",
+    "_socket:socket":
+        "a directly served connection's socket, without the Python-level "
+        "__init__ and close of socket.socket",
     "twisted.internet.tcp:Port._buildAddr":
         "the peer address object Twisted would build",
     "twisted.internet.tcp:Port._fromListeningDescriptor":
