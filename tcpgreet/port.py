@@ -36,7 +36,7 @@ import socket
 import struct
 import termios
 
-from twisted.internet import error, tcp
+from twisted.internet import abstract, error, tcp
 from twisted.internet.interfaces import (
     IConsumer,
     IHalfCloseableProtocol,
@@ -53,7 +53,6 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from tcpgreet.logs import RateLimitedLog
-from tcpgreet.reuseport import bind_address
 
 log = Logger()
 
@@ -523,6 +522,16 @@ class IAdoptingPort(Interface):
 
     def adoptConnection(fd: int) -> None:  # noqa: N805 (zope: no self)
         """Serve the connected socket at C{fd}, which the port now owns."""
+
+
+def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The family and socket address to bind, as Twisted's TCP port has them."""
+    if abstract.isIPv6Address(interface):
+        # Keeps a scope (fe80::1%eth0), as Twisted does.
+        info = socket.getaddrinfo(interface, port, socket.AF_INET6, socket.SOCK_STREAM,
+                                  0, socket.AI_NUMERICHOST)
+        return socket.AF_INET6, info[0][4]
+    return socket.AF_INET, (interface, port)
 
 
 @implementer(IAdoptingPort)

@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tcpgreet import __version__, greeting, startup
-from tcpgreet.control import ControlService
 from tcpgreet.endpoints import (
     DEFAULT_BACKLOG,
     EndpointError,
@@ -28,14 +27,15 @@ from tcpgreet.endpoints import (
     proxied,
     server_endpoint,
 )
-from tcpgreet.handover import HoldingReactor, InheritedReactor
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService
 from tcpgreet.startup import fail
-from tcpgreet.worker import WorkerRole
-from tcpgreet.workers import WorkerSupervisor, worker_arguments
+from tcpgreet.workers.arguments import WorkerRole, worker_arguments
+from tcpgreet.workers.control import ControlService
+from tcpgreet.workers.handover import HoldingReactor, InheritedReactor
+from tcpgreet.workers.supervisor import WorkerSupervisor
 
 log = Logger()
 
@@ -180,7 +180,7 @@ class Options(usage.Options):
         self["workers"] = 1
         self.greeting: greeting.Greeting | None = None
         self.defaultListen = False
-        # A worker's role, set by tcpgreet.worker in the worker processes of
+        # A worker's role, set by tcpgreet.workers.__main__ in the worker processes of
         # --workers, never from the command line.
         self.worker: WorkerRole | None = None
 
@@ -299,7 +299,7 @@ def makeService(options: Options, reactor=None) -> IService:
     """
     Build the service for parsed L{Options}; the reactor is a parameter so
     tests can pass a fake one.  With C{--workers} above 1 it is a supervisor
-    (L{tcpgreet.workers}); a worker it starts builds the ordinary greeting
+    (L{tcpgreet.workers.supervisor}); a worker it starts builds the ordinary greeting
     service on the listening sockets it was handed.
     """
     if reactor is None:

@@ -15,7 +15,9 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcpgreet import greeting
-from tcpgreet.control import (
+from tcpgreet.server import GreetFactory
+from tcpgreet.stats import Stats, total
+from tcpgreet.workers.control import (
     ControlService,
     SupervisorChannel,
     WorkerChannel,
@@ -23,8 +25,6 @@ from tcpgreet.control import (
     stats_from_response,
     stats_response,
 )
-from tcpgreet.server import GreetFactory
-from tcpgreet.stats import Stats, total
 
 from .test_server import finish, open_connection
 
@@ -96,7 +96,7 @@ class ChannelTests(SynchronousTestCase):
         self.pump.flush()  # the late answer is dropped quietly
 
     def test_ready(self):
-        from tcpgreet.control import Ready
+        from tcpgreet.workers.control import Ready
 
         self.worker.callRemote(Ready)
         self.pump.flush()

@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcpgreet import greeting
 from tcpgreet.endpoints import server_endpoint
-from tcpgreet.handover import (
+from tcpgreet.server import GreetFactory
+from tcpgreet.workers.handover import (
     HeldListener,
     HoldingReactor,
     InheritedReactor,
@@ -27,7 +28,6 @@ from tcpgreet.handover import (
     handover,
     systemd_name,
 )
-from tcpgreet.server import GreetFactory
 
 from . import tls
 

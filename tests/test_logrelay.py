@@ -10,8 +10,8 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.logrelay import MAX_LINE, Lines, LogRelay
 from tcpgreet.logs import json_observer
+from tcpgreet.workers.logrelay import MAX_LINE, Lines, LogRelay
 
 
 def as_json(event) -> str:

@@ -10,7 +10,7 @@ from unittest import skipUnless
 from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.reuseport import bind_group, steering_key, steering_program
+from tcpgreet.workers.reuseport import bind_group, steering_key, steering_program
 
 from .helpers import has_ipv6_loopback
 

@@ -21,12 +21,17 @@ from twisted.web.server import Site
 
 from tcpgreet import startup, tap
 from tcpgreet.endpoints import Listener
-from tcpgreet.handover import HeldListener, InheritedReactor
 from tcpgreet.proxy import ProxyHeaderFactory
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import GreetService
-from tcpgreet.worker import WorkerRole, role_arguments, split_arguments
-from tcpgreet.workers import WorkerSupervisor, worker_arguments
+from tcpgreet.workers.arguments import (
+    WorkerRole,
+    role_arguments,
+    split_arguments,
+    worker_arguments,
+)
+from tcpgreet.workers.handover import HeldListener, InheritedReactor
+from tcpgreet.workers.supervisor import WorkerSupervisor
 
 from .certificates import make_certificate
 from .helpers import has_ipv6_loopback, temporary_file, unused_dual_port

@@ -16,18 +16,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet import greeting
 from tcpgreet.endpoints import server_endpoint
-from tcpgreet.handover import HoldingReactor
 from tcpgreet.limits import ConnectionLimits
-from tcpgreet.reuseport import steering_key
 from tcpgreet.server import GreetFactory
 from tcpgreet.stats import Stats
-from tcpgreet.workers import (
+from tcpgreet.workers.arguments import per_worker
+from tcpgreet.workers.handover import HoldingReactor
+from tcpgreet.workers.reuseport import steering_key
+from tcpgreet.workers.supervisor import (
     KILL_MARGIN,
     RestartBackoff,
     StandIn,
     WorkerSupervisor,
     exit_description,
-    per_worker,
 )
 
 
@@ -131,7 +131,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_starts_each_worker_with_its_descriptors(self):
         self.assertEqual(len(self.reactor.spawned), 2)
         for number, (process, args, env, child_fds) in enumerate(self.reactor.spawned, 1):
-            self.assertEqual(args[:4], ["/usr/bin/python3", "-m", "tcpgreet.worker", "--quiet"])
+            self.assertEqual(args[:4], ["/usr/bin/python3", "-m", "tcpgreet.workers", "--quiet"])
             self.assertEqual(args[4:], ["--worker", str(number), "--worker-control", "3",
                                         "--worker-fds", ""])
             self.assertEqual(sorted(child_fds), [0, 1, 2, 3])

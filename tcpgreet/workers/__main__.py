@@ -1,7 +1,7 @@
 """
 How a worker process starts.  The supervisor runs
 
-    python -m tcpgreet.worker OPTIONS --worker N --worker-control FD --worker-fds FDS
+    python -m tcpgreet.workers OPTIONS --worker N --worker-control FD --worker-fds FDS
 
 which is C{twistd -n --pidfile= --logger tcpgreet.logs.json_observer
 tcpgreet OPTIONS} for worker N (L{WorkerRole}), preceded by what must
@@ -17,9 +17,10 @@ happen before Twisted is imported:
     stopping each worker once, with SIGTERM), and a SIGHUP that arrives
     before the greeting service handles it must not end the worker.
 
-The last six arguments are the worker's role, which this module reads and
-hands to the tap as C{Options.worker}: they are not options of
-C{twistd tcpgreet}, which no user can give.
+The last six arguments are the worker's role
+(L{tcpgreet.workers.arguments}), which this module reads and hands to the
+tap as C{Options.worker}: they are not options of C{twistd tcpgreet},
+which no user can give.
 """
 
 from __future__ import annotations
@@ -27,36 +28,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import NamedTuple
+
+from tcpgreet.workers.arguments import split_arguments
 
 TWISTD_OPTIONS = ("-n", "--pidfile=", "--logger", "tcpgreet.logs.json_observer")
-_ROLE = ("--worker", "--worker-control", "--worker-fds")
-
-
-class WorkerRole(NamedTuple):
-    """What makes a process one of the supervisor's workers."""
-
-    number: int  # from 1; a restarted worker keeps its number
-    control_fd: int  # its end of the control channel (tcpgreet.control)
-    listen_fds: tuple[int, ...]  # its listening sockets, one for each --listen
-
-
-def role_arguments(role: WorkerRole) -> list[str]:
-    """The arguments that give a worker its C{role}, after its options."""
-    values = (str(role.number), str(role.control_fd), ",".join(map(str, role.listen_fds)))
-    return [item for pair in zip(_ROLE, values, strict=True) for item in pair]
-
-
-def split_arguments(arguments: list[str]) -> tuple[WorkerRole, list[str]]:
-    """The role L{role_arguments} put at the end of C{arguments}, and the options before it."""
-    options, role = arguments[:-6], arguments[-6:]
-    if len(role) != 6 or tuple(role[0::2]) != _ROLE:
-        raise SystemExit("tcpgreet.worker: started by tcpgreet --workers only, with "
-                         + " N ".join(_ROLE) + " N last")
-    number, control, fds = role[1::2]
-    return WorkerRole(int(number), int(control),
-                      tuple(int(fd) for fd in fds.split(",") if fd)), options
-
 
 def main(arguments: list[str] | None = None) -> None:
     """Run twistd as worker of the supervisor that started this process."""

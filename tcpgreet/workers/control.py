@@ -26,7 +26,8 @@ from twisted.protocols import amp
 from tcpgreet.server import GreetFactory
 from tcpgreet.stats import Stats
 
-log = Logger()
+# The namespace the log has always given these lines, whatever the module.
+log = Logger(namespace="tcpgreet.control")
 
 _BY_REASON = amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])
 

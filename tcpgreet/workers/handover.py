@@ -12,7 +12,7 @@ wrapper come out exactly as in a single process:
     the socket systemd passed for a C{systemd} listener.  It serves no
     connection; it keeps the sockets open, and while a worker is down it
     accepts from that worker's sockets itself and hands each connection to
-    another worker (L{tcpgreet.workers.StandIn}), so that none waits for
+    another worker (L{tcpgreet.workers.supervisor.StandIn}), so that none waits for
     the restart;
   - in a worker, L{InheritedReactor} adopts the descriptor the supervisor
     handed it for that listener instead of binding.
@@ -38,7 +38,7 @@ from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
 from tcpgreet.endpoints import GreetReactor, socket_family, split_description
-from tcpgreet.reuseport import bind_group
+from tcpgreet.workers.reuseport import bind_group
 
 # Where systemd puts the first socket it passes (sd_listen_fds(3)).
 SYSTEMD_FIRST_FD = 3
@@ -51,7 +51,7 @@ class HeldListener:
 
     @ivar sockets: one per worker, or a single one all workers share.
     @ivar steered: whether the kernel steers each client to one of the
-        sockets by its address (L{tcpgreet.reuseport.steering_program}).
+        sockets by its address (L{tcpgreet.workers.reuseport.steering_program}).
     @ivar systemd_fd: for a socket systemd passed, the descriptor number
         it came under, which the workers must see it under too.
     """
@@ -154,7 +154,7 @@ class HoldingReactor:
     endpoint passes is never used: the workers build their own.
 
     @ivar steer: whether a TCP listener's group steers each client address
-        to one worker (L{tcpgreet.reuseport.steering_program}).
+        to one worker (L{tcpgreet.workers.reuseport.steering_program}).
     @ivar ipv6_only: whether an IPv6 TCP listener's sockets take IPv6
         clients only (for the default listener's IPv6 half).
     """

@@ -22,8 +22,9 @@ import ipaddress
 import socket
 import struct
 
-from twisted.internet import abstract
 from twisted.internet.error import CannotListenError
+
+from tcpgreet.port import bind_address
 
 # From <asm-generic/socket.h>; Python's socket module does not name it.
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -94,16 +95,6 @@ def attach_steering(skt: socket.socket, count: int) -> None:
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))
     skt.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
-
-
-def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
-    """The family and socket address to bind, as Twisted's TCP port has them."""
-    if abstract.isIPv6Address(interface):
-        # Keeps a scope (fe80::1%eth0), as Twisted does.
-        info = socket.getaddrinfo(interface, port, socket.AF_INET6, socket.SOCK_STREAM,
-                                  0, socket.AI_NUMERICHOST)
-        return socket.AF_INET6, info[0][4]
-    return socket.AF_INET, (interface, port)
 
 
 def _socket(family: socket.AddressFamily, reuse_port: bool,

@@ -2,10 +2,10 @@
 The supervisor of C{--workers N}: N worker processes serve the listeners it
 holds, and it keeps them running.
 
-The supervisor binds every listener itself (L{tcpgreet.handover}), before
+The supervisor binds every listener itself (L{tcpgreet.workers.handover}), before
 twistd drops privileges, and serves no connection.  It starts each worker
 with C{reactor.spawnProcess}, handing it its listening sockets, a control
-channel (L{tcpgreet.control}) and a pipe for its log (L{tcpgreet.logrelay}).
+channel (L{tcpgreet.workers.control}) and a pipe for its log (L{tcpgreet.workers.logrelay}).
 A worker that exits unasked is restarted at once, or after a growing delay
 if it keeps dying young (L{RestartBackoff}); until its replacement serves,
 the supervisor accepts from its sockets and hands each connection to a
@@ -33,17 +33,18 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpgreet.control import SupervisorChannel, adopt_channel
-from tcpgreet.handover import HeldListener, handover
-from tcpgreet.logrelay import Lines, LogRelay
 from tcpgreet.logs import RateLimitedLog
-from tcpgreet.reuseport import steering_key
 from tcpgreet.server import GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, startup_format
 from tcpgreet.stats import Stats, total
-from tcpgreet.worker import WorkerRole, role_arguments
+from tcpgreet.workers.arguments import WorkerRole, per_worker, role_arguments
+from tcpgreet.workers.control import SupervisorChannel, adopt_channel
+from tcpgreet.workers.handover import HeldListener, handover
+from tcpgreet.workers.logrelay import Lines, LogRelay
+from tcpgreet.workers.reuseport import steering_key
 
-log = Logger()
+# The namespace the log has always given these lines, whatever the module.
+log = Logger(namespace="tcpgreet.workers")
 
 # A worker that dies before it serves, or within this many seconds of it,
 # died young; one that keeps doing so is restarted ever more slowly.
@@ -64,42 +65,8 @@ STAND_IN_BATCH = 64
 STAND_IN_PAUSE = 0.1
 
 # The environment variables systemd passes sockets with: a worker gets its
-# own (see tcpgreet.worker).
+# own (see tcpgreet.workers.__main__).
 _SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-
-
-def per_worker(max_connections: int, workers: int) -> int:
-    """Each worker's share of C{--max-connections}: the total never exceeds it."""
-    return max(1, max_connections // workers)
-
-
-def worker_arguments(options, descriptions: list[str]) -> list[str]:
-    """
-    The options every worker runs with, from the supervisor's parsed
-    L{tcpgreet.tap.Options}: its own, with a --listen for each of
-    C{descriptions} (what the supervisor listens on: the workers adopt its
-    sockets, whatever options it bound them with), each worker's share of
-    --max-connections, and neither --workers nor --metrics, which are the
-    supervisor's.
-    """
-    arguments = [f"--listen={description}" for description in descriptions]
-    if options["greeting-file"] is not None:
-        # twistd may change directory after reading the options.
-        arguments.append(f"--greeting-file={os.path.abspath(options['greeting-file'])}")
-    elif options["greeting"] is not None:
-        arguments.append(f"--greeting={options['greeting']}")
-    if options["quiet"]:
-        arguments.append("--quiet")
-    rate = options["rate-per-ip"]
-    arguments += [
-        f"--max-connections={per_worker(options['max-connections'], options['workers'])}",
-        f"--max-per-ip={options['max-per-ip']}",
-        *([f"--rate-per-ip={rate[0]!r}/{rate[1]}"] if rate is not None else []),
-        f"--timeout={options['timeout']!r}",
-        f"--drain-timeout={options['drain-timeout']!r}",
-        *(f"--trusted-proxy={network}" for network in options["trusted-proxy"]),
-    ]
-    return arguments
 
 
 class RestartBackoff:
@@ -269,7 +236,7 @@ class WorkerSupervisor(GreetService):
     A greeting service whose connections are served by worker processes.
 
     It listens as L{GreetService} does, on endpoints whose listening only
-    binds (L{tcpgreet.handover.HoldingReactor}); its drain is the workers'
+    binds (L{tcpgreet.workers.handover.HoldingReactor}); its drain is the workers'
     drain, its reload theirs.  Its factory describes what each worker runs
     and serves no connection itself.
 
@@ -333,7 +300,7 @@ class WorkerSupervisor(GreetService):
                  in zip(self.endpoints, self.ports, strict=True)],
                 number - 1, there.fileno())
             role = WorkerRole(number, plan.control_fd, tuple(plan.listen_fds))
-            arguments = [self.executable, "-m", "tcpgreet.worker", *self.arguments,
+            arguments = [self.executable, "-m", "tcpgreet.workers", *self.arguments,
                          *role_arguments(role)]
             try:
                 worker.process = reactor.spawnProcess(
