@@ -41,7 +41,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import Attribute, Interface, directlyProvides, implementer, providedBy
 
 from tcpgreet.logs import RateLimitedLog
 
@@ -284,6 +284,32 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             self.factory.done(self)
 
 
+class IProxiedFactory(Interface):
+    """
+    What the PROXY header reader needs of the factory it wraps: to hold a
+    place for a connection before its client is known, to give it back or
+    count a refusal, and to be told what is in progress, so that a drain
+    waits for connections whose header is still to come.
+    """
+
+    waiting = Attribute("The set of connections in progress, which a drain waits for.")
+
+    def reserve(peer: IAddress) -> bool:  # noqa: N805 (zope: no self)
+        """Hold a place under the limits for C{peer}'s connection, or refuse."""
+
+    def cancel() -> None:
+        """Give back a place L{reserve} held, for a connection never served."""
+
+    def refuse(reason: str, host: str | None) -> None:  # noqa: N805
+        """Count a connection refused for C{reason}."""
+
+    def done(connection: object) -> None:  # noqa: N805
+        """C{connection} (here: its header reader) is no longer in progress."""
+
+    def buildProtocol(addr: IAddress, reserved: bool = False):  # noqa: N805
+        """The protocol for the client the header names, its place held already."""
+
+
 class ProxyHeaderFactory(policies.WrappingFactory):
     """
     Wrap every connection in a L{ProxyHeaderProtocol} for C{wrappedFactory}.
@@ -300,8 +326,10 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     noisy = False
     _tls: TLSMemoryBIOFactory | None = None
 
-    def __init__(self, wrappedFactory: IProtocolFactory, clock=None,
+    def __init__(self, wrappedFactory: IProxiedFactory, clock=None,
                  trusted: TrustedProxies | None = None) -> None:
+        if not IProxiedFactory.providedBy(wrappedFactory):
+            raise TypeError(f"{wrappedFactory!r} does not provide IProxiedFactory")
         super().__init__(wrappedFactory)
         if clock is None:
             from twisted.internet import reactor as clock
@@ -330,14 +358,11 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         if trusted is not None and not trusted.admits(addr):
             host = addr.host
             self._untrusted.note(peer=host)
-            refuse = getattr(self.wrappedFactory, "refuse", None)
-            if refuse is not None:
-                refuse(UNTRUSTED_PROXY, host)
+            self.wrappedFactory.refuse(UNTRUSTED_PROXY, host)
             return None
         # The connection counts under --max-connections from now, not only
         # once its header is in: silent clients must not pile up unlimited.
-        reserve = getattr(self.wrappedFactory, "reserve", None)
-        if reserve is not None and not reserve(addr):
+        if not self.wrappedFactory.reserve(addr):
             return None
         return self.protocol(self)
 
@@ -346,10 +371,7 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         The wrapped factory's protocol for the client the header names
         (inside TLS, with L{tlsAfterHeader}).
         """
-        if hasattr(self.wrappedFactory, "reserve"):
-            protocol = self.wrappedFactory.buildProtocol(client, reserved=True)
-        else:
-            protocol = self.wrappedFactory.buildProtocol(client)
+        protocol = self.wrappedFactory.buildProtocol(client, reserved=True)
         tls = self._tls
         if protocol is None or tls is None:
             return protocol
@@ -357,24 +379,16 @@ class ProxyHeaderFactory(policies.WrappingFactory):
 
     def waiting(self, wrapper: ProxyHeaderProtocol) -> None:
         """A header is awaited: the wrapped factory's drain waits for it."""
-        waiting = getattr(self.wrappedFactory, "waiting", None)
-        if waiting is not None:
-            waiting.add(wrapper)
+        self.wrappedFactory.waiting.add(wrapper)
 
     def done(self, wrapper: ProxyHeaderProtocol) -> None:
-        done = getattr(self.wrappedFactory, "done", None)
-        if done is not None:
-            done(wrapper)
+        self.wrappedFactory.done(wrapper)
 
     def refused(self, peer: IAddress, reason: str) -> None:
         host = getattr(peer, "host", "unix")
         self._drops.note(peer=host, reason=reason)
-        refuse = getattr(self.wrappedFactory, "refuse", None)
-        if refuse is not None:
-            refuse(PROXY_HEADER, host)
-        cancel = getattr(self.wrappedFactory, "cancel", None)
-        if cancel is not None:
-            cancel()
+        self.wrappedFactory.refuse(PROXY_HEADER, host)
+        self.wrappedFactory.cancel()
 
     def logPrefix(self) -> str:
         wrapped = self.wrappedFactory

@@ -34,6 +34,7 @@ from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.logs import RateLimitedLog
 from tcpgreet.port import IDirectFactory, IDirectTransport
+from tcpgreet.proxy import IProxiedFactory
 from tcpgreet.stats import Stats
 
 log = Logger()
@@ -270,7 +271,7 @@ class GreetProtocol(Protocol):
         self.factory.connectionFinished(self, reason)
 
 
-@implementer(IDirectFactory)
+@implementer(IDirectFactory, IProxiedFactory)
 class GreetFactory(Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,

@@ -12,11 +12,13 @@ import struct
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from tcpgreet import greeting, proxy
 from tcpgreet.limits import ConnectionLimits
@@ -49,6 +51,18 @@ def trusting(*networks):
 class HalfCloseTransport(StringTransport):
     def loseWriteConnection(self):
         self.writeClosed = True
+
+
+class ContractTests(SynchronousTestCase):
+    """What the header reader needs of the factory it wraps is an interface."""
+
+    def test_the_greeting_factory_provides_it(self):
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=MemoryReactorClock())
+        self.assertTrue(verifyObject(proxy.IProxiedFactory, factory))
+
+    def test_a_factory_that_does_not_is_refused_at_once(self):
+        with self.assertRaisesRegex(TypeError, "does not provide IProxiedFactory"):
+            proxy.ProxyHeaderFactory(Factory.forProtocol(lambda: None), MemoryReactorClock())
 
 
 class ProxyTests(SynchronousTestCase):
