@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import venv
 import zipfile
@@ -21,7 +22,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from .helpers import fetch, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["setup.cfg", "setup.py", "README.rst", "LICENSE", "tcpgreet", "twisted"]
+SOURCES = ["pyproject.toml", "setup.cfg", "setup.py", "README.rst", "LICENSE", "tcpgreet",
+           "twisted"]
 
 
 def copy_project(into: Path) -> Path:
@@ -64,12 +66,35 @@ class PackagingTests(SynchronousTestCase):
         [wheel] = wheels.glob("tcpgreet-*.whl")
         names = set(zipfile.ZipFile(wheel).namelist())
         self.assertIn("twisted/plugins/tcpgreet_plugin.py", names)
-        self.assertIn("tcpgreet/tap.py", names)
+        for module in ("tcpgreet/tap.py", "tcpgreet/client/__main__.py",
+                       "tcpgreet/workers/__main__.py"):
+            self.assertIn(module, names)
         for shadowing in ("twisted/__init__.py", "twisted/plugins/__init__.py",
                           "twisted/plugins/dropin.cache"):
             self.assertNotIn(shadowing, names)
         self.assertEqual({n for n in names if n.startswith("twisted/")},
                          {"twisted/plugins/tcpgreet_plugin.py"})
+
+    def test_build_makes_an_sdist_and_a_wheel_that_twine_accepts(self):
+        # The standard PEP 517 path (pyproject.toml's build-system), as
+        # build tools and package indexes take it.
+        project = copy_project(self.tmp)
+        dist = self.tmp / "dist"
+        built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel",
+                                "--outdir", str(dist), str(project)],
+                               capture_output=True, text=True, timeout=600, cwd=self.tmp)
+        self.assertEqual(built.returncode, 0, built.stdout + built.stderr)
+        [sdist] = dist.glob("tcpgreet-*.tar.gz")
+        [wheel] = dist.glob("tcpgreet-*.whl")
+        checked = subprocess.run([sys.executable, "-m", "twine", "check", "--strict",
+                                  str(sdist), str(wheel)],
+                                 capture_output=True, text=True, timeout=120, cwd=self.tmp)
+        self.assertEqual(checked.returncode, 0, checked.stdout + checked.stderr)
+        self.assertEqual(checked.stdout.count("PASSED"), 2, checked.stdout)
+        with tarfile.open(sdist) as archive:
+            names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        self.assertLessEqual({"pyproject.toml", "setup.cfg", "README.rst", "LICENSE",
+                              "twisted/plugins/tcpgreet_plugin.py"}, names)
 
     def test_editable_install_is_found_by_twistd(self):
         project = copy_project(self.tmp)
