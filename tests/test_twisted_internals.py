@@ -12,10 +12,10 @@ private name of Twisted's that is not in the list, so the list stays whole.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import pkgutil
-import re
 import textwrap
 from pathlib import Path
 
@@ -78,10 +78,6 @@ INTERNALS = {
 }
 
 
-# self.NAME = ..., or self.NAME: TYPE = ...
-_ASSIGNMENT = r"\bself\.{}\s*(?::[^=\n]*)?=[^=]"
-
-
 def resolve(spec: str) -> None:
     """Raise AssertionError, naming C{spec}, unless the installed Python or
     Twisted has it."""
@@ -105,15 +101,19 @@ def resolve(spec: str) -> None:
 
 def _assigned_by(cls: type, attribute: str) -> bool:
     """Whether a class in C{cls}'s MRO assigns C{self.attribute}."""
-    pattern = re.compile(_ASSIGNMENT.format(re.escape(attribute)))
-    for klass in inspect.getmro(cls):
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        if pattern.search(source):
-            return True
-    return False
+    return any(attribute in _self_stores(klass) for klass in inspect.getmro(cls))
+
+
+@functools.cache
+def _self_stores(cls: type) -> frozenset[str]:
+    """The names C{cls}'s own code stores as C{self.NAME} (tuple targets too)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return frozenset()
+    return frozenset(node.attr for node in ast.walk(tree)
+                     if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                     and isinstance(node.value, ast.Name) and node.value.id == "self")
 
 
 class InternalsTests(SynchronousTestCase):
@@ -230,11 +230,5 @@ def _twistedOwned(module, owner: str | None, name: str) -> bool:
 
 
 def _assigned_in_own_source(cls: type, name: str) -> bool:
-    """Whether C{cls}'s own code stores C{self.name} (tuple targets too)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return False
-    return any(isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-               and isinstance(node.value, ast.Name) and node.value.id == "self"
-               and node.attr == name for node in ast.walk(tree))
+    """Whether C{cls}'s own code stores C{self.name}."""
+    return name in _self_stores(cls)
