@@ -36,7 +36,8 @@ def held(description, workers=2, steer=False):
     """Listen on C{description} as a supervisor of C{workers} would."""
     endpoint = server_endpoint(HoldingReactor(reactor, workers, steer), description)
     results = []
-    endpoint.listen(Factory()).addBoth(results.append)
+    factory = GreetFactory(greeting.from_text("x"), quiet=True, reactor=reactor)
+    endpoint.listen(factory).addBoth(results.append)
     return results[0]
 
 
