@@ -14,9 +14,11 @@ import os
 from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
-from tcpgreet import greeting
+from tcpgreet import greeting, logs
 from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
@@ -280,7 +282,7 @@ def makeService(options: Options, reactor=None) -> IService:
                else [reactor] * len(options["listen"]))
     endpoints = _endpoints(options, facades)
     factory = _factory(options, reactor)
-    top = MultiService()
+    top = TwistdService(options, reactor)
     greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
                            reactor=reactor, drain_timeout=options["drain-timeout"],
                            announce=not worker)
@@ -293,6 +295,33 @@ def makeService(options: Options, reactor=None) -> IService:
                          lambda: {"open": greeter.factory.limits.open,
                                   "listeners": len(greeter.ports)}).setServiceParent(top)
     return top
+
+
+class TwistdService(MultiService):
+    """
+    The service twistd runs, which also chooses its log observer.
+
+    twistd hands this service its application before it starts logging,
+    and takes the application's L{ILogObserver} component (what a C{.tac}
+    file sets) when its command line names no observer: there goes
+    tcpgreet's, with twistd's destination, lines and rotation, but a
+    fraction of the cost (L{logs.twistd_default}).  C{--logger} and
+    C{--syslog} keep their meaning.
+    """
+
+    def __init__(self, options: Options, reactor) -> None:
+        super().__init__()
+        # Set on a plugin's options by twistd's own (its ServerOptions).
+        self._twistd_options = getattr(options, "parent", None)
+        self._reactor = reactor
+
+    def setServiceParent(self, parent) -> None:
+        if (self._twistd_options is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver) is None):
+            observer = logs.twistd_default(self._twistd_options, self._reactor)
+            if observer is not None:
+                parent.setComponent(ILogObserver, observer)
+        super().setServiceParent(parent)
 
 
 def _endpoints(options: Options, facades: list) -> list:
@@ -328,7 +357,7 @@ def _supervisor(options: Options, reactor) -> IService:
         _factory(options, reactor), endpoints, count, worker_arguments(options),
         greeting_file=options["greeting-file"], reactor=reactor,
         drain_timeout=options["drain-timeout"])
-    top = MultiService()
+    top = TwistdService(options, reactor)
     supervisor.setServiceParent(top)
     if options["metrics"] is not None:
         _metrics_service(
