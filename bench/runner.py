@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import BenchError, cpus, loadgen, procfs, servers
+from bench import BenchError, coldstart, cpus, held, loadgen, procfs, servers
 from bench.report import Report, Row, Sample
 
 # The signals that end a run; see bench.cli.
@@ -40,6 +40,7 @@ class Settings:
     loadgen: str = "auto"  # "auto", "c" or "python"
     normal_close: bool = False
     timeout_ms: int = 5000  # per connection, connect to EOF
+    cold_start: int = 10  # pairs of runs; see bench.coldstart
 
 
 def run(settings: Settings, progress: Callable[[str], object]) -> Report:
@@ -71,12 +72,29 @@ def run(settings: Settings, progress: Callable[[str], object]) -> Report:
                                           placement, settings)
                         samples.append(sample)
                         progress(_progress_line(sample, settings.rounds))
+        cold_start = None
+        if settings.cold_start:
+            progress(f"cold start: {settings.cold_start} paired runs")
+            cold_start = coldstart.measure(sys.executable, settings.cold_start, scratch)
         return Report(
             rows=_rows(samples, settings, variants), reference=servers.REFERENCE,
+            cold_start=cold_start,
             settings=asdict(settings),
             context={**_context(sys.executable, scratch),
                      "load generator": generator.description, "CPUs": placement.note},
             legend={v.name: v.summary for v in variants}, skipped=skipped)
+
+
+def run_held(connections: int, progress: Callable[[str], object]) -> dict[str, object]:
+    """L{held.measure} on a fresh tcpgreet, in a scratch directory of its own."""
+    with tempfile.TemporaryDirectory(prefix="tcpgreet-bench-") as scratch_name:
+        launch = servers.Launch(twistd=servers.find_twistd(), python=sys.executable,
+                                scratch=Path(scratch_name), workers=None,
+                                take_port=servers.Ports().take)
+        placement = cpus.plan(1)
+        placement.pin_load()
+        result = held.measure(launch, connections, placement, progress)
+        return {**result, **_context(sys.executable, launch.scratch)}
 
 
 def _select(settings: Settings, scratch: Path, launch: servers.Launch

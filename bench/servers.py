@@ -225,12 +225,13 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait_until_serving(self, timeout: float = START_TIMEOUT) -> None:
+    def wait_until_serving(self, timeout: float = START_TIMEOUT,
+                           greeting: bytes = GREETING) -> None:
         """Poll the port until it greets with the right bytes; fail if the server exits."""
         deadline = time.monotonic() + timeout
         while True:
             reply = _fetch(self.port)
-            if reply == GREETING:
+            if reply == greeting:
                 return
             if reply is not None:
                 raise BenchError(f"{self.variant.name}: port {self.port} answered "

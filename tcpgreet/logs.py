@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import json.encoder
 import signal
 import sys
 import time
@@ -142,8 +143,9 @@ def _message(event: dict) -> str:
 class _SecondCache:
     """Text of a timestamp's whole second, computed once a second."""
 
-    def __init__(self, render: Callable[[int], str]) -> None:
+    def __init__(self, render: Callable[[int], str], to_microseconds: bool = False) -> None:
         self._render = render
+        self._to_microseconds = to_microseconds
         self._second = None
         self._text = ""
 
@@ -151,7 +153,8 @@ class _SecondCache:
         second = int(when)
         # Twisted's formatTime goes through datetime.fromtimestamp, which
         # rounds to the microsecond: x.9999996 is shown as second x + 1.
-        if when - second >= 0.9999995 and round((when - second) * 1e6) >= 1000000:
+        if when - second >= 0.9999995 and self._to_microseconds and \
+                round((when - second) * 1e6) >= 1000000:
             second += 1
         if second != self._second:
             self._second = second
@@ -217,16 +220,31 @@ def _classic_line(local_time: _SecondCache) -> Callable[[dict], str | None]:
     return line
 
 
+def _json_encoder() -> Callable[[dict], str]:
+    """
+    C{json.JSONEncoder(default=repr, ensure_ascii=False).encode}, without
+    what that method does again at every call (check the argument, build a
+    C encoder and its closures): the C encoder, built once, where there is
+    one.  It keeps no memo of the containers it is in, so a field that
+    contains itself ends in a RecursionError rather than a ValueError.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython has the C encoder
+        return json.JSONEncoder(default=repr, ensure_ascii=False).encode
+    chunks = make(None, repr, json.encoder.encode_basestring, None, ": ", ", ",
+                  False, False, True)
+    return lambda record: "".join(chunks(record, 0))
+
+
 def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
-    # One encoder for every line: json.dumps with options builds a new one
-    # per call.
-    encode = json.JSONEncoder(default=repr, ensure_ascii=False).encode
+    encode = _json_encoder()
 
     def line(event: dict) -> str:
         when = event.get("log_time", 0.0)
+        level = event.get("log_level")
         record = {
             "time": f"{utc_time(when)}.{int(when % 1 * 1000):03d}Z",
-            "level": getattr(event.get("log_level"), "name", None),
+            "level": getattr(level, "name", None),
             "namespace": event.get("log_namespace"),
             "message": _message(event) if "log_format" in event else formatEvent(event),
         }
@@ -237,9 +255,18 @@ def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
         for key, value in event.items():
             if key[:4] != "log_" and key not in record:
                 record[key] = value
-        return encode(record) + "\n"
+        try:
+            return encode(record) + "\n"
+        except (ValueError, TypeError, RecursionError):
+            # A field JSON cannot hold (one that contains itself): its text
+            # instead, rather than an observer Twisted would disable.
+            return encode({key: value if key in _JSON_OWN else repr(value)
+                           for key, value in record.items()}) + "\n"
 
     return line
+
+
+_JSON_OWN = ("time", "level", "namespace", "message", "error", "traceback")
 
 
 def _write_log_file(log_file: LogFile, lines: list[str]) -> None:
@@ -363,7 +390,8 @@ def text_observer(out: IO[str] | LogFile | None = None, reactor=None) -> Batchin
     C{twistd --logger} takes.
     """
     return BatchingObserver(out if out is not None else sys.__stdout__,
-                            _classic_line(_SecondCache(_local_second)), reactor)
+                            _classic_line(_SecondCache(_local_second, to_microseconds=True)),
+                            reactor)
 
 
 def json_observer(out: IO[str] | None = None, reactor=None) -> BatchingObserver:
