@@ -252,9 +252,11 @@ def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
         if failure is not None:
             record["error"] = failure.getErrorMessage()
             record["traceback"] = failure.getTraceback()
-        for key, value in event.items():
-            if key[:4] != "log_" and key not in record:
-                record[key] = value
+        fields = {key: value for key, value in event.items() if key[:4] != "log_"}
+        if not _JSON_OWN.isdisjoint(fields):
+            for key in record:  # the record's own come first, and stay
+                fields.pop(key, None)
+        record.update(fields)
         try:
             return encode(record) + "\n"
         except (ValueError, TypeError, RecursionError):
@@ -266,7 +268,7 @@ def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
     return line
 
 
-_JSON_OWN = ("time", "level", "namespace", "message", "error", "traceback")
+_JSON_OWN = frozenset(("time", "level", "namespace", "message", "error", "traceback"))
 
 
 def _write_log_file(log_file: LogFile, lines: list[str]) -> None:

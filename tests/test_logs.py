@@ -12,7 +12,7 @@ from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicL
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.logs import RateLimitedLog, json_observer, text_observer
+from tcpgreet.logs import FastLogger, RateLimitedLog, json_observer, text_observer
 
 
 class RateLimitedLogTests(SynchronousTestCase):
@@ -89,6 +89,25 @@ class JSONObserverTests(SynchronousTestCase):
         record = json.loads(self.emit("odd {thing}", thing=object()))
         self.assertTrue(record["thing"].startswith("<object object"))
 
+    def test_fields_do_not_replace_the_records_own(self):
+        record = json.loads(self.emit("said {message}", message="hello", peer="x"))
+        self.assertEqual((record["message"], record["peer"]), ("said hello", "x"))
+
+    def test_a_field_that_contains_itself_is_shown(self):
+        loop: list = []
+        loop.append(loop)
+        publisher = LogPublisher()
+        out = io.StringIO()
+        observer = json_observer(out, StoppedReactor())
+        publisher.addObserver(observer)
+        log = Logger(namespace="n", observer=publisher)
+        log.info("loop {loop}", loop=loop, n=1)
+        log.info("still here")
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([(r["message"], r.get("loop")) for r in records],
+                         [("loop [[...]]", "[[...]]"), ("still here", None)])
+        self.assertEqual(records[0]["n"], "1")
+
     def test_failures_carry_their_traceback(self):
         out = io.StringIO()
         log = Logger(observer=LogPublisher(json_observer(out, StoppedReactor())))
@@ -157,6 +176,34 @@ class TextObserverTests(SynchronousTestCase):
         for _ in range(2000):
             log.info("x" * 100)
         self.assertGreater(len(out.getvalue()), 65536)
+
+
+class FastLoggerTests(SynchronousTestCase):
+    """FastLogger's events are Twisted's Logger's, field for field."""
+
+    def events(self, logger_class, method: str, *args, **kwargs) -> list[dict]:
+        events: list[dict] = []
+        logger = logger_class(namespace="tcpgreet.server", source="s",
+                              observer=events.append)
+        getattr(logger, method)(*args, **kwargs)
+        for event in events:
+            self.assertIs(event.pop("log_logger"), logger)
+            self.assertLess(abs(event.pop("log_time") - time.time()), 60)
+        return events
+
+    def test_same_events(self):
+        for method, args in (("info", ("{a} b",)), ("emit", (LogLevel.warn, "{a} c")),
+                             ("error", ("{a}",)), ("emit", (LogLevel.info,))):
+            self.assertEqual(self.events(FastLogger, method, *args, a=1),
+                             self.events(Logger, method, *args, a=1), method)
+
+    def test_bad_level_reported_as_twisted_does(self):
+        [event] = self.events(FastLogger, "emit", "nonsense", "x")
+        self.assertEqual(event["log_level"], LogLevel.critical)
+        self.assertIn("invalidLevel", event)
+
+    def test_namespace_of_the_module_that_makes_it(self):
+        self.assertEqual(FastLogger().namespace, __name__)
 
 
 class BrokenSink(io.StringIO):
