@@ -1,24 +1,25 @@
 """
-Logging helpers: a rate limiter for lines that floods would repeat, and log
-observers that can keep up with a line per connection: twistd's own
-destinations and lines, tcpgreet's default (L{twistd_default}), and two for
-C{twistd --logger}:
+Logging helpers: a rate limiter for lines that floods would repeat, a
+Logger that builds the per-connection event for less (L{FastLogger}), and
+log observers that keep up with a line per connection: tcpgreet's default
+under twistd (L{twistd_default}: twistd's destination, lines and rotation),
+and two for C{twistd --logger}, which write to standard output:
 
     twistd -n --logger tcpgreet.logs.text_observer tcpgreet
     twistd -n --logger tcpgreet.logs.json_observer tcpgreet
 
-These two write to standard output.  C{text_observer} writes the lines twistd's
-own log file has; C{json_observer} writes one JSON object per event: C{time}
-(UTC, ISO 8601, milliseconds), C{level}, C{namespace}, C{message} (the
-formatted text) and every field of the event (for a connection: C{peer},
-C{port}, C{outcome}, C{bytes}, C{duration_ms}, C{reason}, C{tls}).
+C{text_observer} writes the lines twistd's own log file has; C{json_observer}
+writes one JSON object per event: C{time} (UTC, ISO 8601, milliseconds),
+C{level}, C{namespace}, C{message} (the formatted text) and every field of
+the event (for a connection: C{peer}, C{port}, C{outcome}, C{bytes},
+C{duration_ms}, C{reason}, C{tls}).
 
 Why they exist: twistd's log file observer formats every event through
 Twisted's pure-Python formatter, computes the time zone of every timestamp
 and flushes after every line, which costs more than serving the connection
 the line is about.  These format with C{str.format_map}, reuse the
 timestamp of the current second, and write what one turn of the event loop
-logged in one system call.
+logged in one system call, at the end of that turn.
 """
 
 from __future__ import annotations
