@@ -237,27 +237,39 @@ def _json_encoder() -> Callable[[dict], str]:
     return lambda record: "".join(chunks(record, 0))
 
 
+class _FieldNames(dict):
+    """Whether an event's key names a field (not one of Twisted's C{log_} keys), once per name."""
+
+    def __missing__(self, key: str) -> bool:
+        field = key[:4] != "log_"
+        if len(self) < 10000:
+            self[key] = field
+        return field
+
+
 def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
     encode = _json_encoder()
+    quote = json.encoder.encode_basestring
+    is_field = _FieldNames()
+    # '"level": ..., "namespace": ..., ' for each level and namespace seen.
+    heads: dict[tuple, str] = {}
 
-    def line(event: dict) -> str:
-        when = event.get("log_time", 0.0)
+    def record_line(event: dict, when: float, message: str) -> str:
+        """The line, built as one record: for failures and odd fields."""
         level = event.get("log_level")
         record = {
             "time": f"{utc_time(when)}.{int(when % 1 * 1000):03d}Z",
             "level": getattr(level, "name", None),
             "namespace": event.get("log_namespace"),
-            "message": _message(event) if "log_format" in event else formatEvent(event),
+            "message": message,
         }
         failure = event.get("log_failure")
         if failure is not None:
             record["error"] = failure.getErrorMessage()
             record["traceback"] = failure.getTraceback()
-        fields = {key: value for key, value in event.items() if key[:4] != "log_"}
-        if not _JSON_OWN.isdisjoint(fields):
-            for key in record:  # the record's own come first, and stay
-                fields.pop(key, None)
-        record.update(fields)
+        for key, value in event.items():
+            if is_field[key] and key not in record:  # the record's own stay
+                record[key] = value
         try:
             return encode(record) + "\n"
         except (ValueError, TypeError, RecursionError):
@@ -265,6 +277,29 @@ def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
             # instead, rather than an observer Twisted would disable.
             return encode({key: value if key in _JSON_OWN else repr(value)
                            for key, value in record.items()}) + "\n"
+
+    def line(event: dict) -> str:
+        when = event.get("log_time", 0.0)
+        message = _message(event) if "log_format" in event else formatEvent(event)
+        fields = {key: value for key, value in event.items() if is_field[key]}
+        if "log_failure" in event or not _JSON_OWN.isdisjoint(fields):
+            return record_line(event, when, message)
+        # The same text as record_line's, from parts: the time, a head kept
+        # for each level and namespace, the message, and the fields.
+        key = (event.get("log_level"), event.get("log_namespace"))
+        try:
+            head = heads[key]
+        except (KeyError, TypeError):
+            head = encode({"level": getattr(key[0], "name", None),
+                           "namespace": key[1]})[1:-1] + ", "
+            if len(heads) < 1000 and type(key[1]) is str:
+                heads[key] = head
+        try:
+            rest = encode(fields)
+        except (ValueError, TypeError, RecursionError):
+            return record_line(event, when, message)
+        return (f'{{"time": "{utc_time(when)}.{int(when % 1 * 1000):03d}Z", {head}'
+                f'"message": {quote(message)}{", " + rest[1:] if fields else "}"}\n')
 
     return line
 

@@ -8,7 +8,13 @@ import sys
 import time
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -88,6 +94,32 @@ class JSONObserverTests(SynchronousTestCase):
     def test_unserialisable_values_are_shown_not_fatal(self):
         record = json.loads(self.emit("odd {thing}", thing=object()))
         self.assertTrue(record["thing"].startswith("<object object"))
+
+    def test_the_documented_record_exactly(self):
+        when = 1764580968.25
+        events = [
+            {"log_format": "{peer} port {port}", "peer": "::1", "port": 5, "tls": False,
+             "reason": None, "duration_ms": 0.125},
+            {"log_format": "no fields"},
+            {"log_format": 'quotes " and \\ and é and \n', "x": 'a "b"\n', "y": [1, {"z": None}]},
+            {"log_format": "odd {v}", "v": object(), "log_namespace": None, "log_level": None},
+            {"log_format": "{n}", "n": 1, "log_namespace": 7},
+            {"log_text": "legacy", "log_format": "{log_text}", "log_system": "-"},
+            {"nothing": "formats this"},
+        ]
+        for extra in events:
+            event = {"log_time": when, "log_namespace": "tcpgreet.server",
+                     "log_level": LogLevel.info, **extra}
+            record = {"time": "2025-12-01T09:22:48.250Z",
+                      "level": getattr(event["log_level"], "name", None),
+                      "namespace": event["log_namespace"], "message": formatEvent(event)}
+            for key, value in event.items():
+                if not key.startswith("log_") and key not in record:
+                    record[key] = value
+            out = io.StringIO()
+            json_observer(out, StoppedReactor())(event)
+            self.assertEqual(out.getvalue(),
+                             json.dumps(record, default=repr, ensure_ascii=False) + "\n")
 
     def test_fields_do_not_replace_the_records_own(self):
         record = json.loads(self.emit("said {message}", message="hello", peer="x"))
