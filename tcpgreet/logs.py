@@ -29,11 +29,13 @@ import json
 import json.encoder
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
 from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatEvent
+from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -339,6 +341,12 @@ class BatchingObserver:
     C{out} is a text stream, or a twistd L{LogFile}, which rotates where
     twistd would rotate it (see L{rotate} for SIGUSR1).
 
+    Thread-safe: Twisted calls observers in the thread that logs, which is
+    not always the reactor's (a thread pool's failure, a Deferred's
+    unhandled error collected in another thread).  The lines pending and
+    their writing are guarded by a lock, and a thread other than the
+    reactor's asks for the flush with C{callFromThread}.
+
     @ivar lost: lines that could not be written.
     """
 
@@ -348,6 +356,8 @@ class BatchingObserver:
         self._log_file = out if isinstance(out, LogFile) else None
         self._render = render
         self._reactor = reactor
+        # Reentrant: a stream that logged as it wrote must not deadlock.
+        self._lock = threading.RLock()
         self._pending: list[str] = []
         self._size = 0
         self._scheduled = False
@@ -359,55 +369,63 @@ class BatchingObserver:
         text = self._render(event)
         if not text:
             return
-        pending = self._pending
-        pending.append(text)
-        self._size += len(text)
-        if self._scheduled:
-            if self._size > BATCH_LIMIT:
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+            if self._scheduled:
+                if self._size > BATCH_LIMIT:
+                    self.flush()
+                return
+            reactor = self._reactor if self._watching else self._reactor_()
+            if not reactor.running or self._size > BATCH_LIMIT:
                 self.flush()
-            return
-        reactor = self._reactor if self._watching else self._reactor_()
-        if not reactor.running or self._size > BATCH_LIMIT:
-            self.flush()
-        else:
+                return
             self._scheduled = True
+        # callLater belongs to the reactor's thread (and, before any reactor
+        # has registered one, to whoever drives the loop: a test's clock).
+        if threadable.ioThread is None or threadable.isInIOThread():
             reactor.callLater(0, self.flush)
+        else:
+            reactor.callFromThread(self.flush)
 
     def flush(self) -> None:
         """Write what is pending now."""
-        self._scheduled = False
-        if not self._pending:
-            return
-        lines = self._pending
-        self._pending = []
-        self._size = 0
-        try:
-            if self._log_file is not None:
-                _write_log_file(self._log_file, lines)
+        with self._lock:
+            self._scheduled = False
+            if not self._pending:
+                return
+            lines = self._pending
+            self._pending = []
+            self._size = 0
+            try:
+                if self._log_file is not None:
+                    _write_log_file(self._log_file, lines)
+                else:
+                    self._out.write("".join(lines))
+                self._out.flush()
+            except (OSError, ValueError) as e:
+                # A full disk or a reader that went away must not become a
+                # log event of its own (which would bring us right back
+                # here): the lines are lost, and standard error hears of it
+                # once.
+                self.lost += len(lines)
+                if not self._failing:
+                    self._failing = True
+                    with contextlib.suppress(OSError, ValueError):
+                        print(f"tcpgreet: cannot write the log ({e}); dropping log lines",
+                              file=sys.__stderr__, flush=True)
             else:
-                self._out.write("".join(lines))
-            self._out.flush()
-        except (OSError, ValueError) as e:
-            # A full disk or a reader that went away must not become a log
-            # event of its own (which would bring us right back here): the
-            # lines are lost, and standard error hears of it once.
-            self.lost += len(lines)
-            if not self._failing:
-                self._failing = True
-                with contextlib.suppress(OSError, ValueError):
-                    print(f"tcpgreet: cannot write the log ({e}); dropping log lines",
-                          file=sys.__stderr__, flush=True)
-        else:
-            self._failing = False
+                self._failing = False
 
     def rotate(self) -> None:
         """
         Rotate the log file now, as twistd does on SIGUSR1: what was logged
         before goes to the old file, what comes after to the new one.
         """
-        self.flush()
-        if self._log_file is not None:
-            self._log_file.rotate()
+        with self._lock:
+            self.flush()
+            if self._log_file is not None:
+                self._log_file.rotate()
 
     def _reactor_(self):
         if not self._watching:

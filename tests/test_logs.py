@@ -5,6 +5,7 @@ The rate-limited log and the JSON Lines observer.
 import io
 import json
 import sys
+import threading
 import time
 
 from twisted.internet.task import Clock
@@ -15,10 +16,17 @@ from twisted.logger import (
     formatEvent,
     formatEventAsClassicLogText,
 )
+from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.logs import FastLogger, RateLimitedLog, json_observer, text_observer
+from tcpgreet.logs import (
+    BatchingObserver,
+    FastLogger,
+    RateLimitedLog,
+    json_observer,
+    text_observer,
+)
 
 
 class RateLimitedLogTests(SynchronousTestCase):
@@ -260,3 +268,55 @@ class FailingSinkTests(SynchronousTestCase):
         self.assertEqual(observer.lost, 4)
         self.assertEqual(stderr.getvalue().count("cannot write the log"), 1)
         self.assertIn("No space left on device", stderr.getvalue())
+
+
+class FromThreadClock(RunningClock):
+    """A running reactor that notes what was handed to it from a thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.from_threads = []
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.from_threads.append((f, args, kwargs))
+
+
+class ThreadTests(SynchronousTestCase):
+    def test_lines_logged_from_many_threads_are_each_written_once(self):
+        out = io.StringIO()
+        observer = BatchingObserver(out, lambda event: event["text"], StoppedReactor())
+        # Switching threads as often as possible finds the gaps between
+        # reading and clearing what is pending, if there are any.
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(1e-6)
+
+        def log(thread):
+            for i in range(20000):
+                observer({"text": f"{thread} {i}\n"})
+
+        threads = [threading.Thread(target=log, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 8 * 20000)
+        self.assertEqual(set(lines), {f"{n} {i}" for n in range(8) for i in range(20000)})
+
+    def test_a_line_from_another_thread_is_flushed_by_the_reactors(self):
+        clock = FromThreadClock()
+        out = io.StringIO()
+        observer = BatchingObserver(out, lambda event: event["text"], clock)
+        self.patch(threadable, "ioThread", threading.get_ident())  # this one runs the loop
+        thread = threading.Thread(target=observer, args=({"text": "from a thread\n"},))
+        thread.start()
+        thread.join(10)
+        # Not clock.callLater, which only the reactor's thread may call.
+        self.assertEqual(clock.getDelayedCalls(), [])
+        [(f, args, kwargs)] = clock.from_threads
+        f(*args, **kwargs)
+        self.assertEqual(out.getvalue(), "from a thread\n")
+        observer({"text": "from the reactor\n"})  # the reactor's own: callLater
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        self.assertEqual(out.getvalue(), "from a thread\nfrom the reactor\n")
