@@ -181,10 +181,21 @@ class RotationTests(SynchronousTestCase):
         self.assertEqual(sorted(ports), list(range(1, count + 1)))
 
 
-def _application(argv: list[str]):
-    """What twistd builds from C{argv}: its options and the application."""
+def _options(argv: list[str]) -> ServerOptions:
     config = ServerOptions()
     config.parseOptions(argv)
+    return config
+
+
+def _application(argv: list[str]):
+    """
+    What twistd builds from C{argv}: its options and the application.  Only
+    for foreground command lines: for a daemon, tcpgreet's service prepares
+    the launcher's wait for the daemon it is about to fork, which has no
+    place in a test's process.
+    """
+    config = _options(argv)
+    assert config["nodaemon"], argv
     return config, UnixApplicationRunner(config).createOrGetApplication()
 
 
@@ -223,8 +234,10 @@ class ChoiceTests(SynchronousTestCase):
         self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
 
     def test_daemon_writes_twistd_log(self):
-        observer = self.observer()
+        config = _options(["tcpgreet"])
+        observer = logs.twistd_default(config)
         self.assertEqual(observer._out.path, os.path.join(self.directory, "twistd.log"))
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
 
     def test_sigusr1_taken_already(self):
         def mine(signum, frame):
@@ -242,7 +255,8 @@ class ChoiceTests(SynchronousTestCase):
         self.assertIsNone(self.observer("-n", "--logger", "tcpgreet.logs.json_observer"))
 
     def test_syslog_wins(self):
-        config, application = _application(["--syslog", "--prefix", "greet", "tcpgreet"])
+        config, application = _application(["-n", "--syslog", "--prefix", "greet",
+                                            "tcpgreet"])
         self.assertIsNone(application.getComponent(ILogObserver))
         from twisted.python import syslog
         chosen = UnixAppLogger(config)._getLogObserver()
@@ -250,8 +264,8 @@ class ChoiceTests(SynchronousTestCase):
         self.assertFalse(os.path.exists("twistd.log"))
 
     def test_daemon_to_standard_output_is_twistds_to_refuse(self):
-        config, application = _application(["--logfile=-", "tcpgreet"])
-        self.assertIsNone(application.getComponent(ILogObserver))
+        config = _options(["--logfile=-", "tcpgreet"])
+        self.assertIsNone(logs.twistd_default(config))
         with self.assertRaises(SystemExit):
             UnixAppLogger(config)._getLogObserver()
 
