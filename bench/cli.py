@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import BenchError, runner, servers
+from bench import BenchError, held, runner, servers
 
 DEFAULTS = runner.Settings()
 
@@ -86,12 +86,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--normal-close", action="store_true",
                         help="clients close normally instead of with a reset; each "
                         "connection then leaves TIME_WAIT state on the server side")
+    parser.add_argument("--cold-start", type=int, default=DEFAULTS.cold_start, metavar="PAIRS",
+                        help="paired runs of one probe (python -m tcpgreet.client) and of "
+                        "Twisted's import alone, after the table; 0: none "
+                        f"(default {DEFAULTS.cold_start})")
+    parser.add_argument("--held", type=_positive(int), metavar="N",
+                        help="instead of the table: server memory per held connection, "
+                        "with N clients that never read a 300 KB greeting (e.g. 9000)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the results as JSON to PATH ('-': to standard "
                         "output, instead of the table)")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup: must not be negative")
+    if args.cold_start < 0:
+        parser.error("--cold-start: must not be negative")
     return args
 
 
@@ -99,12 +108,24 @@ def _stop_on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _held(args: argparse.Namespace, progress: Callable[[str], object]) -> int:
+    result = runner.run_held(args.held, progress)
+    if args.json == "-":
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    sys.stdout.write(held.text(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     settings = runner.Settings(
         duration=args.duration, warmup=args.warmup, rounds=args.rounds,
         concurrency=args.concurrency, servers=args.servers, workers=args.workers,
-        loadgen=args.loadgen, normal_close=args.normal_close)
+        loadgen=args.loadgen, normal_close=args.normal_close, cold_start=args.cold_start)
     # SIGTERM and a closed terminal stop the run the way Ctrl-C does: every
     # process it started is stopped on the way out.
     for signum in runner.STOP_SIGNALS - {signal.SIGINT}:
@@ -114,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {line}", file=sys.stderr, flush=True)
 
     try:
+        if args.held is not None:
+            return _held(args, progress)
         report = runner.run(settings, progress)
     except KeyboardInterrupt:
         progress("interrupted; the servers it started are stopped")

@@ -1,7 +1,9 @@
 """
 The load generator: built from C{loadgen.c} with the system C compiler when
 there is one (cached by a hash of its source), else C{pyloadgen.py}; and one
-timed run of it against a port, parsed into a L{Measurement}.
+timed run of it against a port, parsed into a L{Measurement}.  The C
+greeting server the report measures as its floor (C{greetserver.c}) is
+built the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench.cpus import Placement
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "loadgen.c"
 PYTHON_SOURCE = HERE / "pyloadgen.py"
+GREETSERVER_SOURCE = HERE / "greetserver.c"
 CFLAGS = ("-O2", "-Wall")
 ERROR_KINDS = ("refused", "reset", "timeout", "short", "wrong", "addrnotavail", "other")
 
@@ -130,33 +133,45 @@ def find_compiler() -> str | None:
     return None
 
 
-def build(compiler: str, scratch: Path) -> Path:
-    """Compile C{loadgen.c}, or reuse the binary built from the same source before."""
-    source = C_SOURCE.read_bytes()
+def build(compiler: str, scratch: Path, source_path: Path = C_SOURCE) -> Path:
+    """Compile C{source_path}, or reuse the binary built from the same source before."""
+    source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join(
         [source, compiler.encode(), " ".join(CFLAGS).encode(), platform.machine().encode()]
     )).hexdigest()[:16]
     directory = _cache_directory() or scratch
-    binary = directory / f"loadgen-{key}"
+    stem = source_path.stem
+    binary = directory / f"{stem}-{key}"
     if binary.exists():
         return binary
     # Built under a temporary name and renamed: two runs at once never see
     # a half-written binary.
-    fd, partial = tempfile.mkstemp(prefix="loadgen-", suffix=".partial", dir=directory)
+    fd, partial = tempfile.mkstemp(prefix=f"{stem}-", suffix=".partial", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *CFLAGS, "-o", partial, str(C_SOURCE)],
+        result = subprocess.run([compiler, *CFLAGS, "-o", partial, str(source_path)],
                                 capture_output=True, text=True, timeout=120,
                                 stdin=subprocess.DEVNULL)
         if result.returncode != 0:
-            raise BenchError(f"{compiler} could not build loadgen.c: "
+            raise BenchError(f"{compiler} could not build {source_path.name}: "
                              f"{result.stderr.strip()[-500:]}")
         os.replace(partial, binary)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"{compiler} took over 120 s to build loadgen.c") from None
+        raise BenchError(f"{compiler} took over 120 s to build {source_path.name}") from None
     finally:
         Path(partial).unlink(missing_ok=True)
     return binary
+
+
+def build_greetserver(scratch: Path) -> tuple[Path | None, str | None]:
+    """The C greeting server's binary, or L{None} and why it cannot be had."""
+    compiler = find_compiler()
+    if compiler is None:
+        return None, "no C compiler found (cc, gcc, clang or $CC) to build greetserver.c"
+    try:
+        return build(compiler, scratch, GREETSERVER_SOURCE), None
+    except BenchError as e:
+        return None, str(e)
 
 
 def _cache_directory() -> Path | None:

@@ -21,6 +21,20 @@ FIGURES = (
 )
 
 
+# What tcpgreet aims for, as ratios of CPU per greeting measured in one run:
+# (server, over server, at most).  The report says, at each concurrency,
+# where each one stands.
+TARGETS = (
+    ("tcpgreet-as-typed", "tcpgreet-quiet", 1.25),
+    ("tcpgreet-log", "tcpgreet-quiet", 1.25),
+    ("tcpgreet-log-json", "tcpgreet-quiet", 1.4),
+    ("tcpgreet-quiet", "c-epoll", 1.3),
+    ("tcpgreet-quiet", "uvloop-minimal", 1.0),
+)
+# ... at these concurrencies (at C=1 every server mostly waits on the round trip).
+TARGET_CONCURRENCY = (50, 200)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One server at one concurrency in one round."""
@@ -75,6 +89,24 @@ class Report:
     context: dict[str, str]  # software, machine, load generator, CPU placement
     legend: dict[str, str]  # server name -> what it is
     skipped: dict[str, str]  # server name -> why it was not measured
+    cold_start: dict[str, object] | None = None  # see bench.coldstart
+
+    def targets(self) -> list[dict[str, object]]:
+        """Each of L{TARGETS} whose two servers were measured, at each concurrency."""
+        cpu = {(row.server, row.concurrency): row.figures()["cpu_us_per_greeting"]
+               for row in self.rows}
+        found = []
+        for concurrency in sorted({row.concurrency for row in self.rows}):
+            if concurrency not in TARGET_CONCURRENCY:
+                continue
+            for server, over, most in TARGETS:
+                mine, theirs = cpu.get((server, concurrency)), cpu.get((over, concurrency))
+                if mine is None or not theirs:
+                    continue
+                ratio = mine / theirs
+                found.append({"server": server, "over": over, "concurrency": concurrency,
+                              "ratio": ratio, "at_most": most, "met": ratio <= most})
+        return found
 
     def ratios(self, row: Row) -> dict[str, float | None]:
         """Each figure of C{row} over the reference server's, at the same concurrency."""
@@ -88,6 +120,7 @@ class Report:
         return {
             "settings": self.settings, "context": self.context, "reference": self.reference,
             "servers": self.legend, "skipped": self.skipped,
+            "targets": self.targets(), "cold_start": self.cold_start,
             "results": [{
                 "server": row.server, "concurrency": row.concurrency,
                 "figures": row.figures(), "ratio": self.ratios(row),
@@ -117,6 +150,9 @@ class Report:
         ]
         lines += _align(self._table())
         lines += self._error_details()
+        lines += self._target_lines()
+        if self.cold_start is not None:
+            lines += ["", *_cold_start_lines(self.cold_start)]
         lines += ["", "servers:"]
         width = max(map(len, [*self.legend, *self.skipped]), default=0)
         lines += [f"  {name:<{width}}  {text}" for name, text in self.legend.items()]
@@ -152,6 +188,28 @@ class Report:
         return ["", "errors:", *details] if details else []
 
 
+    def _target_lines(self) -> list[str]:
+        targets = self.targets()
+        if not targets:
+            return []
+        rows = _align([[f"C={t['concurrency']}", f"{t['server']} / {t['over']}",
+                        f"{t['ratio']:.2f}x", f"at most {t['at_most']:.2f}x",
+                        "met" if t["met"] else "NOT MET"] for t in targets],
+                      left=(1, 4))
+        return ["", "targets (CPU us/greeting of one server over another's, this run):",
+                *("  " + line for line in rows)]
+
+
+def _cold_start_lines(cold: dict) -> list[str]:
+    return [
+        f"cold start ({cold['pairs']} paired runs, medians of wall time):",
+        f"  {cold['probe_command']}: {cold['probe_ms']:.0f} ms",
+        f"  {cold['twisted_command']}: {cold['twisted_ms']:.0f} ms",
+        f"  the probe over Twisted's import alone: {cold['ratio']:.2f}x "
+        f"(at most {cold['at_most']:.2f}x: {'met' if cold['met'] else 'NOT MET'})",
+    ]
+
+
 def _count(number: object, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
@@ -175,7 +233,7 @@ def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "  -  "
 
 
-def _align(table: list[list[str]]) -> list[str]:
+def _align(table: list[list[str]], left: tuple[int, ...] = (1,)) -> list[str]:
     """Server names to the left, numbers to the right, two spaces between."""
     widths = [max(len(row[i]) for row in table if row) for i in range(len(table[0]))]
     lines = []
@@ -183,7 +241,7 @@ def _align(table: list[list[str]]) -> list[str]:
         if not row:
             lines.append("")
             continue
-        cells = [cell.ljust(width) if i == 1 else cell.rjust(width)
+        cells = [cell.ljust(width) if i in left else cell.rjust(width)
                  for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return lines

@@ -10,6 +10,7 @@ starts: only one server runs at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import signal
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import BenchError, cpus, loadgen, procfs, servers
+from bench import BenchError, coldstart, cpus, held, loadgen, procfs, servers
 from bench.report import Report, Row, Sample
 
 # The signals that end a run; see bench.cli.
@@ -39,6 +40,7 @@ class Settings:
     loadgen: str = "auto"  # "auto", "c" or "python"
     normal_close: bool = False
     timeout_ms: int = 5000  # per connection, connect to EOF
+    cold_start: int = 10  # pairs of runs; see bench.coldstart
 
 
 def run(settings: Settings, progress: Callable[[str], object]) -> Report:
@@ -46,15 +48,20 @@ def run(settings: Settings, progress: Callable[[str], object]) -> Report:
     with tempfile.TemporaryDirectory(prefix="tcpgreet-bench-") as scratch_name:
         scratch = Path(scratch_name)
         generator = loadgen.choose(settings.loadgen, scratch, progress)
-        variants, skipped, twistd = _select(settings, scratch)
+        greetserver, no_greetserver = (loadgen.build_greetserver(scratch)
+                                       if "c-epoll" in settings.servers else (None, None))
+        if no_greetserver:
+            progress(f"c-epoll skipped: {no_greetserver}")
         placement = cpus.plan(_server_processes(settings.workers))
         # This process sleeps while a measurement runs, but it starts the
         # load generator and reads /proc: keep it off the server's CPU.
         placement.pin_load()
         progress(f"load generator: {generator.description}")
         progress(f"CPUs: {placement.note}")
-        launch = servers.Launch(twistd=twistd, python=sys.executable, scratch=scratch,
-                                workers=settings.workers, take_port=servers.Ports().take)
+        launch = servers.Launch(twistd=None, python=sys.executable, scratch=scratch,
+                                workers=settings.workers, take_port=servers.Ports().take,
+                                greetserver=greetserver)
+        variants, skipped, launch = _select(settings, scratch, launch)
         samples: list[Sample] = []
         for round_number in range(1, settings.rounds + 1):
             shift = (round_number - 1) % len(variants)
@@ -65,21 +72,42 @@ def run(settings: Settings, progress: Callable[[str], object]) -> Report:
                                           placement, settings)
                         samples.append(sample)
                         progress(_progress_line(sample, settings.rounds))
+        cold_start = None
+        if settings.cold_start:
+            progress(f"cold start: {settings.cold_start} paired runs")
+            cold_start = coldstart.measure(sys.executable, settings.cold_start, scratch)
         return Report(
             rows=_rows(samples, settings, variants), reference=servers.REFERENCE,
+            cold_start=cold_start,
             settings=asdict(settings),
             context={**_context(sys.executable, scratch),
                      "load generator": generator.description, "CPUs": placement.note},
             legend={v.name: v.summary for v in variants}, skipped=skipped)
 
 
-def _select(settings: Settings,
-            scratch: Path) -> tuple[list[servers.Variant], dict[str, str], str | None]:
-    """The variants to measure, those skipped and why, and twistd if needed."""
+def run_held(connections: int, progress: Callable[[str], object]) -> dict[str, object]:
+    """L{held.measure} on a fresh tcpgreet, in a scratch directory of its own."""
+    with tempfile.TemporaryDirectory(prefix="tcpgreet-bench-") as scratch_name:
+        launch = servers.Launch(twistd=servers.find_twistd(), python=sys.executable,
+                                scratch=Path(scratch_name), workers=None,
+                                take_port=servers.Ports().take)
+        placement = cpus.plan(1)
+        placement.pin_load()
+        result = held.measure(launch, connections, placement, progress)
+        return {**result, **_context(sys.executable, launch.scratch)}
+
+
+def _select(settings: Settings, scratch: Path, launch: servers.Launch
+            ) -> tuple[list[servers.Variant], dict[str, str], servers.Launch]:
+    """The variants to measure, those skipped and why, and the launch with twistd."""
     chosen = [variant for name, variant in servers.VARIANTS.items()
               if name in settings.servers]  # always in the same order, for the table
     twistd = None
     skipped: dict[str, str] = {}
+    for variant in chosen:
+        why = variant.unavailable(launch) if variant.unavailable is not None else None
+        if why is not None:
+            skipped[variant.name] = why
     if any(variant.is_tcpgreet for variant in chosen):
         twistd = servers.find_twistd()
         offered = servers.tcpgreet_options(twistd, scratch)
@@ -91,7 +119,7 @@ def _select(settings: Settings,
     variants = [variant for variant in chosen if variant.name not in skipped]
     if not variants:
         raise BenchError("no server left to measure")
-    return variants, skipped, twistd
+    return variants, skipped, dataclasses.replace(launch, twistd=twistd)
 
 
 def _server_processes(workers: str | None) -> int | None:

@@ -45,6 +45,7 @@ class Launch:
     scratch: Path  # each server gets a directory of its own in here
     workers: str | None  # passed on to tcpgreet as --workers, when given
     take_port: Callable[[], int]
+    greetserver: Path | None = None  # the C floor, when it could be built
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Variant:
     is_tcpgreet: bool = False
     # a tcpgreet option this variant needs; absent from --help, it is skipped
     needs_option: str | None = None
+    # why this variant cannot run here (launch -> reason), if it may not
+    unavailable: Callable[[Launch], str | None] | None = None
 
 
 def _listen(port: int) -> str:
@@ -78,10 +81,28 @@ def _baseline(script: str) -> Callable[[Launch, int, Path], list[str]]:
                                             str(port)]
 
 
+def _python_lacks(module: str) -> Callable[[Launch], str | None]:
+    def check(launch: Launch) -> str | None:
+        found = subprocess.run([launch.python, "-c", f"import {module}"],
+                               capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        return None if found.returncode == 0 else \
+            f"{module} is not installed (pip install {module})"
+    return check
+
+
+def _no_greetserver(launch: Launch) -> str | None:
+    return None if launch.greetserver is not None else \
+        "greetserver.c could not be built (no C compiler?)"
+
+
 VARIANTS = {variant.name: variant for variant in [
     Variant("tcpgreet-quiet", "twistd -n tcpgreet --quiet",
             lambda launch, port, directory: _tcpgreet(launch, port, "--quiet"),
             is_tcpgreet=True),
+    # The command as a user types it, its standard output (the log) a file.
+    Variant("tcpgreet-as-typed",
+            "twistd -n tcpgreet (a log line per connection, to standard output: a file)",
+            lambda launch, port, directory: _tcpgreet(launch, port), is_tcpgreet=True),
     # A real file, as an operator would have: twistd rotates its log file,
     # so /dev/null (which it would rename away when run as root) will not do.
     Variant("tcpgreet-log", "twistd -n --logfile=FILE tcpgreet (a log line per connection)",
@@ -111,6 +132,13 @@ VARIANTS = {variant.name: variant for variant in [
             "bench/baselines/asyncio_minimal.py: stdlib asyncio Protocol, "
             "backlog 1024 as tcpgreet's",
             _baseline("asyncio_minimal.py")),
+    Variant("uvloop-minimal",
+            "bench/baselines/uvloop_minimal.py: the same Protocol on uvloop",
+            _baseline("uvloop_minimal.py"), unavailable=_python_lacks("uvloop")),
+    Variant("c-epoll",
+            "bench/greetserver.c: C, one epoll set; accept4 until EAGAIN, write, close",
+            lambda launch, port, directory: [str(launch.greetserver), str(port)],
+            unavailable=_no_greetserver),
 ]}
 REFERENCE = "twisted-minimal"
 
@@ -197,12 +225,13 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait_until_serving(self, timeout: float = START_TIMEOUT) -> None:
+    def wait_until_serving(self, timeout: float = START_TIMEOUT,
+                           greeting: bytes = GREETING) -> None:
         """Poll the port until it greets with the right bytes; fail if the server exits."""
         deadline = time.monotonic() + timeout
         while True:
             reply = _fetch(self.port)
-            if reply == GREETING:
+            if reply == greeting:
                 return
             if reply is not None:
                 raise BenchError(f"{self.variant.name}: port {self.port} answered "

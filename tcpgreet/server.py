@@ -26,18 +26,17 @@ from twisted.internet.interfaces import (
     IPullProducer,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.limits import ConnectionLimits
-from tcpgreet.logs import RateLimitedLog
+from tcpgreet.logs import FastLogger, RateLimitedLog
 from tcpgreet.port import IDirectFactory, IDirectTransport
 from tcpgreet.proxy import IProxiedFactory
 from tcpgreet.stats import Stats
 
-log = Logger()
+log = FastLogger()
 
 _direct = IDirectTransport.providedBy
 

@@ -15,10 +15,11 @@ from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService
 from twisted.copyright import version as twisted_version
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 
-from tcpgreet import __version__, greeting, startup
+from tcpgreet import __version__, greeting, logs, startup
 from tcpgreet.endpoints import (
     DEFAULT_BACKLOG,
     EndpointError,
@@ -319,7 +320,7 @@ def _greeter(options: Options, reactor) -> IService:
                else [reactor] * len(wanted))
     endpoints = _endpoints(options, wanted, facades)
     factory = _factory(options, reactor)
-    top = MultiService()
+    top = TwistdService(options, reactor)
     greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
                            reactor=reactor, drain_timeout=options["drain-timeout"],
                            announce=not worker)
@@ -349,6 +350,33 @@ def listeners(options: Options) -> list[Listener]:
                  reason=missing, listen=ipv4)
         return [Listener(ipv4)]
     return [Listener(ipv4), Listener(ipv6, ipv6_only=True)]
+
+
+class TwistdService(MultiService):
+    """
+    The service twistd runs, which also chooses its log observer.
+
+    twistd hands this service its application before it starts logging,
+    and takes the application's L{ILogObserver} component (what a C{.tac}
+    file sets) when its command line names no observer: there goes
+    tcpgreet's, with twistd's destination, lines and rotation, but a
+    fraction of the cost (L{logs.twistd_default}).  C{--logger} and
+    C{--syslog} keep their meaning.
+    """
+
+    def __init__(self, options: Options, reactor) -> None:
+        super().__init__()
+        # Set on a plugin's options by twistd's own (its ServerOptions).
+        self._twistd_options = getattr(options, "parent", None)
+        self._reactor = reactor
+
+    def setServiceParent(self, parent) -> None:
+        if (self._twistd_options is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver) is None):
+            observer = logs.twistd_default(self._twistd_options, self._reactor)
+            if observer is not None:
+                parent.setComponent(ILogObserver, observer)
+        super().setServiceParent(parent)
 
 
 def _endpoints(options: Options, wanted: list[Listener], facades: list) -> list:
@@ -388,7 +416,7 @@ def _supervisor(options: Options, reactor) -> IService:
         worker_arguments(options, [listener.description for listener in wanted]),
         greeting_file=options["greeting-file"], reactor=reactor,
         drain_timeout=options["drain-timeout"])
-    top = MultiService()
+    top = TwistdService(options, reactor)
     supervisor.setServiceParent(top)
     if options["metrics"] is not None:
         _metrics_service(

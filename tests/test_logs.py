@@ -9,12 +9,24 @@ import threading
 import time
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet.logs import BatchingObserver, RateLimitedLog, json_observer, text_observer
+from tcpgreet.logs import (
+    BatchingObserver,
+    FastLogger,
+    RateLimitedLog,
+    json_observer,
+    text_observer,
+)
 
 
 class RateLimitedLogTests(SynchronousTestCase):
@@ -91,6 +103,51 @@ class JSONObserverTests(SynchronousTestCase):
         record = json.loads(self.emit("odd {thing}", thing=object()))
         self.assertTrue(record["thing"].startswith("<object object"))
 
+    def test_the_documented_record_exactly(self):
+        when = 1764580968.25
+        events = [
+            {"log_format": "{peer} port {port}", "peer": "::1", "port": 5, "tls": False,
+             "reason": None, "duration_ms": 0.125},
+            {"log_format": "no fields"},
+            {"log_format": 'quotes " and \\ and é and \n', "x": 'a "b"\n', "y": [1, {"z": None}]},
+            {"log_format": "odd {v}", "v": object(), "log_namespace": None, "log_level": None},
+            {"log_format": "{n}", "n": 1, "log_namespace": 7},
+            {"log_text": "legacy", "log_format": "{log_text}", "log_system": "-"},
+            {"nothing": "formats this"},
+        ]
+        for extra in events:
+            event = {"log_time": when, "log_namespace": "tcpgreet.server",
+                     "log_level": LogLevel.info, **extra}
+            record = {"time": "2025-12-01T09:22:48.250Z",
+                      "level": getattr(event["log_level"], "name", None),
+                      "namespace": event["log_namespace"], "message": formatEvent(event)}
+            for key, value in event.items():
+                if not key.startswith("log_") and key not in record:
+                    record[key] = value
+            out = io.StringIO()
+            json_observer(out, StoppedReactor())(event)
+            self.assertEqual(out.getvalue(),
+                             json.dumps(record, default=repr, ensure_ascii=False) + "\n")
+
+    def test_fields_do_not_replace_the_records_own(self):
+        record = json.loads(self.emit("said {message}", message="hello", peer="x"))
+        self.assertEqual((record["message"], record["peer"]), ("said hello", "x"))
+
+    def test_a_field_that_contains_itself_is_shown(self):
+        loop: list = []
+        loop.append(loop)
+        publisher = LogPublisher()
+        out = io.StringIO()
+        observer = json_observer(out, StoppedReactor())
+        publisher.addObserver(observer)
+        log = Logger(namespace="n", observer=publisher)
+        log.info("loop {loop}", loop=loop, n=1)
+        log.info("still here")
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([(r["message"], r.get("loop")) for r in records],
+                         [("loop [[...]]", "[[...]]"), ("still here", None)])
+        self.assertEqual(records[0]["n"], "1")
+
     def test_failures_carry_their_traceback(self):
         out = io.StringIO()
         log = Logger(observer=LogPublisher(json_observer(out, StoppedReactor())))
@@ -159,6 +216,34 @@ class TextObserverTests(SynchronousTestCase):
         for _ in range(2000):
             log.info("x" * 100)
         self.assertGreater(len(out.getvalue()), 65536)
+
+
+class FastLoggerTests(SynchronousTestCase):
+    """FastLogger's events are Twisted's Logger's, field for field."""
+
+    def events(self, logger_class, method: str, *args, **kwargs) -> list[dict]:
+        events: list[dict] = []
+        logger = logger_class(namespace="tcpgreet.server", source="s",
+                              observer=events.append)
+        getattr(logger, method)(*args, **kwargs)
+        for event in events:
+            self.assertIs(event.pop("log_logger"), logger)
+            self.assertLess(abs(event.pop("log_time") - time.time()), 60)
+        return events
+
+    def test_same_events(self):
+        for method, args in (("info", ("{a} b",)), ("emit", (LogLevel.warn, "{a} c")),
+                             ("error", ("{a}",)), ("emit", (LogLevel.info,))):
+            self.assertEqual(self.events(FastLogger, method, *args, a=1),
+                             self.events(Logger, method, *args, a=1), method)
+
+    def test_bad_level_reported_as_twisted_does(self):
+        [event] = self.events(FastLogger, "emit", "nonsense", "x")
+        self.assertEqual(event["log_level"], LogLevel.critical)
+        self.assertIn("invalidLevel", event)
+
+    def test_namespace_of_the_module_that_makes_it(self):
+        self.assertEqual(FastLogger().namespace, __name__)
 
 
 class BrokenSink(io.StringIO):
@@ -235,4 +320,3 @@ class ThreadTests(SynchronousTestCase):
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         clock.advance(0)
         self.assertEqual(out.getvalue(), "from a thread\nfrom the reactor\n")
-

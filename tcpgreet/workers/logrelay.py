@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
+
+from tcpgreet.logs import FastLogger
 
 # A line longer than this is cut: the pipe must not make the supervisor
 # buffer without bound.
@@ -40,13 +42,13 @@ _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
 # The supervisor's loggers, one per namespace the workers use, so that a
 # worker's event keeps the namespace it had.
-_loggers: dict[str, Logger] = {}
+_loggers: dict[str, FastLogger] = {}
 
 
-def _logger(namespace: str) -> Logger:
+def _logger(namespace: str) -> FastLogger:
     logger = _loggers.get(namespace)
     if logger is None:
-        logger = _loggers[namespace] = Logger(namespace=namespace)
+        logger = _loggers[namespace] = FastLogger(namespace=namespace)
     return logger
 
 
