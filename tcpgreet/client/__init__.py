@@ -35,12 +35,13 @@ from tcpgreet.client.report import (
     Report,
     discard_the_rest,
 )
-from tcpgreet.client.tls import TLSClient
 
 
 def settings_from(options: ClientOptions) -> ProbeSettings:
     """The L{ProbeSettings} parsed options ask for."""
     host = options["host"]
+    if options["tls"]:
+        from tcpgreet.client.tls import TLSClient  # OpenSSL only for the probes that speak TLS
     tls = TLSClient(host, options["ca"], options["insecure"]) if options["tls"] else None
     return ProbeSettings(
         host=host, port=options["port"], timeout=options["timeout"],

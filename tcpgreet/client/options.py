@@ -18,7 +18,6 @@ from ipaddress import ip_address
 from twisted.python import usage
 
 from tcpgreet.client.outcome import CRITICAL, OK, WARNING, Checks
-from tcpgreet.client.tls import load_ca
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 27679
@@ -209,6 +208,13 @@ def escaped(text: str) -> bytes:
 
     # Python decodes arguments with surrogateescape: this gives back their bytes.
     return _SEND_ESCAPE.sub(decode, text.encode("utf-8", "surrogateescape"))
+
+
+def load_ca(path: str):
+    """C{--ca}: the certificates in a PEM file (L{tcpgreet.client.tls.load_ca})."""
+    from tcpgreet.client.tls import load_ca as load  # OpenSSL only when asked for
+
+    return load(path)
 
 
 def address(text: str) -> str:

@@ -140,6 +140,25 @@ def _expiry(not_after: datetime, now: float, checks: Checks) -> list[tuple[int, 
     return []
 
 
+def looks_like_tls(data: bytes) -> bool:
+    """
+    Whether C{data} starts as a TLS record does: a content type (20 to 24:
+    change cipher spec, alert, handshake, application data, heartbeat), then
+    version 3.x.  Of a shorter C{data}, whether it could.
+    """
+    return (bool(data) and 20 <= data[0] <= 24 and data[1:2] in (b"", b"\x03")
+            and data[2:3] <= b"\x04")
+
+
+def speaks_tls(banner: bytes) -> bool:
+    """
+    Whether a plain probe's C{banner} is a TLS alert or handshake record:
+    a TLS server answering bytes it could not take for a handshake.
+    """
+    return len(banner) >= 3 and banner[0] in (21, 22) and looks_like_tls(banner)
+
+
+
 class RunningStats:
     """
     Minimum, maximum, mean and (population, as ping's mdev) standard

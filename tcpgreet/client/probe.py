@@ -13,12 +13,12 @@ import errno
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from ipaddress import ip_address
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
-from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,11 +29,13 @@ from tcpgreet.client.options import (
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
 )
-from tcpgreet.client.outcome import Checks, ProbeResult, Summary, judge
+from tcpgreet.client.outcome import Checks, ProbeResult, Summary, judge, speaks_tls
 from tcpgreet.client.report import (
     Report,
 )
-from tcpgreet.client.tls import FirstBytesTLS, TLSClient, handshake_info, speaks_tls
+
+if TYPE_CHECKING:  # TLS is imported only by the probes that speak it
+    from tcpgreet.client.tls import FirstBytesTLS, TLSClient
 
 # Seconds a connection we closed after its banner gets to finish closing.
 GOODBYE_TIMEOUT = 2.0
@@ -192,6 +194,8 @@ class GreetClientFactory(ClientFactory):
         self.transport = transport
 
     def handshake_completed(self, transport) -> None:
+        from tcpgreet.client.tls import handshake_info
+
         self.handshake_at = self.clock.seconds()
         self.tls_info = handshake_info(transport.getHandle())
 
@@ -352,6 +356,8 @@ async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC)
 
 
 def _getaddrinfo(reactor, host: str, port: int, family: int) -> defer.Deferred[list]:
+    from twisted.internet.threads import deferToThreadPool
+
     return deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
                              host, port, family, socket.SOCK_STREAM)
 
