@@ -338,8 +338,9 @@ class ProbeTests(SynchronousTestCase):
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.successResultOf(result), ProbeResult(
             host="mail.example", port=25, started=0.0, total=0.875, address="192.0.2.1",
-            tried=("192.0.2.1",), connect=0.125, banner=GREETING, ended_by="newline"),
-            "connect counts from the attempt, total from the start")
+            tried=("192.0.2.1",), resolve=0.25, connect=0.125, first_byte=0.625,
+            banner=GREETING, ended_by="newline"),
+            "connect and first byte count from the attempt, total from the start")
         self.assertEqual(calls, [("mail.example", 25, socket.AF_UNSPEC)])
 
     def test_addresses_are_tried_in_order(self):
@@ -468,7 +469,7 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(result), ProbeResult(
             host="unix:/run/greet.sock", port=None, started=0.0, total=0.5,
             address="/run/greet.sock", tried=("/run/greet.sock",), connect=0.5,
-            banner=GREETING, ended_by="close"))
+            first_byte=0.5, banner=GREETING, ended_by="close"))
 
     def test_unix_socket_times_out(self):
         result = self.start(FakeResolver(), host="unix:/run/greet.sock", port=None,

@@ -16,7 +16,9 @@ from .helpers import Program, require_tool, start_server
 from .sshd import start_sshd
 
 LOCAL = "tcp:0:interface=127.0.0.1"
-PERFORMANCE = r"\|time=\d+\.\d{6}s;;;0\.000000;\d+\.\d{6}\n$"
+# check_tcp's time=, then each stage's time (connect=, firstbyte=, ...).
+PERFORMANCE = (r"\|time=\d+\.\d{6}s;;;0\.000000;\d+\.\d{6}"
+               r"( [a-z]+=\d+\.\d{6}s;;;0\.000000;\d+\.\d{6})*\n$")
 SSH_BANNER = re.compile(rb"^SSH-2\.0-OpenSSH_[^\r\n]+\n$")
 
 
@@ -46,7 +48,8 @@ class EmptyReplyTests(SynchronousTestCase):
         where = f"127.0.0.1 port {target[1]}"
         result = run(*target)
         self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (2, b"", f"tcpgreet-client: {where}: closed without a banner\n".encode()))
+                         (2, b"", f"tcpgreet-client: {where}: failed at read: closed without a "
+                                   "banner\n".encode()))
 
         result = run("--plugin", *target)
         self.assertEqual(result.returncode, 2)
@@ -81,7 +84,7 @@ class EmptyReplyTests(SynchronousTestCase):
         self.assertRegex(lines[0], r"seq=1: OK connect .*, 26 bytes: Thank you for connecting$")
         for line, seq in ((lines[1], 2), (lines[2], 3)):
             self.assertRegex(line, rf"^127\.0\.0\.1 port {server.port} seq={seq}: CRITICAL "
-                                   r"closed without a banner after \d+\.\d{3} ms$")
+                                   r"failed at read: closed without a banner after \d+\.\d{3} ms$")
         self.assertEqual(lines[5], "3 probes, 1 ok, 2 failed, 66.7% loss, state CRITICAL")
 
     def test_proxy_listener_probed_without_a_header(self):
@@ -151,7 +154,8 @@ class PartialBannerTests(SynchronousTestCase):
         result = run("--idle", "0", "--timeout", "1", *self.target)
         self.assertEqual((result.returncode, result.stdout, result.stderr),
                          (2, b"220-partial\n",
-                          f"tcpgreet-client: {self.where}: timed out after 11 bytes\n".encode()))
+                          f"tcpgreet-client: {self.where}: failed at read: timed out after 11 "
+                          "bytes\n".encode()))
 
     def test_plugin(self):
         result = run("--plugin", "--idle", "0", "--timeout", "1", *self.target)

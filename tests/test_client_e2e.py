@@ -31,10 +31,11 @@ from .helpers import (
 LOCAL = "tcp:0:interface=127.0.0.1"
 HOSTILE = b"\x1b]0;pwned\x07\x1b[2J hello \xff\xfe\xc3\r\n"
 PROBE_OK = re.compile(r"^127\.0\.0\.1 port \d+ seq=(\d+): OK connect \d+\.\d{3} ms, "
-                      r"total \d+\.\d{3} ms, 26 bytes: Thank you for connecting$")
-PROBE_REFUSED = re.compile(r"^127\.0\.0\.1 port \d+ seq=(\d+): CRITICAL connection refused "
-                           r"after \d+\.\d{3} ms$")
-TIMES = re.compile(r"^(connect|total) min/avg/max/stdev = "
+                      r"first byte \d+\.\d{3} ms, total \d+\.\d{3} ms, 26 bytes: "
+                      r"Thank you for connecting$")
+PROBE_REFUSED = re.compile(r"^127\.0\.0\.1 port \d+ seq=(\d+): CRITICAL failed at connect: "
+                           r"connection refused after \d+\.\d{3} ms$")
+TIMES = re.compile(r"^(connect|time) min/avg/max/mdev = "
                    r"\d+\.\d{3}/\d+\.\d{3}/\d+\.\d{3}/\d+\.\d{3} ms$")
 
 
@@ -96,6 +97,7 @@ class ChecksTests(SynchronousTestCase):
         result = run("--expect", "^220 ", *self.target)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.decode(), f"tcpgreet-client: 127.0.0.1 port {self.port}: "
+                         "failed at expect: "
                          "banner does not match '^220 ': got \"Thank you for connecting\"\n")
         result = run("--expect", "^220 ", "--mismatch-state", "warn", *self.target)
         self.assertEqual(result.returncode, 1)
@@ -145,7 +147,9 @@ class ChecksTests(SynchronousTestCase):
         self.assertRegex(result.stdout.decode(),
                          rf"^TCP OK - \d\.\d{{3}} second response time on 127\.0\.0\.1 port "
                          rf"{self.port} \[Thank you for connecting\]\|time=\d\.\d{{6}}s;"
-                         r"1\.000000;2\.000000;0\.000000;5\.000000\n$")
+                         r"1\.000000;2\.000000;0\.000000;5\.000000 "
+                         r"connect=\d\.\d{6}s;;;0\.000000;5\.000000 "
+                         r"firstbyte=\d\.\d{6}s;;;0\.000000;5\.000000\n$")
 
 
 class RefusedTests(SynchronousTestCase):
@@ -182,7 +186,8 @@ class ResolutionTests(SynchronousTestCase):
         result = run_with_hosts(self, hosts, "-4", "only-six.test", "25")
         self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
         self.assertRegex(result.stderr.decode(),
-                         r"^tcpgreet-client: only-six\.test: has no IPv4 address$")
+                         r"^tcpgreet-client: only-six\.test: failed at resolve: "
+                         r"has no IPv4 address$")
         # The name does resolve, to its one IPv6 address.
         result = run_with_hosts(self, hosts, "-6", "--json", "-t", "2", "only-six.test", "25")
         self.assertEqual(records(result)[0]["tried"], ["fd00:1::a"])
@@ -281,7 +286,8 @@ class HostileServerTests(SynchronousTestCase):
         result = run("-t", "0.5", *server.target)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out waiting for "
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at read: "
+                         "timed out waiting for "
                          "a banner (a TLS server waits for the client: try --tls?)\n")
 
     def test_reset_is_critical(self):
@@ -292,7 +298,8 @@ class HostileServerTests(SynchronousTestCase):
         result = run(*server.target)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.decode(), f"tcpgreet-client: 127.0.0.1 port "
-                                                 f"{server.port}: connection reset by peer\n")
+                                                 f"{server.port}: failed at read: "
+                                                 "connection reset by peer\n")
 
 
 class ConversationTests(SynchronousTestCase):
@@ -404,6 +411,7 @@ class MistakeTests(SynchronousTestCase):
         result = run("no-such-host.invalid", "80")
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertRegex(result.stderr.decode(), r"^tcpgreet-client: no-such-host\.invalid: "
+                                                 r"failed at resolve: "
                                                  r"name not resolved(: [^\n]+)?\n$")
         result = run("--plugin", "no-such-host.invalid", "80")
         self.assertEqual(result.returncode, 2)
@@ -504,7 +512,7 @@ class UnixSocketTests(SynchronousTestCase):
         path = os.path.join(self.directory, "missing.sock")
         result = run(f"unix:{path}")
         self.assertEqual((result.returncode, result.stderr.decode()),
-                         (2, f"tcpgreet-client: unix:{path}: no such socket\n"))
+                         (2, f"tcpgreet-client: unix:{path}: failed at connect: no such socket\n"))
 
     def test_refused(self):
         path = os.path.join(self.directory, "nobody.sock")

@@ -105,7 +105,7 @@ class AnywhereTests(SynchronousTestCase):
 
     def test_empty_value(self):
         options = parse("mail.example.net", "--expect", "", "25")
-        self.assertEqual((options["port"], options.checks.expect), (25, re.compile("")))
+        self.assertEqual((options["port"], options.checks.expect), (25, (re.compile(""),)))
 
     def test_double_dash_ends_the_options(self):
         options = parse("--first-line", "--", "-c", "25")
@@ -121,7 +121,10 @@ class AnywhereTests(SynchronousTestCase):
             (["localhost", "--bogus"], "option --bogus not recognized"),
             (["localhost", "-t"], "option -t requires argument"),
             (["localhost", "25", "-t", "soon"], "--timeout 'soon': not a number of seconds"),
-            (["localhost", "25", "26", "--json"], "too many arguments: localhost 25 26"),
+            # Several targets are several HOSTs or HOST:PORTs; a port alone is none.
+            (["localhost", "25", "26", "--json"], "too many arguments: localhost 25 26 (with "
+                                                  "several targets, write each as HOST:PORT, "
+                                                  "or give -p PORT)"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
                 parse(*args)

@@ -13,8 +13,8 @@ import errno
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from ipaddress import ip_address
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IHandshakeListener
@@ -29,7 +29,17 @@ from tcpgreet.client.options import (
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
 )
-from tcpgreet.client.outcome import Checks, ProbeResult, Summary, judge, speaks_tls
+from tcpgreet.client.outcome import (
+    CONNECT,
+    READ,
+    RESOLVE,
+    TLS,
+    Checks,
+    ProbeResult,
+    Summary,
+    judge,
+    speaks_tls,
+)
 from tcpgreet.client.report import (
     Report,
 )
@@ -73,6 +83,10 @@ class ProbeSettings:
     tls: TLSClient | None = None
     idle: float | None = DEFAULT_IDLE
     unix: str | None = None
+    proxy: str | None = None
+    proxy_source: tuple[str, int] | None = None
+    all_addresses: bool = False
+    best_address: bool = False
 
 
 @implementer(IHandshakeListener)
@@ -137,6 +151,8 @@ class GreetClientProtocol(Protocol, TimeoutMixin):
         self._chunks.append(data)
         self._size += len(data)
         self._last_byte_at = self.factory.clock.seconds()
+        if self.factory.first_byte_at is None:
+            self.factory.first_byte_at = self._last_byte_at
 
     def _stop(self, ended_by: str, at: float | None = None) -> None:
         self._stopped = True
@@ -171,6 +187,7 @@ class GreetClientFactory(ClientFactory):
         self.started_at = clock.seconds()
         self.connected_at: float | None = None
         self.handshake_at: float | None = None
+        self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.tls_info = None
         self.ended_by: str | None = None
@@ -393,11 +410,48 @@ def _is_address(host: str) -> bool:
     return True
 
 
+def happy_eyeballs(addresses: list[str]) -> list[str]:
+    """
+    C{addresses} in the order RFC 8305 tries them: the families alternate,
+    IPv6 first, each in the resolver's order, so that a broken family costs
+    one attempt before the other is tried, not all of its addresses.
+    """
+    six = [address for address in addresses if ":" in address]
+    four = [address for address in addresses if ":" not in address]
+    ordered = []
+    for pair in zip(six, four, strict=False):
+        ordered.extend(pair)
+    shorter = min(len(six), len(four))
+    return ordered + six[shorter:] + four[shorter:]
+
+
+async def _addresses(reactor, settings: ProbeSettings, resolver, deadline: float):
+    """
+    The addresses to try and the time the name took (C{None} when there was
+    no name: an address, a UNIX socket); or a failed result's facts.
+    """
+    if settings.unix is not None:
+        return [settings.unix], None
+    if _is_address(settings.host):
+        # Nothing to resolve: no thread, no name-service time.
+        return [settings.host], None
+    began = reactor.seconds()
+    resolving = defer.ensureDeferred(
+        resolver(reactor, settings.host, settings.port, settings.family))
+    resolving.addTimeout(deadline - began, reactor)
+    try:
+        addresses = await resolving
+    except defer.TimeoutError:
+        raise ProbeError("timed out resolving the name") from None
+    return happy_eyeballs(addresses), reactor.seconds() - began
+
+
 async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResult:
     """
-    One probe of C{settings.host}: its addresses are tried in turn until one
-    answers; C{settings.timeout} bounds everything (resolving, connecting,
-    TLS, reading).  Failures are results, not exceptions.
+    One probe of C{settings.host}: its addresses are tried in turn (see
+    L{happy_eyeballs}) until one connects; C{settings.timeout} bounds
+    everything (resolving, connecting, TLS, reading).  Failures are
+    results, not exceptions.
     """
     started = reactor.seconds()
     deadline = started + settings.timeout
@@ -406,17 +460,10 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
         facts.setdefault("total", reactor.seconds() - started)
         return ProbeResult(host=settings.host, port=settings.port, started=started, **facts)
 
-    if settings.unix is not None:
-        resolver = _no_resolving
-    resolving = defer.ensureDeferred(
-        resolver(reactor, settings.host, settings.port, settings.family))
-    resolving.addTimeout(settings.timeout, reactor)
     try:
-        addresses = await resolving
-    except defer.TimeoutError:
-        return result(error="timed out resolving the name")
+        addresses, resolved = await _addresses(reactor, settings, resolver, deadline)
     except ProbeError as e:
-        return result(error=str(e))
+        return result(error=str(e), stage=RESOLVE)
 
     tried: list[str] = []
     failure = ProbeError("has no address")
@@ -426,10 +473,7 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
             failure = ProbeError("timed out")
             break
         tried.append(address)
-        attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
-                                     send=settings.send, tls=settings.tls, idle=settings.idle)
-        attempt.connector = _connect(reactor, settings, address, attempt, remaining)
-        timer = reactor.callLater(remaining, attempt.give_up)
+        attempt = _attempt(reactor, settings, address, remaining)
         try:
             banner = await attempt.deferred
         except ProbeError as e:
@@ -438,31 +482,97 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
                 continue
             # The server answered and then failed: another address would
             # be another server, not a retry of this one.
-            return result(address=address, tried=tuple(tried), error=str(e),
-                          empty=e.empty, banner=attempt.banner or None, **_facts(attempt))
-        finally:
-            if timer.active():
-                timer.cancel()
-        return result(address=address, tried=tuple(tried), banner=banner,
+            return result(address=address, tried=tuple(tried), resolve=resolved,
+                          error=str(e), stage=_stage(attempt), empty=e.empty,
+                          banner=attempt.banner or None, **_facts(attempt))
+        return result(address=address, tried=tuple(tried), resolve=resolved, banner=banner,
                       total=attempt.ended_at - started, **_facts(attempt))
     if len(tried) > 1:
         failure = ProbeError(f"{failure} (tried {', '.join(tried)})", failure.refused)
-    return result(address=tried[-1] if tried else None, tried=tuple(tried),
-                  error=str(failure), refused=failure.refused)
+    return result(address=tried[-1] if tried else None, tried=tuple(tried), resolve=resolved,
+                  error=str(failure), stage=CONNECT, refused=failure.refused)
 
 
-async def _no_resolving(reactor, host: str, port: None, family: int) -> list[str]:
-    """A UNIX socket's one address is its path."""
-    return [host.removeprefix("unix:")]
+async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[ProbeResult]:
+    """
+    C{--all-addresses}: one attempt at every address the name has, at once,
+    each its own result (of the same name, resolved once); a name that does
+    not resolve is one failed result.
+    """
+    started = reactor.seconds()
+    deadline = started + settings.timeout
+    try:
+        addresses, resolved = await _addresses(reactor, settings, resolver, deadline)
+    except ProbeError as e:
+        return [ProbeResult(host=settings.host, port=settings.port, started=started,
+                            total=reactor.seconds() - started, error=str(e), stage=RESOLVE)]
+
+    async def one(address: str) -> ProbeResult:
+        attempt = _attempt(reactor, settings, address, deadline - reactor.seconds())
+        facts = {"host": settings.host, "port": settings.port, "started": started,
+                 "address": address, "tried": (address,), "resolve": resolved}
+        try:
+            banner = await attempt.deferred
+        except ProbeError as e:
+            connected = attempt.connected_at is not None
+            return ProbeResult(total=reactor.seconds() - started, error=str(e),
+                               stage=_stage(attempt), empty=e.empty, refused=e.refused,
+                               banner=attempt.banner or None,
+                               **(_facts(attempt) if connected else {}), **facts)
+        return ProbeResult(total=attempt.ended_at - started, banner=banner,
+                           **_facts(attempt), **facts)
+
+    attempts = [defer.ensureDeferred(one(address)) for address in addresses]
+    try:
+        return list(await defer.gatherResults(attempts, consumeErrors=True))
+    except defer.CancelledError:
+        for attempt in attempts:
+            attempt.cancel()
+        raise
+
+
+def _attempt(reactor, settings: ProbeSettings, address: str,
+             remaining: float) -> GreetClientFactory:
+    """One connection attempt at C{address}, given up after C{remaining} seconds."""
+    attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
+                                 send=settings.send, tls=settings.tls, idle=settings.idle)
+    attempt.connector = _connect(reactor, settings, address, attempt, remaining)
+    timer = reactor.callLater(remaining, attempt.give_up)
+
+    def stop_timer(outcome):
+        if timer.active():
+            timer.cancel()
+        return outcome
+
+    attempt.deferred.addBoth(stop_timer)
+    return attempt
+
+
+def _stage(attempt: GreetClientFactory) -> str:
+    """Where a failed attempt stopped."""
+    if attempt.connected_at is None:
+        return CONNECT
+    if attempt.tls is not None and attempt.handshake_at is None:
+        return TLS
+    return READ
 
 
 def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClientFactory,
              timeout: float):
     if settings.unix is not None:
+        if settings.proxy is not None:
+            from tcpgreet.client.proxyheader import ProxyHeaderSender
+
+            factory = ProxyHeaderSender(factory, settings.proxy, None)
         return reactor.connectUNIX(address, factory, timeout=timeout)
     bind = (settings.source, 0) if settings.source else None
     if settings.tls is not None:
         factory = settings.tls.wrap(factory)
+    if settings.proxy is not None:
+        # Below TLS: the header is the first thing on the wire.
+        from tcpgreet.client.proxyheader import ProxyHeaderSender
+
+        factory = ProxyHeaderSender(factory, settings.proxy, settings.proxy_source)
     return reactor.connectTCP(address, settings.port, factory, timeout=timeout,
                               bindAddress=bind)
 
@@ -475,6 +585,8 @@ def _facts(attempt: GreetClientFactory) -> dict:
         "connect": attempt.connected_at - attempt.started_at,
         "handshake": (None if attempt.handshake_at is None
                       else attempt.handshake_at - attempt.started_at),
+        "first_byte": (None if attempt.first_byte_at is None
+                       else attempt.first_byte_at - attempt.started_at),
         "tls": attempt.tls_info,
         "truncated": attempt.truncated,
         "ended_by": attempt.ended_by,
@@ -489,17 +601,23 @@ class ProbeRun:
     all.
     """
 
+    probe_one = staticmethod(probe)
+    probe_all = staticmethod(probe_all)
+
     def __init__(self, reactor, settings: ProbeSettings, checks: Checks, report: Report,
                  count: int = 1, interval: float = 1.0,
-                 probe: Callable = probe) -> None:
+                 probe: Callable | None = None) -> None:
         self.reactor = reactor
         self.settings = settings
         self.checks = checks
         self.report = report
         self.count = count
         self.interval = interval
+        if probe is None:
+            probe = self.probe_all if settings.all_addresses else self.probe_one
         self.probe = probe
-        self.summary = Summary(settings.host, settings.port)
+        self.summary = Summary(settings.host, settings.port, by_address=settings.all_addresses,
+                               best=settings.best_address)
         self.interrupted = False
         self.finished: defer.Deferred[None] = defer.Deferred()
         self._waiting: defer.Deferred | None = None
@@ -511,13 +629,14 @@ class ProbeRun:
             while not self.interrupted and not self.report.closed:
                 seq += 1
                 started = self.reactor.seconds()
-                result = await self._unless_interrupted(
+                outcome = await self._unless_interrupted(
                     defer.ensureDeferred(self.probe(self.reactor, self.settings)))
-                if result is None:
+                if outcome is None:
                     break
-                verdict = judge(result, self.checks, self.reactor.seconds())
-                self.summary.add(result, verdict)
-                self.report.probe(seq, result, verdict)
+                for result in outcome if isinstance(outcome, list) else (outcome,):
+                    verdict = judge(result, self.checks, self.reactor.seconds())
+                    self.summary.add(result, verdict)
+                    self.report.probe(seq, result, verdict)
                 if seq == self.count:
                     break
                 pause = self.interval - (self.reactor.seconds() - started)
