@@ -18,7 +18,15 @@ from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import CLIENT, ClientProcess, Finished, SocketServer, run, sends
+from .clientprocess import (
+    CLIENT,
+    ClientProcess,
+    Finished,
+    SocketServer,
+    run,
+    run_measured,
+    sends,
+)
 from .helpers import (
     NEUTRAL_CWD,
     Server,
@@ -257,18 +265,8 @@ class HostileServerTests(SynchronousTestCase):
 
     def run_measured(self, *args):
         """Run the client; its result and peak resident memory in kilobytes."""
-        # A fresh parent has no other children, so RUSAGE_CHILDREN is the client's.
-        measure = ("import resource, subprocess, sys; "
-                   "r = subprocess.run(sys.argv[1:], capture_output=True); "
-                   "sys.stdout.buffer.write(r.stdout); "
-                   "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-                   "sys.stderr.write(str(peak)); "
-                   "sys.exit(r.returncode)")
-        result = subprocess.run([sys.executable, "-c", measure, *CLIENT, *args],
-                                capture_output=True, timeout=60, cwd=NEUTRAL_CWD)
-        finished = type("Finished", (), {"returncode": result.returncode,
-                                         "stdout": result.stdout})
-        return finished, int(result.stderr)
+        finished = run_measured(*args)
+        return finished, finished.peak_kb
 
     def test_silent_server_times_out_on_time(self):
         server = SocketServer(self, lambda connection: connection.recv(1))
