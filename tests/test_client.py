@@ -693,3 +693,61 @@ class ProbeRunTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertEqual(self.successResultOf(status), OK)
         self.assertEqual(len(self.probes.starts), 1)
+
+
+class HappyEyeballsTests(SynchronousTestCase):
+    def test_families_alternate_ipv6_first(self):
+        self.assertEqual(probing.happy_eyeballs(["192.0.2.1", "192.0.2.2", "2001:db8::1",
+                                                 "2001:db8::2", "2001:db8::3"]),
+                         ["2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2",
+                          "2001:db8::3"])
+        self.assertEqual(probing.happy_eyeballs(["192.0.2.1"]), ["192.0.2.1"])
+
+
+class StageFactsTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+
+    def test_an_address_is_not_resolved(self):
+        resolver = FakeResolver()
+        defer.ensureDeferred(probe(self.clock, ProbeSettings("192.0.2.1", 25), resolver))
+        self.assertEqual((resolver.calls, self.clock.tcpClients[0][0]), ([], "192.0.2.1"))
+
+    def test_the_stage_of_each_failure(self):
+        result = defer.ensureDeferred(probe(self.clock, ProbeSettings("mail.example", 25),
+                                            FakeResolver(failure=ProbeError("name not resolved"))))
+        self.assertEqual(self.successResultOf(result).stage, "resolve")
+        settings = ProbeSettings("192.0.2.1", 25, tls=FakeTLS())
+        result = defer.ensureDeferred(probe(self.clock, settings, FakeResolver()))
+        factory = self.clock.tcpClients[0][2].wrappedFactory
+        protocol, transport = connect(factory)
+        transport.received = b""  # as FirstBytesTLS has
+        transport.getHandle = lambda: None
+        protocol.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(self.successResultOf(result).stage, "tls", "no handshake yet")
+
+    def test_every_address(self):
+        settings = ProbeSettings("mail.example", 25, all_addresses=True)
+        results = defer.ensureDeferred(probing.probe_all(self.clock, settings,
+                                                         FakeResolver(["127.0.0.1", "::1"])))
+        self.clock.advance(0.25)
+        hosts = [client[0] for client in self.clock.tcpClients]
+        self.assertEqual(hosts, ["::1", "127.0.0.1"], "both at once, IPv6 first")
+        self.clock.tcpClients[0][2].clientConnectionFailed(
+            None, Failure(error.ConnectionRefusedError()))
+        protocol, _ = connect(self.clock.tcpClients[1][2])
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        refused, read = self.successResultOf(results)
+        self.assertEqual((refused.address, refused.stage, refused.refused, refused.resolve),
+                         ("::1", "connect", True, 0.0))
+        self.assertEqual((read.address, read.banner, read.error), ("127.0.0.1", GREETING, None))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_proxy_header_wraps_the_connection(self):
+        defer.ensureDeferred(probe(self.clock, ProbeSettings("192.0.2.1", 25, proxy="v2-local"),
+                                   FakeResolver()))
+        wrapping = self.clock.tcpClients[0][2]
+        transport = StringTransport()
+        wrapping.buildProtocol(None).makeConnection(transport)
+        self.assertEqual(transport.value(), b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")

@@ -525,3 +525,96 @@ class UnixSocketTests(SynchronousTestCase):
                          (3, "tcpgreet-client: unix:/run/greet.sock is a UNIX socket, which "
                              "has no port: '25' (see --help)\n"))
 
+
+
+@skipUnless(has_ipv6_loopback(), "no IPv6 loopback")
+class EveryAddressTests(SynchronousTestCase):
+    """
+    A name with both 127.0.0.1 and ::1 (a hosts file of the test's own), a
+    server on the first and the same port refused on the second.
+    """
+
+    def setUp(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        self.port = str(server.port)
+        self.refusing = socket.socket(socket.AF_INET6)
+        self.addCleanup(self.refusing.close)
+        try:
+            self.refusing.bind(("::1", server.port))  # bound, not listening: refused
+        except OSError as e:
+            self.skipTest(f"port {server.port} is taken on ::1: {e}")
+        self.hosts = temporary_file(self, b"127.0.0.1 dual.test\n::1 dual.test\n")
+
+    def test_two_results_worst_state(self):
+        result = run_with_hosts(self, self.hosts, "--all-addresses", "--json", "dual.test",
+                                self.port)
+        *probes, summary = records(result)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(sorted((p["address"], p["state"], p["stage"]) for p in probes),
+                         [("127.0.0.1", "OK", None), ("::1", "CRITICAL", "connect")])
+        self.assertEqual((summary["state"], summary["addresses"]["::1"]["state"],
+                          summary["addresses"]["127.0.0.1"]["state"]),
+                         ("CRITICAL", "CRITICAL", "OK"))
+        result = run_with_hosts(self, self.hosts, "--plugin", "--all-addresses", "dual.test",
+                                self.port)
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(result.stdout.decode(), r"^TCP CRITICAL - .*connection refused on "
+                                                 r"dual\.test port \d+ \(::1\)")
+
+    def test_any_address_is_the_best(self):
+        result = run_with_hosts(self, self.hosts, "--any-address", "--json", "dual.test",
+                                self.port)
+        *probes, summary = records(result)
+        self.assertEqual((result.returncode, len(probes), summary["state"]), (0, 2, "OK"))
+
+    def test_without_it_ipv6_first_then_the_next(self):
+        result = run_with_hosts(self, self.hosts, "--json", "dual.test", self.port)
+        [probe, _] = records(result)
+        self.assertEqual((result.returncode, probe["tried"], probe["address"], probe["state"]),
+                         (0, ["::1", "127.0.0.1"], "127.0.0.1", "OK"))
+        self.assertIsNotNone(probe["dns_ms"])
+
+
+class StageTests(SynchronousTestCase):
+    """Each kind of failure names its stage, in JSON and in the text line."""
+
+    def stage(self, *args):
+        [probe, _] = records(run("--json", *args))
+        text = run(*args).stderr.decode()
+        return probe["stage"], probe["error"], text
+
+    def test_every_stage(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        target = [server.host, str(server.port)]
+        silent = SocketServer(self, lambda connection: connection.recv(1), connections=2)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = str(s.getsockname()[1])
+        for args, stage in [
+            (["no-such-host.invalid", "80"], "resolve"),
+            (["127.0.0.1", closed], "connect"),
+            (["--tls", "--timeout", "2", *target], "tls"),
+            (["--timeout", "0.5", *silent.target], "read"),
+            (["--expect", "^220", *target], "expect"),
+            (["--reject", "^Thank", *target], "reject"),
+        ]:
+            found, error, text = self.stage(*args)
+            self.assertEqual(found, stage, args)
+            self.assertIn(f": failed at {stage}: {error}", text, args)
+
+    def test_reject_comes_first_and_expect_repeats(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        target = [server.host, str(server.port)]
+        for args, status, error in [
+            (["--reject", "^5", "--expect", "^Thank"], 0, None),
+            (["--reject", "connecting", "--expect", "^220"], 2,
+             "banner matches --reject 'connecting'"),
+            (["--expect", "^Thank", "--expect", "you"], 0, None),
+            (["--expect", "^Thank", "--expect", "^220"], 2, "banner does not match '^220'"),
+            (["--expect-any", "--expect", "^220", "-e", "^Thank"], 0, None),
+            (["--expect-any", "--expect", "^220", "-e", "^SSH"], 2,
+             "banner matches none of '^220', '^SSH'"),
+        ]:
+            result = run("--json", *args, *target)
+            self.assertEqual((result.returncode, records(result)[0]["error"]), (status, error),
+                             args)

@@ -400,6 +400,7 @@ class ClientOptions(usage.Options):
     # -h as well as --help; usage.Options leaves -h free for a host option.
     opt_h = usage.Options.opt_help
     _many: list | None = None
+    _default_port = DEFAULT_PORT
 
     def __init__(self) -> None:
         super().__init__()
@@ -452,7 +453,8 @@ class ClientOptions(usage.Options):
 
     def parseArgs(self, *args: str) -> None:
         # --host and --port have filled self["host"] and self["port"], if given.
-        self._arguments = args
+        # -p is the port of every target of several that names none.
+        self._default_port = self["port"] or DEFAULT_PORT
         if self["host"] is None and not args and self["targets-file"] is not None:
             self._many = []  # the file's targets alone
         elif self["host"] is not None or len(args) < 2 or (len(args) == 2
@@ -469,8 +471,7 @@ class ClientOptions(usage.Options):
         if port_text is None and arg.isdigit():
             raise usage.UsageError(f"too many arguments: {' '.join(args)} (with several "
                                    "targets, write each as HOST:PORT, or give -p PORT)")
-        return host, parse_port(port_text) if port_text is not None else (
-            self["port"] or DEFAULT_PORT)
+        return host, parse_port(port_text) if port_text is not None else self._default_port
 
     def postOptions(self) -> None:
         self._refuse_conflicts()
@@ -541,7 +542,7 @@ class ClientOptions(usage.Options):
                 else:
                     host, port_text = _split_target(text.split())
                     port = (parse_port(port_text) if port_text is not None
-                            else self["port"] or DEFAULT_PORT)
+                            else self._default_port)
                 yield self.target(host, port)
             except usage.UsageError as e:
                 yield f"{name} line {number}: {e}"
