@@ -368,9 +368,10 @@ class ProbeTests(SynchronousTestCase):
 
     def test_a_server_that_answered_is_not_retried_elsewhere(self):
         result = self.start(FakeResolver(["::1", "127.0.0.1"]), timeout=2.0, idle=None)
-        protocol, transport = connect(self.attempt(0)[1], self.clock, after=0.5)
+        # Connected within the attempt delay, before a second attempt starts.
+        protocol, transport = connect(self.attempt(0)[1], self.clock, after=0.125)
         protocol.dataReceived(b"220 ")
-        self.clock.advance(1.5)
+        self.clock.advance(1.875)
         self.assertTrue(transport.disconnected)
         result = self.successResultOf(result)
         self.assertEqual((result.error, result.total, result.banner, len(self.clock.tcpClients)),
@@ -751,3 +752,52 @@ class StageFactsTests(SynchronousTestCase):
         transport = StringTransport()
         wrapping.buildProtocol(None).makeConnection(transport)
         self.assertEqual(transport.value(), b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
+
+
+class RaceTests(SynchronousTestCase):
+    """Happy eyeballs: the next address beside a slow one, the first connection wins."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+
+    def start(self, addresses, timeout=5.0):
+        settings = ProbeSettings("mail.example", 25, timeout=timeout, idle=None)
+        return defer.ensureDeferred(probe(self.clock, settings, FakeResolver(addresses)))
+
+    def test_a_slow_address_gets_company_after_the_delay(self):
+        result = self.start(["2001:db8::1", "192.0.2.1"])
+        self.assertEqual(len(self.clock.tcpClients), 1)
+        self.clock.advance(probing.CONNECTION_ATTEMPT_DELAY)
+        self.assertEqual([c[0] for c in self.clock.tcpClients], ["2001:db8::1", "192.0.2.1"])
+        protocol, _ = connect(self.clock.tcpClients[1][2], self.clock, after=0.125)
+        self.assertTrue(self.clock.connectors[0].stoppedConnecting, "the loser is dropped")
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        result = self.successResultOf(result)
+        self.assertEqual((result.address, result.tried, result.banner, result.connect),
+                         ("192.0.2.1", ("2001:db8::1", "192.0.2.1"), GREETING, 0.125))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_failure_starts_the_next_at_once(self):
+        self.start(["2001:db8::1", "192.0.2.1", "2001:db8::2"])
+        self.clock.tcpClients[0][2].clientConnectionFailed(
+            None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual(len(self.clock.tcpClients), 2)
+
+    def test_none_connects_before_the_deadline(self):
+        result = self.start(["2001:db8::1", "192.0.2.1"], timeout=1.0)
+        self.clock.advance(probing.CONNECTION_ATTEMPT_DELAY)
+        self.clock.advance(1.0 - probing.CONNECTION_ATTEMPT_DELAY)
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.tried, result.stage),
+                         ("timed out (tried 2001:db8::1, 192.0.2.1)",
+                          ("2001:db8::1", "192.0.2.1"), "connect"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelled_while_racing(self):
+        result = self.start(["2001:db8::1", "192.0.2.1"])
+        self.clock.advance(probing.CONNECTION_ATTEMPT_DELAY)
+        result.cancel()
+        self.failureResultOf(result, defer.CancelledError)
+        self.assertTrue(all(c.stoppedConnecting for c in self.clock.connectors))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -194,8 +194,11 @@ class GreetClientFactory(ClientFactory):
         self.stopped = False
         self.banner = b""
         self.connector = None
+        self.address: str | None = None
         self.transport = None
         self.reader: GreetClientProtocol | None = None
+        # Told when the connection is made: the race of a name's addresses.
+        self.on_connected: Callable[[GreetClientFactory], None] | None = None
         self._goodbye = None
 
     @property
@@ -209,6 +212,8 @@ class GreetClientFactory(ClientFactory):
     def connected(self, transport) -> None:
         self.connected_at = self.clock.seconds()
         self.transport = transport
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def handshake_completed(self, transport) -> None:
         from tcpgreet.client.tls import handshake_info
@@ -465,32 +470,120 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
     except ProbeError as e:
         return result(error=str(e), stage=RESOLVE)
 
-    tried: list[str] = []
-    failure = ProbeError("has no address")
-    for address in addresses:
-        remaining = deadline - reactor.seconds()
-        if remaining <= 0:
-            failure = ProbeError("timed out")
-            break
-        tried.append(address)
-        attempt = _attempt(reactor, settings, address, remaining)
-        try:
-            banner = await attempt.deferred
-        except ProbeError as e:
-            if attempt.connected_at is None:
-                failure = e
-                continue
-            # The server answered and then failed: another address would
-            # be another server, not a retry of this one.
-            return result(address=address, tried=tuple(tried), resolve=resolved,
-                          error=str(e), stage=_stage(attempt), empty=e.empty,
-                          banner=attempt.banner or None, **_facts(attempt))
-        return result(address=address, tried=tuple(tried), resolve=resolved, banner=banner,
-                      total=attempt.ended_at - started, **_facts(attempt))
-    if len(tried) > 1:
-        failure = ProbeError(f"{failure} (tried {', '.join(tried)})", failure.refused)
-    return result(address=tried[-1] if tried else None, tried=tuple(tried), resolve=resolved,
-                  error=str(failure), stage=CONNECT, refused=failure.refused)
+    race = _Race(reactor, settings, addresses, deadline)
+    attempt = await race.run()
+    tried = tuple(race.tried)
+    if attempt is None:
+        failure = race.failure
+        if len(tried) > 1:
+            failure = ProbeError(f"{failure} (tried {', '.join(tried)})", failure.refused)
+        return result(address=tried[-1] if tried else None, tried=tried, resolve=resolved,
+                      error=str(failure), stage=CONNECT, refused=failure.refused)
+    try:
+        banner = await race.outcome
+    except ProbeError as e:
+        # The server answered and then failed: another address would be
+        # another server, not a retry of this one.
+        return result(address=attempt.address, tried=tried, resolve=resolved,
+                      error=str(e), stage=_stage(attempt), empty=e.empty,
+                      banner=attempt.banner or None, **_facts(attempt))
+    return result(address=attempt.address, tried=tried, resolve=resolved, banner=banner,
+                  total=attempt.ended_at - started, **_facts(attempt))
+
+
+# RFC 8305's Connection Attempt Delay: how long an attempt has to connect
+# before the next address is tried beside it.
+CONNECTION_ATTEMPT_DELAY = 0.25
+
+
+class _Race:
+    """
+    Connection attempts at a name's addresses, as happy eyeballs makes
+    them (RFC 8305): the next address is tried when an attempt fails, or
+    when it has not connected within L{CONNECTION_ATTEMPT_DELAY}, so an
+    address that drops packets costs a quarter of a second, not the whole
+    timeout.  The first attempt to connect wins and the others are
+    dropped; L{outcome} then gives the winner's banner, or its failure.
+    """
+
+    def __init__(self, reactor, settings: ProbeSettings, addresses: list[str],
+                 deadline: float) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.pending = list(addresses)
+        self.deadline = deadline
+        self.tried: list[str] = []
+        self.failure = ProbeError("has no address")
+        self.winner: GreetClientFactory | None = None
+        self.outcome: defer.Deferred[bytes] = defer.Deferred(self._drop_winner)
+        self._running: list[GreetClientFactory] = []
+        self._next_timer = None
+        self._cancelled = False
+        self._won: defer.Deferred[GreetClientFactory | None] = defer.Deferred(self._give_up)
+
+    def run(self) -> defer.Deferred[GreetClientFactory | None]:
+        """The attempt that connected, or C{None} when none did (see L{failure})."""
+        self._start_next()
+        return self._won
+
+    def _start_next(self) -> None:
+        if self._next_timer is not None and self._next_timer.active():
+            self._next_timer.cancel()
+        remaining = self.deadline - self.reactor.seconds()
+        if self.pending and remaining <= 0:
+            self.failure = ProbeError("timed out")
+            self.pending.clear()
+        if not self.pending:
+            if not self._running and not self._won.called and not self._cancelled:
+                self._won.callback(None)
+            return
+        address = self.pending.pop(0)
+        self.tried.append(address)
+        attempt = _attempt(self.reactor, self.settings, address, remaining)
+        attempt.address = address
+        attempt.on_connected = self._connected
+        self._running.append(attempt)
+        attempt.deferred.addBoth(self._ended, attempt)
+        if self.pending:
+            self._next_timer = self.reactor.callLater(CONNECTION_ATTEMPT_DELAY,
+                                                      self._start_next)
+
+    def _connected(self, attempt: GreetClientFactory) -> None:
+        self.winner = attempt
+        self.pending.clear()
+        if self._next_timer is not None and self._next_timer.active():
+            self._next_timer.cancel()
+        for other in list(self._running):  # each cancel removes one
+            if other is not attempt:
+                other.deferred.cancel()
+        self._won.callback(attempt)
+
+    def _ended(self, outcome, attempt: GreetClientFactory) -> None:
+        self._running.remove(attempt)
+        if attempt is self.winner:
+            if isinstance(outcome, Failure):
+                self.outcome.errback(outcome)
+            else:
+                self.outcome.callback(outcome)
+            return
+        if self.winner is None and isinstance(outcome, Failure):
+            if outcome.check(ProbeError):
+                self.failure = outcome.value
+            self._start_next()
+        # Else a loser, dropped: its end is of no interest.
+
+    def _give_up(self, deferred: defer.Deferred) -> None:
+        """The probe is cancelled before a connection: drop every attempt."""
+        self._cancelled = True  # Deferred.cancel gives the CancelledError
+        self.pending.clear()
+        if self._next_timer is not None and self._next_timer.active():
+            self._next_timer.cancel()
+        for attempt in list(self._running):
+            attempt.deferred.cancel()
+
+    def _drop_winner(self, deferred: defer.Deferred) -> None:
+        if self.winner is not None:
+            self.winner.deferred.cancel()
 
 
 async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[ProbeResult]:
