@@ -10,13 +10,14 @@ import json
 import random
 import re
 import resource
+import signal
 import socket
 import subprocess
 from collections import Counter
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import CLIENT, SocketServer, run, run_measured, sends
+from .clientprocess import CLIENT, ClientProcess, SocketServer, run, run_measured, sends
 from .helpers import NEUTRAL_CWD, Server, temporary_file
 
 # Addresses of their own for each kind of target, all on loopback.
@@ -158,7 +159,7 @@ class TargetsTests(SynchronousTestCase):
     """Targets on the command line and in files, their mistakes, the output forms."""
 
     def setUp(self):
-        self.server = SocketServer(self, sends(b"220 ready\r\n"), connections=20)
+        self.server = SocketServer(self, sends(b"220 ready\r\n"), connections=200)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.closed = s.getsockname()[1]
@@ -210,6 +211,19 @@ class TargetsTests(SynchronousTestCase):
                             (self.closed, "2 probes, 0 ok, 2 failed, 100% loss, "
                                           "state CRITICAL")):
             self.assertIn(f"--- 127.0.0.1 port {port} probe statistics ---\n{tally}\n", text)
+
+    def test_ctrl_c_gives_every_target_its_summary(self):
+        client = ClientProcess(self, "--json", "-c", "0", "-i", "0.1",
+                               f"127.0.0.1:{self.server.port}", f"127.0.0.1:{self.closed}")
+        for _ in range(4):
+            self.assertEqual(json.loads(client.read_line())["type"], "probe")
+        client.signal(signal.SIGINT)
+        returncode, rest, stderr = client.finish()
+        summaries = [json.loads(line) for line in rest if '"summary"' in line]
+        self.assertEqual((returncode, stderr), (2, ""))
+        self.assertEqual(sorted((s["port"], s["state"], s["interrupted"]) for s in summaries),
+                         sorted([(self.server.port, "OK", True),
+                                 (self.closed, "CRITICAL", True)]))
 
     def test_mistakes(self):
         for args, message in [

@@ -408,21 +408,21 @@ class ClientOptions(usage.Options):
         self["reject"] = []
         self.targets: list[Target] = []
 
+    # --expect and --reject are repeatable, so they are methods; their help
+    # is one string, as --help shows it.
     def opt_expect(self, regex: str) -> None:
-        """
-        CRITICAL unless the banner matches this regular expression (Python
-        re.search); repeatable: every one must match (see --expect-any).
-        """
         self["expect"].append(_naming("expect", pattern)(regex))
 
+    opt_expect.__doc__ = ("CRITICAL unless the banner matches this regular expression "
+                          "(Python re.search); repeatable: every one must match (see "
+                          "--expect-any).")
     opt_e = opt_expect
 
     def opt_reject(self, regex: str) -> None:
-        """
-        CRITICAL when the banner matches this regular expression (--reject
-        '^5'), checked before --expect; repeatable.
-        """
         self["reject"].append(_naming("reject", pattern)(regex))
+
+    opt_reject.__doc__ = ("CRITICAL when the banner matches this regular expression "
+                          "(--reject '^5'), checked before --expect; repeatable.")
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
