@@ -563,6 +563,13 @@ class EveryAddressTests(SynchronousTestCase):
         self.assertRegex(result.stdout.decode(), r"^TCP CRITICAL - .*connection refused on "
                                                  r"dual\.test port \d+ \(::1\)")
 
+    def test_the_banner_form_names_each_address(self):
+        result = run_with_hosts(self, self.hosts, "--all-addresses", "dual.test", self.port)
+        self.assertEqual((result.returncode, result.stdout), (2, b"Thank you for connecting\n"))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: dual.test port {self.port} (::1): failed at "
+                         "connect: connection refused\n")
+
     def test_any_address_is_the_best(self):
         result = run_with_hosts(self, self.hosts, "--any-address", "--json", "dual.test",
                                 self.port)

@@ -85,7 +85,7 @@ def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
     style = {"raw": options["raw"], "timestamps": options["timestamp"]}
     mode = options["mode"]
     if mode == BANNER:
-        return BannerReport(out, err, **style)
+        return BannerReport(out, err, addresses=options["all-addresses"], **style)
     if mode == LINES:
         # A fleet probed once each is a line a target; a summary follows
         # each target's probes when there are several.

@@ -166,11 +166,19 @@ class Report:
 class BannerReport(Report):
     """
     The tutorial's client: what the server sent on standard output, and a
-    problem, if any, as one line on standard error naming the target.
+    problem, if any, as one line on standard error naming the target (and,
+    with C{addresses}, for C{--all-addresses}, the address).
     """
+
+    def __init__(self, out: BinaryIO, err: BinaryIO, *, raw: bool = False,
+                 timestamps: bool = False, addresses: bool = False) -> None:
+        super().__init__(out, err, raw=raw, timestamps=timestamps)
+        self.addresses = addresses
 
     def probe(self, seq: int, result: ProbeResult, verdict: Verdict) -> None:
         where = culprit(result)
+        if self.addresses and not result.name_failed:
+            where = target(result.host, result.port, result.address)
         if result.banner:  # also what came before a timeout or a reset
             self.out.write(self._banner(result.banner))
         said = problem(verdict)
