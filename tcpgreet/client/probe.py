@@ -190,6 +190,7 @@ class GreetClientFactory(ClientFactory):
         self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.tls_info = None
+        self.tls_failed = False
         self.ended_by: str | None = None
         self.stopped = False
         self.banner = b""
@@ -323,6 +324,9 @@ class GreetClientFactory(ClientFactory):
             message = self.tls.explain(reason, tls_layer.getHandle(), tls_layer.received,
                                        handshake_done=self.handshake_at is not None)
             if message is not None:
+                # Some Twisted versions call handshakeCompleted before the
+                # certificate's name is checked: the failure is TLS's all the same.
+                self.tls_failed = True
                 return message
         return describe(reason)
 
@@ -645,7 +649,7 @@ def _stage(attempt: GreetClientFactory) -> str:
     """Where a failed attempt stopped."""
     if attempt.connected_at is None:
         return CONNECT
-    if attempt.tls is not None and attempt.handshake_at is None:
+    if attempt.tls is not None and (attempt.handshake_at is None or attempt.tls_failed):
         return TLS
     return READ
 
