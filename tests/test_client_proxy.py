@@ -6,8 +6,11 @@ HAProxy with C{bind ... accept-proxy}.
 """
 
 import json
+import shutil
 import struct
+import tempfile
 from ipaddress import ip_address
+from pathlib import Path
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -16,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.client.proxyheader import LOCAL, SIGNATURE, ProxyHeaderSender, version_1, version_2
 
+from . import tls
 from .clientprocess import run
 from .haproxy import start_haproxy
 from .helpers import start_server
@@ -93,6 +97,23 @@ class TcpgreetListenerTests(SynchronousTestCase):
         result = run("--timeout", "10", *self.target)
         self.assertEqual(result.returncode, 2)
         self.assertIn(b"failed at read: closed without a banner", result.stderr)
+
+
+class UnderTLSTests(SynchronousTestCase):
+    """With --tls the header goes first, in clear, then the handshake (C{haproxy:ssl:})."""
+
+    def test_header_then_tls(self):
+        directory = Path(tempfile.mkdtemp(prefix="tcpgreet-client-proxy-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        files = tls.self_signed(directory)
+        server = start_server(self, "--quiet", "--greeting", GREETING, "--listen",
+                              f"haproxy:ssl:0:interface=127.0.0.1:privateKey={files.key}"
+                              f":certKey={files.cert}")
+        result = run("--json", "--tls", "--ca", str(files.trust), "--proxy-protocol", "v2",
+                     "--proxy-source", "192.0.2.9:99", "localhost", str(server.port))
+        probe = json.loads(result.stdout.splitlines()[0])
+        self.assertEqual((result.returncode, probe["banner"], probe["tls_version"] is not None),
+                         (0, "hello 192.0.2.9 99\r\n", True))
 
 
 class HAProxyTests(SynchronousTestCase):
