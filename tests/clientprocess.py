@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,38 @@ def run(*args: str, timeout: float = 30.0) -> Finished:
                             stdin=subprocess.DEVNULL, cwd=NEUTRAL_CWD)
     return Finished(result.returncode, result.stdout, result.stderr,
                     time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    peak_kb: int  # the client's peak resident memory
+    cpu: float  # the client's user + system CPU seconds
+
+
+# A fresh parent has no other children, so RUSAGE_CHILDREN is the client's.
+_MEASURE = """\
+import resource, subprocess, sys
+result = subprocess.run(sys.argv[2:], capture_output=True, stdin=subprocess.DEVNULL)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as figures:
+    figures.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+sys.stdout.buffer.write(result.stdout)
+sys.stderr.buffer.write(result.stderr)
+sys.exit(result.returncode)
+"""
+
+
+def run_measured(*args: str, timeout: float = 60.0) -> Measured:
+    """Run the client to completion; its output, peak memory and CPU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".figures") as figures:
+        result = subprocess.run([sys.executable, "-c", _MEASURE, figures.name, *CLIENT, *args],
+                                capture_output=True, timeout=timeout, cwd=NEUTRAL_CWD,
+                                stdin=subprocess.DEVNULL)
+        peak, cpu = figures.read().split()
+    return Measured(result.returncode, result.stdout, result.stderr, int(peak), float(cpu))
 
 
 class ClientProcess:

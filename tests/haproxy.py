@@ -48,7 +48,7 @@ defaults
     timeout check 5s
 
 listen greet
-    bind fd@{fd}
+    bind fd@{fd}{bind}
 {backend}
 {servers}
 """
@@ -117,12 +117,13 @@ class HAProxy:
         return self.program.stop()
 
 
-def start_haproxy(testcase, servers: list[str], backend: str = "") -> HAProxy:
+def start_haproxy(testcase, servers: list[str], backend: str = "", bind: str = "") -> HAProxy:
     """
     Start HAProxy in C{mode tcp} relaying to C{servers} (each an address and
     HAProxy server options, as in C{"127.0.0.1:4000 send-proxy-v2 check"});
     C{backend} holds extra lines for the proxy section (C{option tcp-check},
-    C{balance}, ...).  Skips (or, under TCPGREET_REQUIRE_SYSTEM_TOOLS=1,
+    C{balance}, ...) and C{bind} options for the listener (C{accept-proxy}).
+    Skips (or, under TCPGREET_REQUIRE_SYSTEM_TOOLS=1,
     fails) when HAProxy is not installed.
     """
     haproxy = require_tool(testcase, "haproxy")
@@ -135,7 +136,7 @@ def start_haproxy(testcase, servers: list[str], backend: str = "") -> HAProxy:
         port = listener.getsockname()[1]
         api = directory / "api.sock"
         config = CONFIG.format(
-            api=api, fd=listener.fileno(), backend=backend,
+            api=api, fd=listener.fileno(), backend=backend, bind=f" {bind}" if bind else "",
             servers="\n".join(f"    server greet{number} {server}"
                               for number, server in enumerate(servers, start=1)))
         path = directory / "haproxy.cfg"

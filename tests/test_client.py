@@ -338,8 +338,9 @@ class ProbeTests(SynchronousTestCase):
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.successResultOf(result), ProbeResult(
             host="mail.example", port=25, started=0.0, total=0.875, address="192.0.2.1",
-            tried=("192.0.2.1",), connect=0.125, banner=GREETING, ended_by="newline"),
-            "connect counts from the attempt, total from the start")
+            tried=("192.0.2.1",), resolve=0.25, connect=0.125, first_byte=0.625,
+            banner=GREETING, ended_by="newline"),
+            "connect and first byte count from the attempt, total from the start")
         self.assertEqual(calls, [("mail.example", 25, socket.AF_UNSPEC)])
 
     def test_addresses_are_tried_in_order(self):
@@ -367,9 +368,10 @@ class ProbeTests(SynchronousTestCase):
 
     def test_a_server_that_answered_is_not_retried_elsewhere(self):
         result = self.start(FakeResolver(["::1", "127.0.0.1"]), timeout=2.0, idle=None)
-        protocol, transport = connect(self.attempt(0)[1], self.clock, after=0.5)
+        # Connected within the attempt delay, before a second attempt starts.
+        protocol, transport = connect(self.attempt(0)[1], self.clock, after=0.125)
         protocol.dataReceived(b"220 ")
-        self.clock.advance(1.5)
+        self.clock.advance(1.875)
         self.assertTrue(transport.disconnected)
         result = self.successResultOf(result)
         self.assertEqual((result.error, result.total, result.banner, len(self.clock.tcpClients)),
@@ -468,7 +470,7 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(result), ProbeResult(
             host="unix:/run/greet.sock", port=None, started=0.0, total=0.5,
             address="/run/greet.sock", tried=("/run/greet.sock",), connect=0.5,
-            banner=GREETING, ended_by="close"))
+            first_byte=0.5, banner=GREETING, ended_by="close"))
 
     def test_unix_socket_times_out(self):
         result = self.start(FakeResolver(), host="unix:/run/greet.sock", port=None,
@@ -692,3 +694,110 @@ class ProbeRunTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertEqual(self.successResultOf(status), OK)
         self.assertEqual(len(self.probes.starts), 1)
+
+
+class HappyEyeballsTests(SynchronousTestCase):
+    def test_families_alternate_ipv6_first(self):
+        self.assertEqual(probing.happy_eyeballs(["192.0.2.1", "192.0.2.2", "2001:db8::1",
+                                                 "2001:db8::2", "2001:db8::3"]),
+                         ["2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2",
+                          "2001:db8::3"])
+        self.assertEqual(probing.happy_eyeballs(["192.0.2.1"]), ["192.0.2.1"])
+
+
+class StageFactsTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+
+    def test_an_address_is_not_resolved(self):
+        resolver = FakeResolver()
+        defer.ensureDeferred(probe(self.clock, ProbeSettings("192.0.2.1", 25), resolver))
+        self.assertEqual((resolver.calls, self.clock.tcpClients[0][0]), ([], "192.0.2.1"))
+
+    def test_the_stage_of_each_failure(self):
+        result = defer.ensureDeferred(probe(self.clock, ProbeSettings("mail.example", 25),
+                                            FakeResolver(failure=ProbeError("name not resolved"))))
+        self.assertEqual(self.successResultOf(result).stage, "resolve")
+        settings = ProbeSettings("192.0.2.1", 25, tls=FakeTLS())
+        result = defer.ensureDeferred(probe(self.clock, settings, FakeResolver()))
+        factory = self.clock.tcpClients[0][2].wrappedFactory
+        protocol, transport = connect(factory)
+        transport.received = b""  # as FirstBytesTLS has
+        transport.getHandle = lambda: None
+        protocol.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(self.successResultOf(result).stage, "tls", "no handshake yet")
+
+    def test_every_address(self):
+        settings = ProbeSettings("mail.example", 25, all_addresses=True)
+        results = defer.ensureDeferred(probing.probe_all(self.clock, settings,
+                                                         FakeResolver(["127.0.0.1", "::1"])))
+        self.clock.advance(0.25)
+        hosts = [client[0] for client in self.clock.tcpClients]
+        self.assertEqual(hosts, ["::1", "127.0.0.1"], "both at once, IPv6 first")
+        self.clock.tcpClients[0][2].clientConnectionFailed(
+            None, Failure(error.ConnectionRefusedError()))
+        protocol, _ = connect(self.clock.tcpClients[1][2])
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        refused, read = self.successResultOf(results)
+        self.assertEqual((refused.address, refused.stage, refused.refused, refused.resolve),
+                         ("::1", "connect", True, 0.0))
+        self.assertEqual((read.address, read.banner, read.error), ("127.0.0.1", GREETING, None))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_proxy_header_wraps_the_connection(self):
+        defer.ensureDeferred(probe(self.clock, ProbeSettings("192.0.2.1", 25, proxy="v2-local"),
+                                   FakeResolver()))
+        wrapping = self.clock.tcpClients[0][2]
+        transport = StringTransport()
+        wrapping.buildProtocol(None).makeConnection(transport)
+        self.assertEqual(transport.value(), b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
+
+
+class RaceTests(SynchronousTestCase):
+    """Happy eyeballs: the next address beside a slow one, the first connection wins."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+
+    def start(self, addresses, timeout=5.0):
+        settings = ProbeSettings("mail.example", 25, timeout=timeout, idle=None)
+        return defer.ensureDeferred(probe(self.clock, settings, FakeResolver(addresses)))
+
+    def test_a_slow_address_gets_company_after_the_delay(self):
+        result = self.start(["2001:db8::1", "192.0.2.1"])
+        self.assertEqual(len(self.clock.tcpClients), 1)
+        self.clock.advance(probing.CONNECTION_ATTEMPT_DELAY)
+        self.assertEqual([c[0] for c in self.clock.tcpClients], ["2001:db8::1", "192.0.2.1"])
+        protocol, _ = connect(self.clock.tcpClients[1][2], self.clock, after=0.125)
+        self.assertTrue(self.clock.connectors[0].stoppedConnecting, "the loser is dropped")
+        protocol.dataReceived(GREETING)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        result = self.successResultOf(result)
+        self.assertEqual((result.address, result.tried, result.banner, result.connect),
+                         ("192.0.2.1", ("2001:db8::1", "192.0.2.1"), GREETING, 0.125))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_failure_starts_the_next_at_once(self):
+        self.start(["2001:db8::1", "192.0.2.1", "2001:db8::2"])
+        self.clock.tcpClients[0][2].clientConnectionFailed(
+            None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual(len(self.clock.tcpClients), 2)
+
+    def test_none_connects_before_the_deadline(self):
+        result = self.start(["2001:db8::1", "192.0.2.1"], timeout=1.0)
+        self.clock.advance(probing.CONNECTION_ATTEMPT_DELAY)
+        self.clock.advance(1.0 - probing.CONNECTION_ATTEMPT_DELAY)
+        result = self.successResultOf(result)
+        self.assertEqual((result.error, result.tried, result.stage),
+                         ("timed out (tried 2001:db8::1, 192.0.2.1)",
+                          ("2001:db8::1", "192.0.2.1"), "connect"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelled_while_racing(self):
+        result = self.start(["2001:db8::1", "192.0.2.1"])
+        self.clock.advance(probing.CONNECTION_ATTEMPT_DELAY)
+        result.cancel()
+        self.failureResultOf(result, defer.CancelledError)
+        self.assertTrue(all(c.stoppedConnecting for c in self.clock.connectors))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

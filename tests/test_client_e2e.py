@@ -11,14 +11,21 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import CLIENT, ClientProcess, Finished, SocketServer, run, sends
+from .clientprocess import (
+    CLIENT,
+    ClientProcess,
+    Finished,
+    SocketServer,
+    run,
+    run_measured,
+    sends,
+)
 from .helpers import (
     NEUTRAL_CWD,
     Server,
@@ -31,10 +38,11 @@ from .helpers import (
 LOCAL = "tcp:0:interface=127.0.0.1"
 HOSTILE = b"\x1b]0;pwned\x07\x1b[2J hello \xff\xfe\xc3\r\n"
 PROBE_OK = re.compile(r"^127\.0\.0\.1 port \d+ seq=(\d+): OK connect \d+\.\d{3} ms, "
-                      r"total \d+\.\d{3} ms, 26 bytes: Thank you for connecting$")
-PROBE_REFUSED = re.compile(r"^127\.0\.0\.1 port \d+ seq=(\d+): CRITICAL connection refused "
-                           r"after \d+\.\d{3} ms$")
-TIMES = re.compile(r"^(connect|total) min/avg/max/stdev = "
+                      r"first byte \d+\.\d{3} ms, total \d+\.\d{3} ms, 26 bytes: "
+                      r"Thank you for connecting$")
+PROBE_REFUSED = re.compile(r"^127\.0\.0\.1 port \d+ seq=(\d+): CRITICAL failed at connect: "
+                           r"connection refused after \d+\.\d{3} ms$")
+TIMES = re.compile(r"^(connect|time) min/avg/max/mdev = "
                    r"\d+\.\d{3}/\d+\.\d{3}/\d+\.\d{3}/\d+\.\d{3} ms$")
 
 
@@ -96,6 +104,7 @@ class ChecksTests(SynchronousTestCase):
         result = run("--expect", "^220 ", *self.target)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.decode(), f"tcpgreet-client: 127.0.0.1 port {self.port}: "
+                         "failed at expect: "
                          "banner does not match '^220 ': got \"Thank you for connecting\"\n")
         result = run("--expect", "^220 ", "--mismatch-state", "warn", *self.target)
         self.assertEqual(result.returncode, 1)
@@ -145,7 +154,9 @@ class ChecksTests(SynchronousTestCase):
         self.assertRegex(result.stdout.decode(),
                          rf"^TCP OK - \d\.\d{{3}} second response time on 127\.0\.0\.1 port "
                          rf"{self.port} \[Thank you for connecting\]\|time=\d\.\d{{6}}s;"
-                         r"1\.000000;2\.000000;0\.000000;5\.000000\n$")
+                         r"1\.000000;2\.000000;0\.000000;5\.000000 "
+                         r"connect=\d\.\d{6}s;;;0\.000000;5\.000000 "
+                         r"firstbyte=\d\.\d{6}s;;;0\.000000;5\.000000\n$")
 
 
 class RefusedTests(SynchronousTestCase):
@@ -182,7 +193,8 @@ class ResolutionTests(SynchronousTestCase):
         result = run_with_hosts(self, hosts, "-4", "only-six.test", "25")
         self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
         self.assertRegex(result.stderr.decode(),
-                         r"^tcpgreet-client: only-six\.test: has no IPv4 address$")
+                         r"^tcpgreet-client: only-six\.test: failed at resolve: "
+                         r"has no IPv4 address$")
         # The name does resolve, to its one IPv6 address.
         result = run_with_hosts(self, hosts, "-6", "--json", "-t", "2", "only-six.test", "25")
         self.assertEqual(records(result)[0]["tried"], ["fd00:1::a"])
@@ -252,18 +264,8 @@ class HostileServerTests(SynchronousTestCase):
 
     def run_measured(self, *args):
         """Run the client; its result and peak resident memory in kilobytes."""
-        # A fresh parent has no other children, so RUSAGE_CHILDREN is the client's.
-        measure = ("import resource, subprocess, sys; "
-                   "r = subprocess.run(sys.argv[1:], capture_output=True); "
-                   "sys.stdout.buffer.write(r.stdout); "
-                   "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-                   "sys.stderr.write(str(peak)); "
-                   "sys.exit(r.returncode)")
-        result = subprocess.run([sys.executable, "-c", measure, *CLIENT, *args],
-                                capture_output=True, timeout=60, cwd=NEUTRAL_CWD)
-        finished = type("Finished", (), {"returncode": result.returncode,
-                                         "stdout": result.stdout})
-        return finished, int(result.stderr)
+        finished = run_measured(*args)
+        return finished, finished.peak_kb
 
     def test_silent_server_times_out_on_time(self):
         server = SocketServer(self, lambda connection: connection.recv(1))
@@ -281,7 +283,8 @@ class HostileServerTests(SynchronousTestCase):
         result = run("-t", "0.5", *server.target)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out waiting for "
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at read: "
+                         "timed out waiting for "
                          "a banner (a TLS server waits for the client: try --tls?)\n")
 
     def test_reset_is_critical(self):
@@ -291,8 +294,11 @@ class HostileServerTests(SynchronousTestCase):
         server = SocketServer(self, reset)
         result = run(*server.target)
         self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stderr.decode(), f"tcpgreet-client: 127.0.0.1 port "
-                                                 f"{server.port}: connection reset by peer\n")
+        # The reset may reach the client before Twisted has seen its
+        # connection made: then the connection itself failed.
+        self.assertRegex(result.stderr.decode(), rf"^tcpgreet-client: 127\.0\.0\.1 port "
+                                                 rf"{server.port}: failed at (read|connect): "
+                                                 r"connection reset by peer\n$")
 
 
 class ConversationTests(SynchronousTestCase):
@@ -404,6 +410,7 @@ class MistakeTests(SynchronousTestCase):
         result = run("no-such-host.invalid", "80")
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertRegex(result.stderr.decode(), r"^tcpgreet-client: no-such-host\.invalid: "
+                                                 r"failed at resolve: "
                                                  r"name not resolved(: [^\n]+)?\n$")
         result = run("--plugin", "no-such-host.invalid", "80")
         self.assertEqual(result.returncode, 2)
@@ -504,7 +511,7 @@ class UnixSocketTests(SynchronousTestCase):
         path = os.path.join(self.directory, "missing.sock")
         result = run(f"unix:{path}")
         self.assertEqual((result.returncode, result.stderr.decode()),
-                         (2, f"tcpgreet-client: unix:{path}: no such socket\n"))
+                         (2, f"tcpgreet-client: unix:{path}: failed at connect: no such socket\n"))
 
     def test_refused(self):
         path = os.path.join(self.directory, "nobody.sock")
@@ -520,3 +527,103 @@ class UnixSocketTests(SynchronousTestCase):
                          (3, "tcpgreet-client: unix:/run/greet.sock is a UNIX socket, which "
                              "has no port: '25' (see --help)\n"))
 
+
+
+@skipUnless(has_ipv6_loopback(), "no IPv6 loopback")
+class EveryAddressTests(SynchronousTestCase):
+    """
+    A name with both 127.0.0.1 and ::1 (a hosts file of the test's own), a
+    server on the first and the same port refused on the second.
+    """
+
+    def setUp(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        self.port = str(server.port)
+        self.refusing = socket.socket(socket.AF_INET6)
+        self.addCleanup(self.refusing.close)
+        try:
+            self.refusing.bind(("::1", server.port))  # bound, not listening: refused
+        except OSError as e:
+            self.skipTest(f"port {server.port} is taken on ::1: {e}")
+        self.hosts = temporary_file(self, b"127.0.0.1 dual.test\n::1 dual.test\n")
+
+    def test_two_results_worst_state(self):
+        result = run_with_hosts(self, self.hosts, "--all-addresses", "--json", "dual.test",
+                                self.port)
+        *probes, summary = records(result)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(sorted((p["address"], p["state"], p["stage"]) for p in probes),
+                         [("127.0.0.1", "OK", None), ("::1", "CRITICAL", "connect")])
+        self.assertEqual((summary["state"], summary["addresses"]["::1"]["state"],
+                          summary["addresses"]["127.0.0.1"]["state"]),
+                         ("CRITICAL", "CRITICAL", "OK"))
+        result = run_with_hosts(self, self.hosts, "--plugin", "--all-addresses", "dual.test",
+                                self.port)
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(result.stdout.decode(), r"^TCP CRITICAL - .*connection refused on "
+                                                 r"dual\.test port \d+ \(::1\)")
+
+    def test_the_banner_form_names_each_address(self):
+        result = run_with_hosts(self, self.hosts, "--all-addresses", "dual.test", self.port)
+        self.assertEqual((result.returncode, result.stdout), (2, b"Thank you for connecting\n"))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: dual.test port {self.port} (::1): failed at "
+                         "connect: connection refused\n")
+
+    def test_any_address_is_the_best(self):
+        result = run_with_hosts(self, self.hosts, "--any-address", "--json", "dual.test",
+                                self.port)
+        *probes, summary = records(result)
+        self.assertEqual((result.returncode, len(probes), summary["state"]), (0, 2, "OK"))
+
+    def test_without_it_ipv6_first_then_the_next(self):
+        result = run_with_hosts(self, self.hosts, "--json", "dual.test", self.port)
+        [probe, _] = records(result)
+        self.assertEqual((result.returncode, probe["tried"], probe["address"], probe["state"]),
+                         (0, ["::1", "127.0.0.1"], "127.0.0.1", "OK"))
+        self.assertIsNotNone(probe["dns_ms"])
+
+
+class StageTests(SynchronousTestCase):
+    """Each kind of failure names its stage, in JSON and in the text line."""
+
+    def stage(self, *args):
+        [probe, _] = records(run("--json", *args))
+        text = run(*args).stderr.decode()
+        return probe["stage"], probe["error"], text
+
+    def test_every_stage(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        target = [server.host, str(server.port)]
+        silent = SocketServer(self, lambda connection: connection.recv(1), connections=2)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = str(s.getsockname()[1])
+        for args, stage in [
+            (["no-such-host.invalid", "80"], "resolve"),
+            (["127.0.0.1", closed], "connect"),
+            (["--tls", "--timeout", "2", *target], "tls"),
+            (["--timeout", "0.5", *silent.target], "read"),
+            (["--expect", "^220", *target], "expect"),
+            (["--reject", "^Thank", *target], "reject"),
+        ]:
+            found, error, text = self.stage(*args)
+            self.assertEqual(found, stage, args)
+            self.assertIn(f": failed at {stage}: {error}", text, args)
+
+    def test_reject_comes_first_and_expect_repeats(self):
+        server = start_server(self, "--listen", LOCAL, "--quiet")
+        target = [server.host, str(server.port)]
+        for args, status, error in [
+            (["--reject", "^5", "--expect", "^Thank"], 0, None),
+            (["--reject", "connecting", "--expect", "^220"], 2,
+             "banner matches --reject 'connecting'"),
+            (["--expect", "^Thank", "--expect", "you"], 0, None),
+            (["--expect", "^Thank", "--expect", "^220"], 2, "banner does not match '^220'"),
+            (["--expect-any", "--expect", "^220", "-e", "^Thank"], 0, None),
+            (["--expect-any", "--expect", "^220", "-e", "^SSH"], 2,
+             "banner matches none of '^220', '^SSH'"),
+        ]:
+            result = run("--json", *args, *target)
+            self.assertEqual((result.returncode, records(result)[0]["error"]), (status, error),
+                             args)

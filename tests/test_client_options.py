@@ -105,7 +105,7 @@ class AnywhereTests(SynchronousTestCase):
 
     def test_empty_value(self):
         options = parse("mail.example.net", "--expect", "", "25")
-        self.assertEqual((options["port"], options.checks.expect), (25, re.compile("")))
+        self.assertEqual((options["port"], options.checks.expect), (25, (re.compile(""),)))
 
     def test_double_dash_ends_the_options(self):
         options = parse("--first-line", "--", "-c", "25")
@@ -121,7 +121,10 @@ class AnywhereTests(SynchronousTestCase):
             (["localhost", "--bogus"], "option --bogus not recognized"),
             (["localhost", "-t"], "option -t requires argument"),
             (["localhost", "25", "-t", "soon"], "--timeout 'soon': not a number of seconds"),
-            (["localhost", "25", "26", "--json"], "too many arguments: localhost 25 26"),
+            # Several targets are several HOSTs or HOST:PORTs; a port alone is none.
+            (["localhost", "25", "26", "--json"], "too many arguments: localhost 25 26 (with "
+                                                  "several targets, write each as HOST:PORT, "
+                                                  "or give -p PORT)"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
                 parse(*args)
@@ -341,3 +344,68 @@ class MistakeTests(SynchronousTestCase):
         if data is None:
             data = make_certificate(["localhost"]).certificate_pem
         return temporary_file(self, data, ".pem")
+
+
+class FleetOptionTests(SynchronousTestCase):
+    """Several targets, a targets file, and the options that go with them."""
+
+    def test_several_targets(self):
+        options = parse("a.example", "b.example:25", "[::1]:7", "unix:/run/g.sock", "-p", "2525")
+        self.assertEqual([(t.host, t.port, t.unix) for t in options.targets],
+                         [("a.example", 2525, None), ("b.example", 25, None), ("::1", 7, None),
+                          ("unix:/run/g.sock", None, "/run/g.sock")])
+        self.assertEqual((options["fleet"], options["mode"]), (True, "lines"))
+        # Two arguments are still HOST PORT when the second is a port.
+        options = parse("mail.example", "smtp")
+        self.assertEqual((options["fleet"], options["port"]), (False, 25))
+        self.assertEqual(len(parse("mail.example", "10.0.0.1").targets), 2)
+
+    def test_each_target_is_checked(self):
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("-4", "a.example", "::1")
+        self.assertEqual(str(caught.exception), "-4: ::1 is an IPv6 address")
+
+    def test_targets_file_lines(self):
+        options = parse("--targets-file", temporary_file(self), "-p", "26")
+        lines = ["# comment", "", "a.example", "b.example 25", "c.example:24  # trailing",
+                 "unix:/run/a b.sock", "d.example nope", "e.example 1 2"]
+        found = list(options.targets_in(iter(line + "\n" for line in lines), "F"))
+        self.assertEqual([(t.host, t.port) if not isinstance(t, str) else t for t in found], [
+            ("a.example", 26), ("b.example", 25), ("c.example", 24), ("unix:/run/a b.sock", None),
+            "F line 7: bad port 'nope': not a number or a known TCP service name",
+            "F line 8: too many arguments: e.example 1 2"])
+        self.assertEqual((options.targets, options["fleet"]), ([], True))
+
+    def test_new_checks(self):
+        options = parse("--reject", "^5", "--reject", "^4", "-e", "^2", "--expect", "ESMTP",
+                        "--expect-any")
+        self.assertEqual(options.checks.reject, (re.compile("^5"), re.compile("^4")))
+        self.assertEqual((options.checks.expect, options.checks.expect_any),
+                         ((re.compile("^2"), re.compile("ESMTP")), True))
+
+    def test_addresses_and_proxy(self):
+        options = parse("--any-address", "--proxy-protocol", "v2", "--proxy-source",
+                        "[2001:db8::7]:4242")
+        self.assertEqual((options["all-addresses"], options["any-address"],
+                          options["proxy-protocol"], options["proxy-source"]),
+                         (True, True, "v2", ("2001:db8::7", 4242)))
+
+    def test_mistakes(self):
+        for args, message in [
+            (["--proxy-protocol", "v3"], "--proxy-protocol 'v3': not v1, v2 or v2-local"),
+            (["--proxy-protocol", "v1", "--proxy-source", "192.0.2.1"],
+             "--proxy-source '192.0.2.1': not ADDR:PORT"),
+            (["--proxy-protocol", "v1", "--proxy-source", "::1:4"],
+             "--proxy-source '::1:4': not ADDR:PORT; write an IPv6 address as [ADDR]:PORT"),
+            (["--proxy-protocol", "v2-local", "--proxy-source", "192.0.2.1:4"],
+             "--proxy-source needs --proxy-protocol v1 or v2 (a LOCAL header names no client)"),
+            (["--proxy-protocol", "v1", "unix:/run/g.sock"],
+             "--proxy-protocol v1 does not apply to a UNIX socket (unix:/run/g.sock); "
+             "v2-local does"),
+            (["--expect-any"], "--expect-any needs --expect"),
+            (["--reject", "("], "--reject '(': not a valid regular expression: missing ), "
+                                "unterminated subpattern at position 0"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertEqual(str(caught.exception), message, args)

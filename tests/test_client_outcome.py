@@ -35,9 +35,10 @@ def read(banner=b"220 mail.example ESMTP\r\n", total=0.010, **facts):
                        address="192.0.2.1", connect=0.002, banner=banner, **facts)
 
 
-def failed(error="connection refused", refused=True):
+def failed(error="connection refused", refused=True, tried=("192.0.2.1",)):
     return ProbeResult(host="mail.example", port=25, started=NOW, total=0.001,
-                       error=error, refused=refused)
+                       address=tried[-1] if tried else None, tried=tried, error=error,
+                       refused=refused)
 
 
 def empty():
@@ -58,7 +59,7 @@ class JudgeTests(SynchronousTestCase):
 
     def test_a_failure_is_critical(self):
         self.assertEqual(judge(failed("timed out", refused=False), Checks(), NOW),
-                         Verdict(CRITICAL, False, "timed out", "timed out"))
+                         Verdict(CRITICAL, False, "timed out", "timed out", "connect"))
 
     def test_refused_state_is_chosen(self):
         for state in (OK, WARNING, CRITICAL):
@@ -74,7 +75,7 @@ class JudgeTests(SynchronousTestCase):
     def test_an_empty_reply_is_critical(self):
         self.assertEqual(judge(empty(), Checks(), NOW),
                          Verdict(CRITICAL, False, "closed without a banner",
-                                 "closed without a banner"))
+                                 "closed without a banner", "read"))
 
     def test_empty_state_is_chosen(self):
         for state in (OK, WARNING, CRITICAL):
@@ -94,7 +95,7 @@ class JudgeTests(SynchronousTestCase):
     def test_mismatch(self):
         verdict = judge(read(), Checks(expect=re.compile("^SSH-")), NOW)
         self.assertEqual(verdict, Verdict(CRITICAL, False, "banner does not match '^SSH-'",
-                                          "banner does not match '^SSH-'"))
+                                          "banner does not match '^SSH-'", "expect"))
 
     def test_mismatch_state_is_chosen(self):
         verdict = judge(read(), Checks(expect=re.compile("^SSH-"), mismatch_state=WARNING), NOW)
@@ -102,15 +103,17 @@ class JudgeTests(SynchronousTestCase):
         verdict = judge(read(), Checks(expect=re.compile("^SSH-"), mismatch_state=OK), NOW)
         self.assertEqual((verdict.state, verdict.ok, verdict.reason), (OK, False, None))
 
-    def test_thresholds_on_total_time(self):
+    def test_thresholds_on_the_time_without_the_name(self):
         checks = Checks(warning=0.5, critical=1.0)
         self.assertEqual(judge(read(total=0.5), checks, NOW).state, OK)
         verdict = judge(read(total=0.75), checks, NOW)
         self.assertEqual(verdict, Verdict(WARNING, True, None,
-                                          "total time 0.750 s over --warning 0.5 s"))
+                                          "response time 0.750 s over --warning 0.5 s"))
         verdict = judge(read(total=1.25), checks, NOW)
         self.assertEqual(verdict, Verdict(CRITICAL, True, None,
-                                          "total time 1.250 s over --critical 1 s"))
+                                          "response time 1.250 s over --critical 1 s"))
+        # A slow name service is not a slow server.
+        self.assertEqual(judge(read(total=1.25, resolve=1.0), checks, NOW).state, OK)
 
     def test_critical_alone(self):
         self.assertEqual(judge(read(total=2.0), Checks(critical=1.0), NOW).state, CRITICAL)
@@ -135,7 +138,7 @@ class JudgeTests(SynchronousTestCase):
         verdict = judge(read(total=0.5), checks, NOW)
         self.assertEqual(verdict.state, CRITICAL)
         self.assertEqual(verdict.reason, "banner does not match '^SSH-'; "
-                                         "total time 0.500 s over --critical 0.001 s")
+                                         "response time 0.500 s over --critical 0.001 s")
 
     def test_banner_text(self):
         self.assertEqual(banner_text(b"a\r\nb\xff\n"), "a\nb\\xff\n")
@@ -180,9 +183,12 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(summary.total.count, 3, "the empty replies connected and are timed")
 
     def test_name_failed(self):
-        self.assertTrue(failed("name not resolved", refused=False).name_failed)
+        unresolved = failed("name not resolved", refused=False, tried=())
+        self.assertTrue(unresolved.name_failed)
         self.assertFalse(empty().name_failed)
         self.assertFalse(read().name_failed)
+        self.assertEqual([result.failed_at for result in (unresolved, failed(), empty(), read())],
+                         ["resolve", "connect", "read", None])
 
     def test_worst_probe_decides(self):
         summary = Summary("mail.example", 25)

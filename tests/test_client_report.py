@@ -121,31 +121,33 @@ class BannerReportTests(SynchronousTestCase):
     def test_failure_is_one_line_on_stderr(self):
         out, err = Run(BannerReport)(refused())
         self.assertEqual((out, err), (b"", b"tcpgreet-client: localhost port 9: "
-                                           b"connection refused\n"))
+                                           b"failed at connect: connection refused\n"))
 
     def test_empty_reply(self):
         out, err = Run(BannerReport)(empty())
         self.assertEqual((out, err), (b"", b"tcpgreet-client: localhost port 27679: "
-                                           b"closed without a banner\n"))
+                                           b"failed at read: closed without a banner\n"))
         out, err = Run(BannerReport, Checks(empty_state=0))(empty())
-        self.assertEqual(err, b"tcpgreet-client: localhost port 27679: closed without a "
-                              b"banner\n", "still said, as a refusal with --refused-state ok")
+        self.assertEqual(err, b"tcpgreet-client: localhost port 27679: failed at read: "
+                              b"closed without a banner\n",
+                         "still said, as a refusal with --refused-state ok")
 
     def test_what_came_before_a_timeout_is_shown(self):
         out, err = Run(BannerReport)(partial())
         self.assertEqual((out, err), (b"220-partial\n", b"tcpgreet-client: localhost port 25: "
+                                                         b"failed at read: "
                                                          b"timed out after 11 bytes\n"))
 
     def test_a_name_that_does_not_resolve_is_the_culprit(self):
         out, err = Run(BannerReport)(unresolved())
         self.assertEqual((out, err), (b"", b"tcpgreet-client: nosuchhost.invalid: "
-                                           b"name not resolved\n"))
+                                           b"failed at resolve: name not resolved\n"))
 
     def test_mismatch_shows_what_came(self):
         out, err = Run(BannerReport, Checks(expect=re.compile("^220")))(read())
         self.assertEqual(out, b"Thank you for connecting\n")
-        self.assertEqual(err, b"tcpgreet-client: localhost port 27679: banner does not "
-                              b"match '^220': got \"Thank you for connecting\"\n")
+        self.assertEqual(err, b"tcpgreet-client: localhost port 27679: failed at expect: "
+                              b"banner does not match '^220': got \"Thank you for connecting\"\n")
 
     def test_escaped_by_default(self):
         out, err = Run(BannerReport)(read(HOSTILE))
@@ -177,14 +179,15 @@ class LinesReportTests(SynchronousTestCase):
         self.assertEqual(out.decode().splitlines(), [
             "localhost port 27679 (127.0.0.1) seq=1: OK connect 0.400 ms, total 2.100 ms, "
             "26 bytes: Thank you for connecting",
-            "localhost port 9 (127.0.0.1) seq=2: CRITICAL connection refused after 0.300 ms",
+            "localhost port 9 (127.0.0.1) seq=2: CRITICAL failed at connect: connection refused "
+            "after 0.300 ms",
             "localhost port 27679 (127.0.0.1) seq=3: OK connect 0.600 ms, total 4.100 ms, "
             "26 bytes: Thank you for connecting",
             "",
             "--- localhost port 27679 probe statistics ---",
             "3 probes, 2 ok, 1 failed, 33.3% loss, state CRITICAL",
-            "connect min/avg/max/stdev = 0.400/0.500/0.600/0.100 ms",
-            "total min/avg/max/stdev = 2.100/3.100/4.100/1.000 ms",
+            "connect min/avg/max/mdev = 0.400/0.500/0.600/0.100 ms",
+            "time min/avg/max/mdev = 2.100/3.100/4.100/1.000 ms",
         ])
 
     def test_problems_and_details(self):
@@ -196,18 +199,20 @@ class LinesReportTests(SynchronousTestCase):
         self.assertEqual(out.decode().splitlines()[0],
                          "[2027-01-15T08:00:00.250Z] localhost port 27679 (127.0.0.1) seq=1: "
                          "CRITICAL connect 0.400 ms, TLS 1.500 ms, total 2.100 ms, "
-                         "37 bytes (truncated); banner does not match '^220'; total time "
+                         "37 bytes (truncated); failed at expect: banner does not match "
+                         "'^220'; response time "
                          "0.002 s over --warning 0.001 s: \\x1b]0;pwned\\x07\\x1b[2J "
                          "caf\\xe9 é")
 
     def test_empty_partial_and_unresolved(self):
         out, _ = Run(LinesReport)(empty(), partial(), unresolved())
         self.assertEqual(out.decode().splitlines()[:6], [
-            "localhost port 27679 (127.0.0.1) seq=1: CRITICAL closed without a banner after "
-            "0.500 ms",
+            "localhost port 27679 (127.0.0.1) seq=1: CRITICAL failed at read: closed without a "
+            "banner after 0.500 ms",
             "localhost port 25 (127.0.0.1) seq=2: CRITICAL connect 0.400 ms, total 5000.000 ms, "
-            "11 bytes; timed out after 11 bytes: 220-partial",
-            "nosuchhost.invalid port 25 seq=3: CRITICAL name not resolved after 3.100 ms",
+            "11 bytes; failed at read: timed out after 11 bytes: 220-partial",
+            "nosuchhost.invalid port 25 seq=3: CRITICAL failed at resolve: name not resolved "
+            "after 3.100 ms",
             "",
             "--- localhost port 27679 probe statistics ---",
             "3 probes, 0 ok, 3 failed, 100% loss, state CRITICAL",
@@ -232,7 +237,8 @@ class JsonReportTests(SynchronousTestCase):
             "type": "probe", "seq": 1, "time": "2027-01-15T08:00:00.250Z",
             "target": "localhost", "port": 27679, "address": "127.0.0.1",
             "tried": ["127.0.0.1"], "ok": True, "state": "OK", "error": None,
-            "reason": None, "connect_ms": 0.4, "tls_ms": None, "total_ms": 2.1,
+            "stage": None, "reason": None, "dns_ms": None, "connect_ms": 0.4, "tls_ms": None,
+            "firstbyte_ms": None, "time_ms": 2.1, "total_ms": 2.1,
             "bytes": 26, "banner": "Thank you for connecting\r\n", "truncated": False,
             "ended_by": "close", "tls_version": None, "tls_cipher": None, "cert_not_after": None,
             "cert_days_left": None,
@@ -240,8 +246,11 @@ class JsonReportTests(SynchronousTestCase):
         self.assertEqual(summary, {
             "type": "summary", "target": "localhost", "port": 27679, "probes": 1, "ok": 1,
             "failed": 0, "loss_pct": 0.0,
-            "connect_ms": {"min": 0.4, "avg": 0.4, "max": 0.4, "stdev": 0.0},
-            "total_ms": {"min": 2.1, "avg": 2.1, "max": 2.1, "stdev": 0.0},
+            "dns_ms": None,
+            "connect_ms": {"min": 0.4, "avg": 0.4, "max": 0.4, "stdev": 0.0, "mdev": 0.0},
+            "time_ms": {"min": 2.1, "avg": 2.1, "max": 2.1, "stdev": 0.0, "mdev": 0.0},
+            "total_ms": {"min": 2.1, "avg": 2.1, "max": 2.1, "stdev": 0.0, "mdev": 0.0},
+            "addresses": None,
             "state": "OK", "exit_status": 0, "interrupted": False,
         })
 
@@ -305,13 +314,15 @@ class PluginReportTests(SynchronousTestCase):
     def test_as_check_tcp(self):
         self.assertEqual(self.line(read()),
                          "TCP OK - 0.002 second response time on localhost port 27679 "
-                         "[Thank you for connecting]|time=0.002100s;;;0.000000;10.000000")
+                         "[Thank you for connecting]|time=0.002100s;;;0.000000;10.000000 "
+                         "connect=0.000400s;;;0.000000;10.000000")
 
     def test_thresholds_in_performance_data(self):
         line = self.line(read(total=1.5), checks=Checks(warning=1, critical=2), timeout=5)
-        self.assertEqual(line, "TCP WARNING - total time 1.500 s over --warning 1 s; 1.500 "
+        self.assertEqual(line, "TCP WARNING - response time 1.500 s over --warning 1 s; 1.500 "
                                "second response time on localhost port 27679 [Thank you for "
-                               "connecting]|time=1.500000s;1.000000;2.000000;0.000000;5.000000")
+                               "connecting]|time=1.500000s;1.000000;2.000000;0.000000;5.000000 "
+                               "connect=0.000400s;;;0.000000;5.000000")
 
     def test_failure(self):
         self.assertEqual(self.line(refused()), "TCP CRITICAL - connection refused on "
@@ -322,14 +333,16 @@ class PluginReportTests(SynchronousTestCase):
     def test_empty_reply(self):
         self.assertEqual(self.line(empty()),
                          "TCP CRITICAL - closed without a banner on localhost port 27679"
-                         "|time=0.000500s;;;0.000000;10.000000")
+                         "|time=0.000500s;;;0.000000;10.000000 "
+                         "connect=0.000200s;;;0.000000;10.000000")
         self.assertTrue(self.line(empty(), checks=Checks(empty_state=1)).startswith(
             "TCP WARNING - closed without a banner on localhost port 27679|"))
 
     def test_partial_banner(self):
         self.assertEqual(self.line(partial()),
                          "TCP CRITICAL - timed out after 11 bytes on localhost port 25 "
-                         "[220-partial]|time=5.000000s;;;0.000000;10.000000")
+                         "[220-partial]|time=5.000000s;;;0.000000;10.000000 "
+                         "connect=0.000400s;;;0.000000;10.000000")
 
     def test_name_not_resolved(self):
         self.assertEqual(self.line(unresolved()),
@@ -339,7 +352,8 @@ class PluginReportTests(SynchronousTestCase):
         line = self.line(read(), refused(), read(total=0.0035))
         self.assertEqual(line, "TCP CRITICAL - connection refused; 2 of 3 probes ok, 33.3% "
                                "loss, max 0.004 second response time on localhost port 27679"
-                               "|time=0.003500s;;;0.000000;10.000000 loss=33.3%;;;0;100")
+                               "|time=0.003500s;;;0.000000;10.000000 "
+                               "connect=0.000400s;;;0.000000;10.000000 loss=33.3%;;;0;100")
 
     def test_nothing_can_break_the_format(self):
         line = self.line(read(b"220 a|b \x1b[2J\r\nmore\r\n"),

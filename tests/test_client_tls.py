@@ -142,7 +142,8 @@ class TwistdTests(SynchronousTestCase):
         result = run("--tls", "localhost", port)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: localhost port {port}: TLS certificate not "
+                         f"tcpgreet-client: localhost port {port}: failed at tls: "
+                         "TLS certificate not "
                          "trusted: self-signed certificate (see --ca, --insecure)\n")
 
     def test_chain_sent_by_the_server(self):
@@ -156,7 +157,8 @@ class TwistdTests(SynchronousTestCase):
         result = run("--tls", "--ca", str(files.trust), "localhost", port)
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: localhost port {port}: TLS certificate not "
+                         f"tcpgreet-client: localhost port {port}: failed at tls: "
+                         "TLS certificate not "
                          "trusted: unable to get local issuer certificate (see --ca, "
                          "--insecure)\n")
 
@@ -196,7 +198,8 @@ class MismatchTests(SynchronousTestCase):
         # tcpgreet closes at once: rarely, its reset to the client's hello
         # comes before its greeting is read.
         self.assertRegex(result.stderr.decode(),
-                         rf"^tcpgreet-client: 127\.0\.0\.1 port {plain.port}: the server "
+                         rf"^tcpgreet-client: 127\.0\.0\.1 port {plain.port}: failed at tls: "
+                         r"the server "
                          r"(did not answer the TLS handshake: is it TLS\? \(it sent 'Thank you "
                          r"for connecting'\)|closed the connection without answering the TLS "
                          r"handshake: is it TLS\?)\n$")
@@ -206,7 +209,8 @@ class MismatchTests(SynchronousTestCase):
         result = run("--tls", "--insecure", "127.0.0.1", str(sshd.port))
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertRegex(result.stderr.decode(),
-                         rf"^tcpgreet-client: 127\.0\.0\.1 port {sshd.port}: the server did not "
+                         rf"^tcpgreet-client: 127\.0\.0\.1 port {sshd.port}: failed at tls: "
+                         r"the server did not "
                          r"answer the TLS handshake: is it TLS\? \(it sent 'SSH-2\.0-[^']+'\)\n$")
 
     def test_tls_against_a_server_that_closes(self):
@@ -214,7 +218,8 @@ class MismatchTests(SynchronousTestCase):
         result = run("--tls", "--insecure", *server.target)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: the server closed "
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at tls: "
+                         "the server closed "
                          "the connection without answering the TLS handshake: is it TLS?\n")
 
     def test_tls_against_a_silent_server(self):
@@ -224,7 +229,8 @@ class MismatchTests(SynchronousTestCase):
         result = run("--tls", "--insecure", "--timeout", "0.5", *server.target)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out in the TLS "
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at tls: "
+                         "timed out in the TLS "
                          "handshake: the server sent nothing (is it TLS?)\n")
 
     def serve_tls(self):
@@ -238,7 +244,8 @@ class MismatchTests(SynchronousTestCase):
         result = run("--timeout", "0.5", "127.0.0.1", str(server.port))
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: 127.0.0.1 port {server.port}: timed out waiting "
+                         f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at read: "
+                         "timed out waiting "
                          "for a banner (a TLS server waits for the client: try --tls?)\n")
 
     def test_plain_probe_answered_in_tls(self):
@@ -284,7 +291,8 @@ class StdlibServerTests(SynchronousTestCase):
         result = run("--tls", "--ca", server.ca, "localhost", str(server.port))
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: localhost port {server.port}: TLS certificate is "
+                         f"tcpgreet-client: localhost port {server.port}: failed at tls: "
+                         "TLS certificate is "
                          "not valid for localhost (it names other.example, 192.0.2.7)\n")
 
     def test_expired_certificate(self):
@@ -293,7 +301,8 @@ class StdlibServerTests(SynchronousTestCase):
         result = run("--tls", "--ca", server.ca, "localhost", str(server.port))
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.decode(),
-                         f"tcpgreet-client: localhost port {server.port}: TLS certificate not "
+                         f"tcpgreet-client: localhost port {server.port}: failed at tls: "
+                         "TLS certificate not "
                          "trusted: certificate has expired (see --ca, --insecure)\n")
         server = TLSServer(self, expired)
         result = run("--tls", "--insecure", "--cert-days", "30", "localhost", str(server.port))

@@ -51,7 +51,8 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stdout, "")
         self.assertEqual(result.stderr,
-                         f"tcpgreet-client: 127.0.0.1 port {port}: connection refused\n")
+                         f"tcpgreet-client: 127.0.0.1 port {port}: failed at connect: "
+                         "connection refused\n")
 
     def test_template_greeting(self):
         server = start_server(self, "--listen", LOCAL,

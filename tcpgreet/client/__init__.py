@@ -2,13 +2,15 @@
 The probe client: connect, read what the server says, judge it, report it.
 
     python -m tcpgreet.client [options] [HOST [PORT] | unix:PATH]
-    tcpgreet-client [options] [HOST [PORT] | unix:PATH]
+    tcpgreet-client [options] [HOST [PORT] | TARGET... | --targets-file FILE]
 
 This module is the command: options in, a probe run, an exit status out.
 The probe itself (a L{ClientFactory} on the reactor) is in
 L{tcpgreet.client.probe}, the command line in L{tcpgreet.client.options},
 the meaning of a result in L{tcpgreet.client.outcome}, its forms in
-L{tcpgreet.client.report}, TLS in L{tcpgreet.client.tls}.
+L{tcpgreet.client.report}, TLS in L{tcpgreet.client.tls}, many targets at
+once in L{tcpgreet.client.fleet}, the PROXY header in
+L{tcpgreet.client.proxyheader}; the last three are imported only when used.
 
 Exit status follows the monitoring-plugin convention: 0 OK, 1 WARNING,
 2 CRITICAL, 3 UNKNOWN.
@@ -24,7 +26,7 @@ from typing import BinaryIO
 from twisted.internet import task
 from twisted.python import usage
 
-from tcpgreet.client.options import BANNER, JSON, LINES, ClientOptions
+from tcpgreet.client.options import BANNER, JSON, LINES, ClientOptions, Target
 from tcpgreet.client.outcome import UNKNOWN
 from tcpgreet.client.probe import ProbeRun, ProbeSettings
 from tcpgreet.client.report import (
@@ -35,18 +37,28 @@ from tcpgreet.client.report import (
     Report,
     discard_the_rest,
 )
-from tcpgreet.client.tls import TLSClient
 
 
-def settings_from(options: ClientOptions) -> ProbeSettings:
-    """The L{ProbeSettings} parsed options ask for."""
-    host = options["host"]
+def settings_from(options: ClientOptions, target: Target | None = None) -> ProbeSettings:
+    """
+    The L{ProbeSettings} parsed options ask for, for C{target} (by default
+    the one target of the command line).  Raises C{ValueError} for a host
+    name TLS cannot use.
+    """
+    host, port = (options["host"], options["port"]) if target is None else (target.host,
+                                                                            target.port)
+    family = options["family"] if target is None else target.family
+    unix = options["unix"] if target is None else target.unix
+    if options["tls"]:
+        from tcpgreet.client.tls import TLSClient  # OpenSSL only for the probes that speak TLS
     tls = TLSClient(host, options["ca"], options["insecure"]) if options["tls"] else None
     return ProbeSettings(
-        host=host, port=options["port"], timeout=options["timeout"],
+        host=host, port=port, timeout=options["timeout"],
         max_bytes=options["max-bytes"], first_line=options["first-line"],
-        send=options["send"], family=options["family"], source=options["source"], tls=tls,
-        idle=options["idle"] or None, unix=options["unix"])
+        send=options["send"], family=family, source=options["source"], tls=tls,
+        idle=options["idle"] or None, unix=unix, proxy=options["proxy-protocol"],
+        proxy_source=options["proxy-source"], all_addresses=options["all-addresses"],
+        best_address=options["any-address"])
 
 
 def source_problem(source: str) -> str | None:
@@ -73,9 +85,12 @@ def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
     style = {"raw": options["raw"], "timestamps": options["timestamp"]}
     mode = options["mode"]
     if mode == BANNER:
-        return BannerReport(out, err, **style)
+        return BannerReport(out, err, addresses=options["all-addresses"], **style)
     if mode == LINES:
-        return LinesReport(out, err, **style)
+        # A fleet probed once each is a line a target; a summary follows
+        # each target's probes when there are several.
+        summaries = not options["fleet"] or options["count"] != 1
+        return LinesReport(out, err, summaries=summaries, **style)
     if mode == JSON:
         return JsonReport(out, err, **style)
     return PluginReport(out, err, checks=options.checks, timeout=options["timeout"], **style)
@@ -90,6 +105,11 @@ async def run(reactor, options: ClientOptions, out: BinaryIO | None = None,
         if problem is not None:
             err.write(f"tcpgreet-client: --source {options['source']}: {problem}\n".encode())
             return UNKNOWN
+    if options["fleet"]:
+        from tcpgreet.client.fleet import run_fleet  # only when there are several targets
+
+        return await run_fleet(reactor, options, report_for(
+            options, out if out is not None else sys.stdout.buffer, err), settings_from)
     try:
         settings = settings_from(options)
     except ValueError as e:  # a host name TLS cannot use, as "bad_name"

@@ -12,13 +12,14 @@ import getopt
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from ipaddress import ip_address
+from typing import TextIO
 
 from twisted.python import usage
 
 from tcpgreet.client.outcome import CRITICAL, OK, WARNING, Checks
-from tcpgreet.client.tls import load_ca
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 27679
@@ -28,6 +29,9 @@ DEFAULT_MAX_BYTES = 65536
 # gaps inside one (a retransmission waits 200 ms at least), short enough to
 # keep a probe of a server that greets and waits brisk.
 DEFAULT_IDLE = 1.0
+# Probes in flight at once when there are many targets.
+DEFAULT_PARALLEL = 100
+PROXY_VERSIONS = ("v1", "v2", "v2-local")
 
 # The report forms; see tcpgreet.client.report.
 BANNER, LINES, JSON, PLUGIN = "banner", "lines", "json", "plugin"
@@ -66,6 +70,8 @@ def parse_target(args: list[str], host: str | None = None,
 
 def _split_target(args: list[str]) -> tuple[str, str | None]:
     """The host and the port as given, before the port is looked up."""
+    if len(args) > 2:
+        raise usage.UsageError(f"too many arguments: {' '.join(args)}")
     if not args:
         return DEFAULT_HOST, None
     host, port_text = args[0], (args[1] if len(args) == 2 else None)
@@ -94,6 +100,15 @@ def _split_target(args: list[str]) -> tuple[str, str | None]:
     if not host:
         raise usage.UsageError(f"empty host in {args[0]!r}")
     return host, port_text
+
+
+def _port_like(text: str) -> bool:
+    """
+    Whether the second of two arguments is meant as a PORT (C{smtp}, C{25},
+    C{no-such-service}) rather than a second target (an address, a name
+    with a dot, C{HOST:PORT}, C{unix:PATH}).
+    """
+    return not any(mark in text for mark in ".:[/")
 
 
 def parse_port(text: str) -> int:
@@ -211,6 +226,37 @@ def escaped(text: str) -> bytes:
     return _SEND_ESCAPE.sub(decode, text.encode("utf-8", "surrogateescape"))
 
 
+def proxy_version(text: str) -> str:
+    if text not in PROXY_VERSIONS:
+        raise ValueError("not v1, v2 or v2-local")
+    return text
+
+
+def proxy_source(text: str) -> tuple[str, int]:
+    """C{ADDR:PORT} or C{[IPv6]:PORT}: the client a PROXY header names."""
+    host, port_text = text.rsplit(":", 1) if ":" in text else (text, "")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("not ADDR:PORT; write an IPv6 address as [ADDR]:PORT")
+    if not port_text:
+        raise ValueError("not ADDR:PORT")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port {port_text!r}") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"port {port} not in 0..65535")
+    return address(host), port
+
+
+def load_ca(path: str):
+    """C{--ca}: the certificates in a PEM file (L{tcpgreet.client.tls.load_ca})."""
+    from tcpgreet.client.tls import load_ca as load  # OpenSSL only when asked for
+
+    return load(path)
+
+
 def address(text: str) -> str:
     try:
         return str(ip_address(text))
@@ -250,6 +296,22 @@ def _address_family(host: str) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class Target:
+    """
+    One target, checked against the options: C{port} is C{None} and
+    C{unix} the path for a UNIX socket; C{family} is what to resolve to.
+    """
+
+    host: str
+    port: int | None
+    unix: str | None
+    family: int
+
+
+_COMMENT = re.compile(r"(^|\s)#.*")
+
+
 class ClientOptions(usage.Options):
     """
     The client's options.  After L{parseOptions}: C{self["host"]} and
@@ -259,8 +321,8 @@ class ClientOptions(usage.Options):
     C{self.checks} the L{Checks} every probe must pass.
     """
 
-    synopsis = ("Usage: tcpgreet-client [options] [HOST [PORT]]  (also HOST:PORT, [IPv6]:PORT, "
-                "unix:PATH)")
+    synopsis = ("Usage: tcpgreet-client [options] [HOST [PORT] | TARGET...]  (a TARGET: HOST, "
+                "HOST:PORT, [IPv6]:PORT, unix:PATH)")
     longdesc = (
         "Connect to a TCP banner server and print what it sends until it closes "
         "the connection, or falls silent for --idle seconds after its first bytes. "
@@ -269,7 +331,8 @@ class ClientOptions(usage.Options):
         "0 OK, 1 WARNING, 2 CRITICAL (refused, closed without a banner, timed out, "
         "reset, not resolved, certificate, expectation or threshold not met), "
         "3 UNKNOWN (bad usage). Options may come before or after HOST and PORT; "
-        "-- ends them."
+        "-- ends them. Several targets, or --targets-file, are probed at once "
+        "(--parallel), each reported as it ends; the exit status is the worst."
     )
     optFlags = [
         ["json", None, "One JSON object per probe and one for the summary (JSON Lines)."],
@@ -283,6 +346,11 @@ class ClientOptions(usage.Options):
                              "--idle silence (SMTP, SSH, FTP, POP3)."],
         ["raw", None, "Write the banner's bytes unchanged, escape sequences and all."],
         ["timestamp", "D", "Start each probe line with the time (UTC, ISO 8601)."],
+        ["expect-any", None, "One --expect matching is enough (by default every one must)."],
+        ["all-addresses", None, "Probe every address the name has, each reported; the "
+                                "name's state is the worst of theirs."],
+        ["any-address", None, "As --all-addresses, but the name's state is the best of "
+                              "theirs: one working address is enough."],
     ]
     optParameters = _named([
         ["host", "H", None, "The server to probe, as HOST (check_tcp's -H).", str],
@@ -293,12 +361,10 @@ class ClientOptions(usage.Options):
                                 "next. [default: 1]", seconds],
         ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for each probe: resolving, "
                                           "connecting, TLS, reading.", seconds],
-        ["expect", "e", None, "CRITICAL unless the banner matches this regular "
-                              "expression (Python re.search).", pattern],
         ["warning", "w", None, "WARNING when a probe takes longer than this many "
-                               "seconds.", seconds],
+                               "seconds, not counting name resolution.", seconds],
         ["critical", None, None, "CRITICAL when a probe takes longer than this many "
-                                 "seconds.", seconds],
+                                 "seconds, not counting name resolution.", seconds],
         ["refused-state", None, None, "State when the connection is refused: "
                                           "ok, warn, crit. [default: crit]", state],
         ["empty-state", None, None, "State when the server closes without a banner: "
@@ -317,11 +383,46 @@ class ClientOptions(usage.Options):
         ["cert-days", None, None, "With --tls: WARNING/CRITICAL when the certificate "
                                   "expires within WARN[,CRIT] days.", days],
         ["source", "s", None, "Connect from this local address.", address],
+        ["targets-file", None, None, "Probe the targets in this file, one a line (HOST, HOST "
+                                     "PORT, HOST:PORT, unix:PATH; # comments); - for "
+                                     "standard input.", str],
+        ["parallel", None, DEFAULT_PARALLEL, "Probes in flight at once, with several "
+                                             "targets.", positive],
+        ["proxy-protocol", None, None, "Send a PROXY protocol header first: v1, v2, or "
+                                       "v2-local (the LOCAL command, as a health check).",
+         proxy_version],
+        ["proxy-source", None, None, "With --proxy-protocol v1 or v2: the client the header "
+                                     "names, ADDR:PORT. [default: the probe's own]",
+         proxy_source],
     ])
     compData = usage.Completions(optActions={"ca": usage.CompleteFiles("*.pem")})
 
     # -h as well as --help; usage.Options leaves -h free for a host option.
     opt_h = usage.Options.opt_help
+    _many: list | None = None
+    _default_port = DEFAULT_PORT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["expect"] = []
+        self["reject"] = []
+        self.targets: list[Target] = []
+
+    # --expect and --reject are repeatable, so they are methods; their help
+    # is one string, as --help shows it.
+    def opt_expect(self, regex: str) -> None:
+        self["expect"].append(_naming("expect", pattern)(regex))
+
+    opt_expect.__doc__ = ("CRITICAL unless the banner matches this regular expression "
+                          "(Python re.search); repeatable: every one must match (see "
+                          "--expect-any).")
+    opt_e = opt_expect
+
+    def opt_reject(self, regex: str) -> None:
+        self["reject"].append(_naming("reject", pattern)(regex))
+
+    opt_reject.__doc__ = ("CRITICAL when the banner matches this regular expression "
+                          "(--reject '^5'), checked before --expect; repeatable.")
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
@@ -352,19 +453,46 @@ class ClientOptions(usage.Options):
 
     def parseArgs(self, *args: str) -> None:
         # --host and --port have filled self["host"] and self["port"], if given.
-        self["host"], self["port"] = parse_target(list(args), self["host"], self["port"])
+        # -p is the port of every target of several that names none.
+        self._default_port = self["port"] or DEFAULT_PORT
+        if self["host"] is None and not args and self["targets-file"] is not None:
+            self._many = []  # the file's targets alone
+        elif self["host"] is not None or len(args) < 2 or (len(args) == 2
+                                                           and _port_like(args[1])):
+            self._many = None
+            self["host"], self["port"] = parse_target(list(args), self["host"], self["port"])
+        else:
+            self._many = [self._one_of_many(arg, args) for arg in args]
+
+    def _one_of_many(self, arg: str, args: tuple[str, ...]) -> tuple[str, int | None]:
+        host, port_text = _split_target([arg])
+        if host.startswith(UNIX):
+            return host, None
+        if port_text is None and arg.isdigit():
+            raise usage.UsageError(f"too many arguments: {' '.join(args)} (with several "
+                                   "targets, write each as HOST:PORT, or give -p PORT)")
+        return host, parse_port(port_text) if port_text is not None else self._default_port
 
     def postOptions(self) -> None:
         self._refuse_conflicts()
-        self["unix"] = self["host"][len(UNIX):] if self["port"] is None else None
-        if self["unix"] is not None:
-            self._refuse_for_unix()
-        self["family"] = self._family()
+        if self._many is None:
+            first = self.target(self["host"], self["port"])
+            self.targets = [first]
+        else:
+            self.targets = [self.target(host, port) for host, port in self._many]
+            first = self.targets[0] if self.targets else None
+            self["host"], self["port"] = (first.host, first.port) if first else (None, None)
+        self["unix"] = first.unix if first else None
+        self["family"] = first.family if first else self._family(None)
+        self["fleet"] = self["targets-file"] is not None or len(self.targets) > 1
+        if self["any-address"]:
+            self["all-addresses"] = True
         if self["json"]:
             self["mode"] = JSON
         elif self["plugin"]:
             self["mode"] = PLUGIN
-        elif any(self[name] is not None for name in ("count", "interval")) or self["timestamp"]:
+        elif (any(self[name] is not None for name in ("count", "interval")) or self["timestamp"]
+              or self["fleet"]):
             self["mode"] = LINES
         else:
             self["mode"] = BANNER
@@ -383,10 +511,41 @@ class ClientOptions(usage.Options):
             raise usage.UsageError("--plugin needs a --count of 1 or more: a check must end")
         warning_days, critical_days = self["cert-days"] or (None, None)
         self.checks = Checks(
-            expect=self["expect"], warning=self["warning"], critical=self["critical"],
+            expect=tuple(self["expect"]), warning=self["warning"], critical=self["critical"],
             refused_state=self["refused-state"], empty_state=self["empty-state"],
             mismatch_state=self["mismatch-state"],
-            cert_warning_days=warning_days, cert_critical_days=critical_days)
+            cert_warning_days=warning_days, cert_critical_days=critical_days,
+            reject=tuple(self["reject"]), expect_any=self["expect-any"])
+
+    def target(self, host: str, port: int | None) -> Target:
+        """C{host} and C{port} as a L{Target}, or a C{usage.UsageError} saying why not."""
+        unix = host[len(UNIX):] if port is None else None
+        if unix is not None:
+            self._refuse_for_unix(host)
+        return Target(host, port, unix, self._family(host))
+
+    def targets_in(self, lines: TextIO, name: str) -> Iterator[Target | str]:
+        """
+        The targets of a C{--targets-file}, read as they are needed: a
+        L{Target} for each line that names one, or the line's mistake in
+        words (C{FILE line 3: bad port 'x': ...}), so that one bad line does
+        not stop the rest.
+        """
+        for number, line in enumerate(lines, start=1):
+            text = _COMMENT.sub("", line).strip()
+            if not text:
+                continue
+            try:
+                if text.startswith(UNIX):
+                    # Whatever follows is the path, spaces and all.
+                    host, port = parse_target([text])
+                else:
+                    host, port_text = _split_target(text.split())
+                    port = (parse_port(port_text) if port_text is not None
+                            else self._default_port)
+                yield self.target(host, port)
+            except usage.UsageError as e:
+                yield f"{name} line {number}: {e}"
 
     def _refuse_conflicts(self) -> None:
         for first, second in (("json", "plugin"), ("ipv4", "ipv6"), ("ca", "insecure")):
@@ -398,20 +557,36 @@ class ClientOptions(usage.Options):
         warning, critical = self["warning"], self["critical"]
         if warning is not None and critical is not None and warning > critical:
             raise usage.UsageError(f"--warning {warning:g} is above --critical {critical:g}")
+        if self["proxy-source"] is not None and self["proxy-protocol"] in (None, "v2-local"):
+            raise usage.UsageError("--proxy-source needs --proxy-protocol v1 or v2 "
+                                   "(a LOCAL header names no client)")
+        if self["expect-any"] and not self["expect"]:
+            raise usage.UsageError("--expect-any needs --expect")
+        if self["targets-file"] not in (None, "-"):
+            try:
+                with open(self["targets-file"], "rb"):
+                    pass
+            except OSError as e:
+                raise usage.UsageError(f"--targets-file {self['targets-file']}: cannot read: "
+                                       f"{e.strerror}") from None
         idle, timeout = self["idle"], self["timeout"]
         if idle and idle >= timeout:
             raise usage.UsageError(f"--idle {idle:g} is not below --timeout {timeout:g}: no "
                                    "silence could end the banner (--idle 0 waits for the close)")
 
-    def _refuse_for_unix(self) -> None:
+    def _refuse_for_unix(self, host: str) -> None:
         # TLS too: the server cannot listen for it on a UNIX socket, and
         # there would be no name to check the certificate against.
         for option in ("tls", "ipv4", "ipv6", "source"):
             if self[option]:
                 raise usage.UsageError(f"--{option} does not apply to a UNIX socket "
-                                       f"({self['host']})")
+                                       f"({host})")
+        if self["proxy-protocol"] in ("v1", "v2"):
+            # Its addresses are TCP ones; a LOCAL header names none.
+            raise usage.UsageError(f"--proxy-protocol {self['proxy-protocol']} does not apply "
+                                   f"to a UNIX socket ({host}); v2-local does")
 
-    def _family(self) -> int:
+    def _family(self, host: str | None) -> int:
         """
         The address family to resolve HOST to: -4, -6, or the family of
         --source, since a socket bound to one family cannot reach the other.
@@ -421,9 +596,9 @@ class ClientOptions(usage.Options):
         """
         family = (socket.AF_INET if self["ipv4"] else
                   socket.AF_INET6 if self["ipv6"] else socket.AF_UNSPEC)
-        host_family = _address_family(self["host"])
+        host_family = None if host is None else _address_family(host)
         if host_family is not None and family not in (socket.AF_UNSPEC, host_family):
-            raise usage.UsageError(f"-{'4' if self['ipv4'] else '6'}: {self['host']} is an "
+            raise usage.UsageError(f"-{'4' if self['ipv4'] else '6'}: {host} is an "
                                    f"{_FAMILY_NAMES[host_family]} address")
         if self["source"] is not None:
             source_family = socket.AF_INET6 if ":" in self["source"] else socket.AF_INET
@@ -432,7 +607,7 @@ class ClientOptions(usage.Options):
                     f"--source {self['source']} is not an {_FAMILY_NAMES[family]} address")
             if host_family not in (None, source_family):
                 raise usage.UsageError(f"--source {self['source']} cannot reach "
-                                       f"{self['host']}, an {_FAMILY_NAMES[host_family]} "
+                                       f"{host}, an {_FAMILY_NAMES[host_family]} "
                                        "address")
             family = source_family
         return family

@@ -14,11 +14,11 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
-from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,11 +29,23 @@ from tcpgreet.client.options import (
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
 )
-from tcpgreet.client.outcome import Checks, ProbeResult, Summary, judge
+from tcpgreet.client.outcome import (
+    CONNECT,
+    READ,
+    RESOLVE,
+    TLS,
+    Checks,
+    ProbeResult,
+    Summary,
+    judge,
+    speaks_tls,
+)
 from tcpgreet.client.report import (
     Report,
 )
-from tcpgreet.client.tls import FirstBytesTLS, TLSClient, handshake_info, speaks_tls
+
+if TYPE_CHECKING:  # TLS is imported only by the probes that speak it
+    from tcpgreet.client.tls import FirstBytesTLS, TLSClient
 
 # Seconds a connection we closed after its banner gets to finish closing.
 GOODBYE_TIMEOUT = 2.0
@@ -71,6 +83,10 @@ class ProbeSettings:
     tls: TLSClient | None = None
     idle: float | None = DEFAULT_IDLE
     unix: str | None = None
+    proxy: str | None = None
+    proxy_source: tuple[str, int] | None = None
+    all_addresses: bool = False
+    best_address: bool = False
 
 
 @implementer(IHandshakeListener)
@@ -135,6 +151,8 @@ class GreetClientProtocol(Protocol, TimeoutMixin):
         self._chunks.append(data)
         self._size += len(data)
         self._last_byte_at = self.factory.clock.seconds()
+        if self.factory.first_byte_at is None:
+            self.factory.first_byte_at = self._last_byte_at
 
     def _stop(self, ended_by: str, at: float | None = None) -> None:
         self._stopped = True
@@ -169,14 +187,19 @@ class GreetClientFactory(ClientFactory):
         self.started_at = clock.seconds()
         self.connected_at: float | None = None
         self.handshake_at: float | None = None
+        self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.tls_info = None
+        self.tls_failed = False
         self.ended_by: str | None = None
         self.stopped = False
         self.banner = b""
         self.connector = None
+        self.address: str | None = None
         self.transport = None
         self.reader: GreetClientProtocol | None = None
+        # Told when the connection is made: the race of a name's addresses.
+        self.on_connected: Callable[[GreetClientFactory], None] | None = None
         self._goodbye = None
 
     @property
@@ -190,8 +213,12 @@ class GreetClientFactory(ClientFactory):
     def connected(self, transport) -> None:
         self.connected_at = self.clock.seconds()
         self.transport = transport
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def handshake_completed(self, transport) -> None:
+        from tcpgreet.client.tls import handshake_info
+
         self.handshake_at = self.clock.seconds()
         self.tls_info = handshake_info(transport.getHandle())
 
@@ -297,6 +324,9 @@ class GreetClientFactory(ClientFactory):
             message = self.tls.explain(reason, tls_layer.getHandle(), tls_layer.received,
                                        handshake_done=self.handshake_at is not None)
             if message is not None:
+                # Some Twisted versions call handshakeCompleted before the
+                # certificate's name is checked: the failure is TLS's all the same.
+                self.tls_failed = True
                 return message
         return describe(reason)
 
@@ -352,6 +382,8 @@ async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC)
 
 
 def _getaddrinfo(reactor, host: str, port: int, family: int) -> defer.Deferred[list]:
+    from twisted.internet.threads import deferToThreadPool
+
     return deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
                              host, port, family, socket.SOCK_STREAM)
 
@@ -387,11 +419,48 @@ def _is_address(host: str) -> bool:
     return True
 
 
+def happy_eyeballs(addresses: list[str]) -> list[str]:
+    """
+    C{addresses} in the order RFC 8305 tries them: the families alternate,
+    IPv6 first, each in the resolver's order, so that a broken family costs
+    one attempt before the other is tried, not all of its addresses.
+    """
+    six = [address for address in addresses if ":" in address]
+    four = [address for address in addresses if ":" not in address]
+    ordered = []
+    for pair in zip(six, four, strict=False):
+        ordered.extend(pair)
+    shorter = min(len(six), len(four))
+    return ordered + six[shorter:] + four[shorter:]
+
+
+async def _addresses(reactor, settings: ProbeSettings, resolver, deadline: float):
+    """
+    The addresses to try and the time the name took (C{None} when there was
+    no name: an address, a UNIX socket); or a failed result's facts.
+    """
+    if settings.unix is not None:
+        return [settings.unix], None
+    if _is_address(settings.host):
+        # Nothing to resolve: no thread, no name-service time.
+        return [settings.host], None
+    began = reactor.seconds()
+    resolving = defer.ensureDeferred(
+        resolver(reactor, settings.host, settings.port, settings.family))
+    resolving.addTimeout(deadline - began, reactor)
+    try:
+        addresses = await resolving
+    except defer.TimeoutError:
+        raise ProbeError("timed out resolving the name") from None
+    return happy_eyeballs(addresses), reactor.seconds() - began
+
+
 async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResult:
     """
-    One probe of C{settings.host}: its addresses are tried in turn until one
-    answers; C{settings.timeout} bounds everything (resolving, connecting,
-    TLS, reading).  Failures are results, not exceptions.
+    One probe of C{settings.host}: its addresses are tried in turn (see
+    L{happy_eyeballs}) until one connects; C{settings.timeout} bounds
+    everything (resolving, connecting, TLS, reading).  Failures are
+    results, not exceptions.
     """
     started = reactor.seconds()
     deadline = started + settings.timeout
@@ -400,63 +469,207 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
         facts.setdefault("total", reactor.seconds() - started)
         return ProbeResult(host=settings.host, port=settings.port, started=started, **facts)
 
-    if settings.unix is not None:
-        resolver = _no_resolving
-    resolving = defer.ensureDeferred(
-        resolver(reactor, settings.host, settings.port, settings.family))
-    resolving.addTimeout(settings.timeout, reactor)
     try:
-        addresses = await resolving
-    except defer.TimeoutError:
-        return result(error="timed out resolving the name")
+        addresses, resolved = await _addresses(reactor, settings, resolver, deadline)
     except ProbeError as e:
-        return result(error=str(e))
+        return result(error=str(e), stage=RESOLVE)
 
-    tried: list[str] = []
-    failure = ProbeError("has no address")
-    for address in addresses:
-        remaining = deadline - reactor.seconds()
-        if remaining <= 0:
-            failure = ProbeError("timed out")
-            break
-        tried.append(address)
-        attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
-                                     send=settings.send, tls=settings.tls, idle=settings.idle)
-        attempt.connector = _connect(reactor, settings, address, attempt, remaining)
-        timer = reactor.callLater(remaining, attempt.give_up)
+    race = _Race(reactor, settings, addresses, deadline)
+    attempt = await race.run()
+    tried = tuple(race.tried)
+    if attempt is None:
+        failure = race.failure
+        if len(tried) > 1:
+            failure = ProbeError(f"{failure} (tried {', '.join(tried)})", failure.refused)
+        return result(address=tried[-1] if tried else None, tried=tried, resolve=resolved,
+                      error=str(failure), stage=CONNECT, refused=failure.refused)
+    try:
+        banner = await race.outcome
+    except ProbeError as e:
+        # The server answered and then failed: another address would be
+        # another server, not a retry of this one.
+        return result(address=attempt.address, tried=tried, resolve=resolved,
+                      error=str(e), stage=_stage(attempt), empty=e.empty,
+                      banner=attempt.banner or None, **_facts(attempt))
+    return result(address=attempt.address, tried=tried, resolve=resolved, banner=banner,
+                  total=attempt.ended_at - started, **_facts(attempt))
+
+
+# RFC 8305's Connection Attempt Delay: how long an attempt has to connect
+# before the next address is tried beside it.
+CONNECTION_ATTEMPT_DELAY = 0.25
+
+
+class _Race:
+    """
+    Connection attempts at a name's addresses, as happy eyeballs makes
+    them (RFC 8305): the next address is tried when an attempt fails, or
+    when it has not connected within L{CONNECTION_ATTEMPT_DELAY}, so an
+    address that drops packets costs a quarter of a second, not the whole
+    timeout.  The first attempt to connect wins and the others are
+    dropped; L{outcome} then gives the winner's banner, or its failure.
+    """
+
+    def __init__(self, reactor, settings: ProbeSettings, addresses: list[str],
+                 deadline: float) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.pending = list(addresses)
+        self.deadline = deadline
+        self.tried: list[str] = []
+        self.failure = ProbeError("has no address")
+        self.winner: GreetClientFactory | None = None
+        self.outcome: defer.Deferred[bytes] = defer.Deferred(self._drop_winner)
+        self._running: list[GreetClientFactory] = []
+        self._next_timer = None
+        self._cancelled = False
+        self._won: defer.Deferred[GreetClientFactory | None] = defer.Deferred(self._give_up)
+
+    def run(self) -> defer.Deferred[GreetClientFactory | None]:
+        """The attempt that connected, or C{None} when none did (see L{failure})."""
+        self._start_next()
+        return self._won
+
+    def _start_next(self) -> None:
+        if self._next_timer is not None and self._next_timer.active():
+            self._next_timer.cancel()
+        remaining = self.deadline - self.reactor.seconds()
+        if self.pending and remaining <= 0:
+            self.failure = ProbeError("timed out")
+            self.pending.clear()
+        if not self.pending:
+            if not self._running and not self._won.called and not self._cancelled:
+                self._won.callback(None)
+            return
+        address = self.pending.pop(0)
+        self.tried.append(address)
+        attempt = _attempt(self.reactor, self.settings, address, remaining)
+        attempt.address = address
+        attempt.on_connected = self._connected
+        self._running.append(attempt)
+        attempt.deferred.addBoth(self._ended, attempt)
+        if self.pending:
+            self._next_timer = self.reactor.callLater(CONNECTION_ATTEMPT_DELAY,
+                                                      self._start_next)
+
+    def _connected(self, attempt: GreetClientFactory) -> None:
+        self.winner = attempt
+        self.pending.clear()
+        if self._next_timer is not None and self._next_timer.active():
+            self._next_timer.cancel()
+        for other in list(self._running):  # each cancel removes one
+            if other is not attempt:
+                other.deferred.cancel()
+        self._won.callback(attempt)
+
+    def _ended(self, outcome, attempt: GreetClientFactory) -> None:
+        self._running.remove(attempt)
+        if attempt is self.winner:
+            if isinstance(outcome, Failure):
+                self.outcome.errback(outcome)
+            else:
+                self.outcome.callback(outcome)
+            return
+        if self.winner is None and isinstance(outcome, Failure):
+            if outcome.check(ProbeError):
+                self.failure = outcome.value
+            self._start_next()
+        # Else a loser, dropped: its end is of no interest.
+
+    def _give_up(self, deferred: defer.Deferred) -> None:
+        """The probe is cancelled before a connection: drop every attempt."""
+        self._cancelled = True  # Deferred.cancel gives the CancelledError
+        self.pending.clear()
+        if self._next_timer is not None and self._next_timer.active():
+            self._next_timer.cancel()
+        for attempt in list(self._running):
+            attempt.deferred.cancel()
+
+    def _drop_winner(self, deferred: defer.Deferred) -> None:
+        if self.winner is not None:
+            self.winner.deferred.cancel()
+
+
+async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[ProbeResult]:
+    """
+    C{--all-addresses}: one attempt at every address the name has, at once,
+    each its own result (of the same name, resolved once); a name that does
+    not resolve is one failed result.
+    """
+    started = reactor.seconds()
+    deadline = started + settings.timeout
+    try:
+        addresses, resolved = await _addresses(reactor, settings, resolver, deadline)
+    except ProbeError as e:
+        return [ProbeResult(host=settings.host, port=settings.port, started=started,
+                            total=reactor.seconds() - started, error=str(e), stage=RESOLVE)]
+
+    async def one(address: str) -> ProbeResult:
+        attempt = _attempt(reactor, settings, address, deadline - reactor.seconds())
+        facts = {"host": settings.host, "port": settings.port, "started": started,
+                 "address": address, "tried": (address,), "resolve": resolved}
         try:
             banner = await attempt.deferred
         except ProbeError as e:
-            if attempt.connected_at is None:
-                failure = e
-                continue
-            # The server answered and then failed: another address would
-            # be another server, not a retry of this one.
-            return result(address=address, tried=tuple(tried), error=str(e),
-                          empty=e.empty, banner=attempt.banner or None, **_facts(attempt))
-        finally:
-            if timer.active():
-                timer.cancel()
-        return result(address=address, tried=tuple(tried), banner=banner,
-                      total=attempt.ended_at - started, **_facts(attempt))
-    if len(tried) > 1:
-        failure = ProbeError(f"{failure} (tried {', '.join(tried)})", failure.refused)
-    return result(address=tried[-1] if tried else None, tried=tuple(tried),
-                  error=str(failure), refused=failure.refused)
+            connected = attempt.connected_at is not None
+            return ProbeResult(total=reactor.seconds() - started, error=str(e),
+                               stage=_stage(attempt), empty=e.empty, refused=e.refused,
+                               banner=attempt.banner or None,
+                               **(_facts(attempt) if connected else {}), **facts)
+        return ProbeResult(total=attempt.ended_at - started, banner=banner,
+                           **_facts(attempt), **facts)
+
+    attempts = [defer.ensureDeferred(one(address)) for address in addresses]
+    try:
+        return list(await defer.gatherResults(attempts, consumeErrors=True))
+    except defer.CancelledError:
+        for attempt in attempts:
+            attempt.cancel()
+        raise
 
 
-async def _no_resolving(reactor, host: str, port: None, family: int) -> list[str]:
-    """A UNIX socket's one address is its path."""
-    return [host.removeprefix("unix:")]
+def _attempt(reactor, settings: ProbeSettings, address: str,
+             remaining: float) -> GreetClientFactory:
+    """One connection attempt at C{address}, given up after C{remaining} seconds."""
+    attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
+                                 send=settings.send, tls=settings.tls, idle=settings.idle)
+    attempt.connector = _connect(reactor, settings, address, attempt, remaining)
+    timer = reactor.callLater(remaining, attempt.give_up)
+
+    def stop_timer(outcome):
+        if timer.active():
+            timer.cancel()
+        return outcome
+
+    attempt.deferred.addBoth(stop_timer)
+    return attempt
+
+
+def _stage(attempt: GreetClientFactory) -> str:
+    """Where a failed attempt stopped."""
+    if attempt.connected_at is None:
+        return CONNECT
+    if attempt.tls is not None and (attempt.handshake_at is None or attempt.tls_failed):
+        return TLS
+    return READ
 
 
 def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClientFactory,
              timeout: float):
     if settings.unix is not None:
+        if settings.proxy is not None:
+            from tcpgreet.client.proxyheader import ProxyHeaderSender
+
+            factory = ProxyHeaderSender(factory, settings.proxy, None)
         return reactor.connectUNIX(address, factory, timeout=timeout)
     bind = (settings.source, 0) if settings.source else None
     if settings.tls is not None:
         factory = settings.tls.wrap(factory)
+    if settings.proxy is not None:
+        # Below TLS: the header is the first thing on the wire.
+        from tcpgreet.client.proxyheader import ProxyHeaderSender
+
+        factory = ProxyHeaderSender(factory, settings.proxy, settings.proxy_source)
     return reactor.connectTCP(address, settings.port, factory, timeout=timeout,
                               bindAddress=bind)
 
@@ -469,6 +682,8 @@ def _facts(attempt: GreetClientFactory) -> dict:
         "connect": attempt.connected_at - attempt.started_at,
         "handshake": (None if attempt.handshake_at is None
                       else attempt.handshake_at - attempt.started_at),
+        "first_byte": (None if attempt.first_byte_at is None
+                       else attempt.first_byte_at - attempt.started_at),
         "tls": attempt.tls_info,
         "truncated": attempt.truncated,
         "ended_by": attempt.ended_by,
@@ -483,17 +698,23 @@ class ProbeRun:
     all.
     """
 
+    probe_one = staticmethod(probe)
+    probe_all = staticmethod(probe_all)
+
     def __init__(self, reactor, settings: ProbeSettings, checks: Checks, report: Report,
                  count: int = 1, interval: float = 1.0,
-                 probe: Callable = probe) -> None:
+                 probe: Callable | None = None) -> None:
         self.reactor = reactor
         self.settings = settings
         self.checks = checks
         self.report = report
         self.count = count
         self.interval = interval
+        if probe is None:
+            probe = self.probe_all if settings.all_addresses else self.probe_one
         self.probe = probe
-        self.summary = Summary(settings.host, settings.port)
+        self.summary = Summary(settings.host, settings.port, by_address=settings.all_addresses,
+                               best=settings.best_address)
         self.interrupted = False
         self.finished: defer.Deferred[None] = defer.Deferred()
         self._waiting: defer.Deferred | None = None
@@ -505,13 +726,14 @@ class ProbeRun:
             while not self.interrupted and not self.report.closed:
                 seq += 1
                 started = self.reactor.seconds()
-                result = await self._unless_interrupted(
+                outcome = await self._unless_interrupted(
                     defer.ensureDeferred(self.probe(self.reactor, self.settings)))
-                if result is None:
+                if outcome is None:
                     break
-                verdict = judge(result, self.checks, self.reactor.seconds())
-                self.summary.add(result, verdict)
-                self.report.probe(seq, result, verdict)
+                for result in outcome if isinstance(outcome, list) else (outcome,):
+                    verdict = judge(result, self.checks, self.reactor.seconds())
+                    self.summary.add(result, verdict)
+                    self.report.probe(seq, result, verdict)
                 if seq == self.count:
                     break
                 pause = self.interval - (self.reactor.seconds() - started)

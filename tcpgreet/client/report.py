@@ -78,6 +78,17 @@ def target(host: str, port: int | None, address: str | None = None) -> str:
     return f"{where} ({address})" if address and address != host else where
 
 
+def problem(verdict: Verdict) -> str | None:
+    """
+    Why a probe is not OK, naming the stage that failed (C{failed at
+    connect: connection refused}); C{None} when there is nothing to say.
+    """
+    text = verdict.reason or verdict.error
+    if text and not verdict.ok and verdict.stage:
+        return f"failed at {verdict.stage}: {text}"
+    return text
+
+
 def culprit(result: ProbeResult) -> str:
     """What a failure is about: the name alone when it did not resolve, else the target."""
     return result.host if result.name_failed else target(result.host, result.port)
@@ -143,7 +154,10 @@ class Report:
         """Report one probe."""
 
     def finish(self, summary: Summary, interrupted: bool) -> None:
-        """Report the end of the run."""
+        """Report the end of the run (of one target's probes, in a fleet)."""
+
+    def fleet(self, targets: int, states: dict[str, int]) -> None:
+        """Report the end of a fleet: C{targets} probed, how many ended in each state."""
 
     def line(self, data: bytes) -> str:
         return render_line(data, self.raw)
@@ -152,18 +166,26 @@ class Report:
 class BannerReport(Report):
     """
     The tutorial's client: what the server sent on standard output, and a
-    problem, if any, as one line on standard error naming the target.
+    problem, if any, as one line on standard error naming the target (and,
+    with C{addresses}, for C{--all-addresses}, the address).
     """
+
+    def __init__(self, out: BinaryIO, err: BinaryIO, *, raw: bool = False,
+                 timestamps: bool = False, addresses: bool = False) -> None:
+        super().__init__(out, err, raw=raw, timestamps=timestamps)
+        self.addresses = addresses
 
     def probe(self, seq: int, result: ProbeResult, verdict: Verdict) -> None:
         where = culprit(result)
+        if self.addresses and not result.name_failed:
+            where = target(result.host, result.port, result.address)
         if result.banner:  # also what came before a timeout or a reset
             self.out.write(self._banner(result.banner))
-        problem = verdict.reason or verdict.error
-        if problem and result.error is None and not verdict.ok:
-            problem += f': got "{self.line(result.banner or b"")}"'
-        if problem:
-            self.err.write(f"tcpgreet-client: {where}: {problem}\n")
+        said = problem(verdict)
+        if said and result.error is None and not verdict.ok:
+            said += f': got "{self.line(result.banner or b"")}"'
+        if said:
+            self.err.write(f"tcpgreet-client: {where}: {said}\n")
         if result.truncated:
             self.err.write(f"tcpgreet-client: {where}: banner truncated at "
                            f"{len(result.banner or b'')} bytes (--max-bytes)\n")
@@ -181,7 +203,15 @@ class BannerReport(Report):
 
 
 class LinesReport(Report):
-    """A line per probe and, at the end, a summary like ping's."""
+    """
+    A line per probe and, at the end of each target's probes, a summary
+    like ping's (unless C{summaries} is false: a fleet probed once each).
+    """
+
+    def __init__(self, out: BinaryIO, err: BinaryIO, *, raw: bool = False,
+                 timestamps: bool = False, summaries: bool = True) -> None:
+        super().__init__(out, err, raw=raw, timestamps=timestamps)
+        self.summaries = summaries
 
     def probe(self, seq: int, result: ProbeResult, verdict: Verdict) -> None:
         stamp = f"[{iso_time(result.started)}] " if self.timestamps else ""
@@ -191,33 +221,53 @@ class LinesReport(Report):
 
     def _details(self, result: ProbeResult, verdict: Verdict) -> str:
         if result.error is not None and not result.banner:
-            return f"{result.error} after {milliseconds(result.total)}"
+            return f"{problem(verdict)} after {milliseconds(result.total)}"
         # A banner, or what came of one before a timeout or a reset.
         banner = result.banner or b""
-        times = [f"connect {milliseconds(result.connect or 0.0)}"]
+        times = []
+        if result.resolve is not None:
+            times.append(f"dns {milliseconds(result.resolve)}")
+        times.append(f"connect {milliseconds(result.connect or 0.0)}")
         if result.handshake is not None:
             times.append(f"TLS {milliseconds(result.handshake)}")
+        if result.first_byte is not None:
+            times.append(f"first byte {milliseconds(result.first_byte)}")
         times.append(f"total {milliseconds(result.total)}")
         times.append(f"{len(banner)} bytes" + (" (truncated)" if result.truncated else ""))
         details = ", ".join(times)
-        if verdict.reason or verdict.error:
-            details += f"; {verdict.reason or verdict.error}"
+        said = problem(verdict)
+        if said:
+            details += f"; {said}"
         return details + (f": {self.line(banner)}" if banner else "")
 
     def finish(self, summary: Summary, interrupted: bool) -> None:
+        if not self.summaries and not interrupted:
+            return
         lines = [
             "",
             f"--- {target(summary.host, summary.port)} probe statistics ---",
-            f"{summary.probes} probe{'' if summary.probes == 1 else 's'}, "
-            f"{summary.ok} ok, {summary.failed} failed, "
-            f"{percent(summary.loss)}% loss, state {STATE_NAMES[summary.exit_status]}",
+            _tally(summary),
         ]
-        for name, stats in (("connect", summary.connect), ("total", summary.total)):
+        for address, tally in (summary.addresses or {}).items():
+            lines.append(f"  {address or 'the name'}: {_tally(tally)}")
+        for name, stats in (("dns", summary.dns), ("connect", summary.connect),
+                            ("time", summary.time)):
             if stats.count:
-                lines.append(f"{name} min/avg/max/stdev = {stats.min * 1000:.3f}/"
+                lines.append(f"{name} min/avg/max/mdev = {stats.min * 1000:.3f}/"
                              f"{stats.mean * 1000:.3f}/{stats.max * 1000:.3f}/"
                              f"{stats.stdev * 1000:.3f} ms")
         self.out.write("\n".join(lines) + "\n")
+
+
+    def fleet(self, targets: int, states: dict[str, int]) -> None:
+        counts = ", ".join(f"{number} {state}" for state, number in states.items())
+        self.out.write(f"\n--- {targets} target{'' if targets == 1 else 's'}: {counts} ---\n")
+
+
+def _tally(summary: Summary) -> str:
+    return (f"{summary.probes} probe{'' if summary.probes == 1 else 's'}, "
+            f"{summary.ok} ok, {summary.failed} failed, "
+            f"{percent(summary.loss)}% loss, state {STATE_NAMES[summary.exit_status]}")
 
 
 class JsonReport(Report):
@@ -236,9 +286,13 @@ class JsonReport(Report):
             "ok": verdict.ok,
             "state": STATE_NAMES[verdict.state],
             "error": verdict.error,
+            "stage": verdict.stage,
             "reason": verdict.reason,
+            "dns_ms": _ms(result.resolve),
             "connect_ms": _ms(result.connect),
             "tls_ms": _ms(result.handshake),
+            "firstbyte_ms": _ms(result.first_byte),
+            "time_ms": _ms(result.time),
             "total_ms": _ms(result.total),
             "bytes": len(result.banner or b""),
             "banner": (None if result.banner is None
@@ -262,8 +316,15 @@ class JsonReport(Report):
             "ok": summary.ok,
             "failed": summary.failed,
             "loss_pct": round(summary.loss, 3),
+            "dns_ms": _stats(summary.dns),
             "connect_ms": _stats(summary.connect),
+            "time_ms": _stats(summary.time),
             "total_ms": _stats(summary.total),
+            "addresses": (None if summary.addresses is None else {
+                address: {"probes": tally.probes, "ok": tally.ok, "failed": tally.failed,
+                          "loss_pct": round(tally.loss, 3),
+                          "state": STATE_NAMES[tally.exit_status]}
+                for address, tally in summary.addresses.items()}),
             "state": STATE_NAMES[state],
             "exit_status": state,
             "interrupted": interrupted,
@@ -282,8 +343,9 @@ def _ms(seconds: float | None) -> float | None:
 def _stats(stats: RunningStats) -> dict | None:
     if not stats.count:
         return None
+    # mdev is ping's name for the population standard deviation: the same figure.
     return {"min": _ms(stats.min), "avg": _ms(stats.mean), "max": _ms(stats.max),
-            "stdev": _ms(stats.stdev)}
+            "stdev": _ms(stats.stdev), "mdev": _ms(stats.stdev)}
 
 
 class PluginReport(Report):
@@ -310,6 +372,10 @@ class PluginReport(Report):
         self.out.write(f"TCP {STATE_NAMES[state]} - {text}{self._performance(summary)}\n")
 
     def _text(self, summary: Summary, where: str) -> str:
+        if summary.addresses and len(summary.addresses) > 1:
+            # --all-addresses: each address in turn, for the name's one line.
+            return "; ".join(self._text(tally, target(summary.host, summary.port, address))
+                             for address, tally in summary.addresses.items())
         result, verdict = summary.worst
         if summary.probes == 1 and result.name_failed:
             return f"{result.host}: {result.error}"
@@ -317,25 +383,36 @@ class PluginReport(Report):
             received = f" [{self.line(result.banner)}]" if result.banner else ""
             return f"{result.error} on {where}{received}"
         if summary.probes == 1:
-            text = f"{result.total:.3f} second response time on {where}"
+            text = f"{result.time:.3f} second response time on {where}"
         else:
             text = (f"{summary.ok} of {summary.probes} probes ok, "
                     f"{percent(summary.loss)}% loss")
-            if summary.total.count:
-                text += f", max {summary.total.max:.3f} second response time"
+            if summary.time.count:
+                text += f", max {summary.time.max:.3f} second response time"
             text += f" on {where}"
         if result.banner and result.error is None:
             text += f" [{self.line(result.banner)}]"
-        problem = verdict.reason or verdict.error
-        return f"{problem}; {text}" if problem else text
+        said = verdict.reason or verdict.error
+        return f"{said}; {text}" if said else text
 
     def _performance(self, summary: Summary) -> str:
-        if not summary.total.count:
+        """
+        check_tcp's C{time=} (the slowest probe, without name resolution:
+        what the thresholds judge), then each stage's slowest: C{dns=},
+        C{connect=}, C{tls=}, C{firstbyte=}, where there is one.
+        """
+        if not summary.time.count and not summary.dns.count:
             return ""
         warning, critical = (f"{value:f}" if value is not None else ""
                              for value in (self.checks.warning, self.checks.critical))
-        data = f"|time={summary.total.max:f}s;{warning};{critical};0.000000;{self.timeout:f}"
+        data = []
+        if summary.time.count:
+            data.append(f"time={summary.time.max:f}s;{warning};{critical};0.000000;"
+                        f"{self.timeout:f}")
+        for name, stats in (("dns", summary.dns), ("connect", summary.connect),
+                            ("tls", summary.handshake), ("firstbyte", summary.first_byte)):
+            if stats.count:
+                data.append(f"{name}={stats.max:f}s;;;0.000000;{self.timeout:f}")
         if summary.probes > 1:
-            data += f" loss={percent(summary.loss)}%;;;0;100"
-        return data
-
+            data.append(f"loss={percent(summary.loss)}%;;;0;100")
+        return "|" + " ".join(data)

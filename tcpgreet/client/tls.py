@@ -21,7 +21,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpgreet.client.outcome import TLSInfo
+# looks_like_tls and speaks_tls live with the outcome, so that a plain probe,
+# which asks them of every banner, need not import OpenSSL.
+from tcpgreet.client.outcome import TLSInfo, looks_like_tls, speaks_tls  # noqa: F401
 from tcpgreet.client.report import render_line
 
 _PEM_CERTIFICATE = re.compile(
@@ -155,24 +157,6 @@ class FirstBytesTLS(TLSMemoryBIOProtocol):
 
 class FirstBytesTLSFactory(TLSMemoryBIOFactory):
     protocol = FirstBytesTLS
-
-
-def looks_like_tls(data: bytes) -> bool:
-    """
-    Whether C{data} starts as a TLS record does: a content type (20 to 24:
-    change cipher spec, alert, handshake, application data, heartbeat), then
-    version 3.x.  Of a shorter C{data}, whether it could.
-    """
-    return (bool(data) and 20 <= data[0] <= 24 and data[1:2] in (b"", b"\x03")
-            and data[2:3] <= b"\x04")
-
-
-def speaks_tls(banner: bytes) -> bool:
-    """
-    Whether a plain probe's C{banner} is a TLS alert or handshake record:
-    a TLS server answering bytes it could not take for a handshake.
-    """
-    return len(banner) >= 3 and banner[0] in (21, 22) and looks_like_tls(banner)
 
 
 def quoted(data: bytes, limit: int = 60) -> str:
