@@ -12,13 +12,14 @@ import math
 import os
 from collections.abc import Callable
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
 from tcpgreet import greeting
 from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
+from tcpgreet.health import MetricsLast, greeter_unready, supervisor_unready
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
@@ -249,7 +250,7 @@ def makeService(options: Options, reactor=None) -> IService:
                else [reactor] * len(options["listen"]))
     endpoints = _endpoints(options, facades)
     factory = _factory(options, reactor)
-    top = MultiService()
+    top = MetricsLast()
     greeter = GreetService(factory, endpoints, greeting_file=options["greeting-file"],
                            reactor=reactor, drain_timeout=options["drain-timeout"],
                            announce=not worker)
@@ -260,7 +261,8 @@ def makeService(options: Options, reactor=None) -> IService:
     if options["metrics"] is not None:
         _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
                          lambda: {"open": greeter.factory.limits.open,
-                                  "listeners": len(greeter.ports)}).setServiceParent(top)
+                                  "listeners": len(greeter.ports)},
+                         unready=lambda: greeter_unready(greeter)).setServiceParent(top)
     return top
 
 
@@ -296,7 +298,7 @@ def _supervisor(options: Options, reactor) -> IService:
         _factory(options, reactor), endpoints, count, worker_arguments(options),
         greeting_file=options["greeting-file"], reactor=reactor,
         drain_timeout=options["drain-timeout"])
-    top = MultiService()
+    top = MetricsLast()
     supervisor.setServiceParent(top)
     if options["metrics"] is not None:
         _metrics_service(
@@ -304,7 +306,8 @@ def _supervisor(options: Options, reactor) -> IService:
             lambda: {"open": supervisor.openConnections, "listeners": len(supervisor.ports),
                      "workers": len(supervisor.workers),
                      "worker_restarts": supervisor.restarts},
-            refresh=supervisor.gather).setServiceParent(top)
+            refresh=supervisor.gather,
+            unready=lambda: supervisor_unready(supervisor)).setServiceParent(top)
     return top
 
 
@@ -334,12 +337,13 @@ def worker_arguments(options: Options) -> list[str]:
 
 
 def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
-                     refresh: Callable | None = None) -> MetricsService:
+                     refresh: Callable | None = None,
+                     unready: Callable | None = None) -> MetricsService:
     from tcpgreet import metrics
 
     collector = metrics.GreetCollector(stats, gauges)
     try:
-        site = metrics.metrics_site(collector, refresh=refresh)
+        site = metrics.metrics_site(collector, refresh=refresh, unready=unready)
         endpoint = server_endpoint(reactor, description)
     except (metrics.MetricsUnavailableError, EndpointError) as e:
         raise fail(str(e).replace("listen endpoint", "--metrics endpoint")) from None
