@@ -162,9 +162,9 @@ class Options(usage.Options):
 
     @_help
     def opt_metrics(self, description: str) -> None:
-        """Serve Prometheus metrics at /metrics on this Twisted server endpoint,
-        e.g. tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]).
-        [default: off]"""
+        """Serve Prometheus metrics at /metrics, and health checks at /healthz
+        and /readyz, on this Twisted server endpoint, e.g.
+        tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]). [default: off]"""
         self["metrics"] = description
 
     @_help
