@@ -17,6 +17,7 @@ from collections.abc import Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 # Why the service does not serve right now, or None when it does.
 Unready = Callable[[], str | None]
@@ -49,6 +50,12 @@ class ReadyPage(Resource):
         if reason is None:
             return _plain(request, 200, "ready")
         return _plain(request, 503, f"not ready: {reason}")
+
+
+def serve_health(site: Site, unready: Unready) -> None:
+    """Add C{/healthz} and C{/readyz} to the metrics endpoint's C{site}."""
+    site.resource.putChild(b"healthz", HealthPage())
+    site.resource.putChild(b"readyz", ReadyPage(unready))
 
 
 def greeter_unready(greeter) -> str | None:

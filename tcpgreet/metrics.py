@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tcpgreet.health import HealthPage, ReadyPage, Unready
 from tcpgreet.stats import Stats
 
 try:
@@ -116,13 +115,11 @@ class GreetCollector:
 
 
 def metrics_site(collector: GreetCollector,
-                 refresh: Callable[[], Deferred] | None = None,
-                 unready: Unready | None = None) -> Site:
+                 refresh: Callable[[], Deferred] | None = None) -> Site:
     """
     A web site that serves the collector (and process metrics) at /metrics.
     With C{refresh}, each scrape first waits for the Deferred it returns:
-    the time to fetch figures that live in other processes.  With
-    C{unready}, it serves /healthz and /readyz too (L{tcpgreet.health}).
+    the time to fetch figures that live in other processes.
     """
     if generate_latest is None:
         raise MetricsUnavailableError(MISSING)
@@ -132,9 +129,6 @@ def metrics_site(collector: GreetCollector,
     PlatformCollector(registry=registry)
     root = Resource()
     root.putChild(b"metrics", MetricsPage(registry, refresh))
-    if unready is not None:
-        root.putChild(b"healthz", HealthPage())
-        root.putChild(b"readyz", ReadyPage(unready))
     site = _QuietSite(root)
     site.noisy = False
     return site

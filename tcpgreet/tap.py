@@ -19,7 +19,7 @@ from tcpgreet import greeting
 from tcpgreet.control import ControlService
 from tcpgreet.endpoints import DEFAULT_BACKLOG, EndpointError, proxied, server_endpoint
 from tcpgreet.handover import HoldingReactor, InheritedReactor
-from tcpgreet.health import MetricsLast, greeter_unready, supervisor_unready
+from tcpgreet.health import MetricsLast, greeter_unready, serve_health, supervisor_unready
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
 from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService, fail
@@ -162,9 +162,9 @@ class Options(usage.Options):
 
     @_help
     def opt_metrics(self, description: str) -> None:
-        """Serve Prometheus metrics at /metrics, and health checks at /healthz
-        and /readyz, on this Twisted server endpoint, e.g.
-        tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]). [default: off]"""
+        """Serve Prometheus metrics at /metrics on this Twisted server endpoint,
+        e.g. tcp:9127:interface=127.0.0.1 (needs tcpgreet[metrics]).
+        [default: off]"""
         self["metrics"] = description
 
     @_help
@@ -259,10 +259,11 @@ def makeService(options: Options, reactor=None) -> IService:
         # After the greeter: it reports ready once the greeter serves.
         ControlService(options["worker-control"], factory, reactor).setServiceParent(top)
     if options["metrics"] is not None:
-        _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
-                         lambda: {"open": greeter.factory.limits.open,
-                                  "listeners": len(greeter.ports)},
-                         unready=lambda: greeter_unready(greeter)).setServiceParent(top)
+        served = _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
+                                  lambda: {"open": greeter.factory.limits.open,
+                                           "listeners": len(greeter.ports)})
+        serve_health(served.site, lambda: greeter_unready(greeter))
+        served.setServiceParent(top)
     return top
 
 
@@ -301,13 +302,14 @@ def _supervisor(options: Options, reactor) -> IService:
     top = MetricsLast()
     supervisor.setServiceParent(top)
     if options["metrics"] is not None:
-        _metrics_service(
+        served = _metrics_service(
             options["metrics"], reactor, lambda: supervisor.totals,
             lambda: {"open": supervisor.openConnections, "listeners": len(supervisor.ports),
                      "workers": len(supervisor.workers),
                      "worker_restarts": supervisor.restarts},
-            refresh=supervisor.gather,
-            unready=lambda: supervisor_unready(supervisor)).setServiceParent(top)
+            refresh=supervisor.gather)
+        serve_health(served.site, lambda: supervisor_unready(supervisor))
+        served.setServiceParent(top)
     return top
 
 
@@ -337,13 +339,12 @@ def worker_arguments(options: Options) -> list[str]:
 
 
 def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
-                     refresh: Callable | None = None,
-                     unready: Callable | None = None) -> MetricsService:
+                     refresh: Callable | None = None) -> MetricsService:
     from tcpgreet import metrics
 
     collector = metrics.GreetCollector(stats, gauges)
     try:
-        site = metrics.metrics_site(collector, refresh=refresh, unready=unready)
+        site = metrics.metrics_site(collector, refresh=refresh)
         endpoint = server_endpoint(reactor, description)
     except (metrics.MetricsUnavailableError, EndpointError) as e:
         raise fail(str(e).replace("listen endpoint", "--metrics endpoint")) from None

@@ -148,13 +148,6 @@ class MetricsLastTests(SynchronousTestCase):
         self.assertIsInstance(top, health.MetricsLast)
 
 
-class HelpTests(SynchronousTestCase):
-    def test_metrics_option_names_the_health_endpoints(self):
-        text = " ".join(str(tap.Options()).split())
-        self.assertIn("Serve Prometheus metrics at /metrics, and health checks at /healthz "
-                      "and /readyz, on this Twisted server endpoint", text)
-
-
 class EndToEndTests(SynchronousTestCase):
     """A real twistd, asked over HTTP."""
 
