@@ -13,11 +13,16 @@ both keep answering while the drain lasts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+if TYPE_CHECKING:  # only for the annotations: nothing here runs them
+    from tcpgreet.service import GreetService
+    from tcpgreet.workers import WorkerSupervisor
 
 # Why the service does not serve right now, or None when it does.
 Unready = Callable[[], str | None]
@@ -58,7 +63,7 @@ def serve_health(site: Site, unready: Unready) -> None:
     site.resource.putChild(b"readyz", ReadyPage(unready))
 
 
-def greeter_unready(greeter) -> str | None:
+def greeter_unready(greeter: GreetService) -> str | None:
     """
     Why a L{tcpgreet.service.GreetService} does not serve: it is not
     running (a stop has begun: its listeners close and it drains), or some
@@ -72,7 +77,7 @@ def greeter_unready(greeter) -> str | None:
     return None
 
 
-def supervisor_unready(supervisor) -> str | None:
+def supervisor_unready(supervisor: WorkerSupervisor) -> str | None:
     """
     Why a L{tcpgreet.workers.WorkerSupervisor} does not serve: as for a
     greeter, or some worker is not ready (still starting, or exited and
