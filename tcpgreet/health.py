@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-if TYPE_CHECKING:  # only for the annotations: nothing here runs them
+if TYPE_CHECKING:  # for the annotations alone
     from tcpgreet.service import GreetService
     from tcpgreet.workers import WorkerSupervisor
 
