@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -17,7 +18,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from tcpgreet import health, tap
-from tcpgreet.workers import Worker
 
 from .helpers import start_server
 from .test_faults import MiB, greeting_file
@@ -90,7 +90,9 @@ class ReadinessTests(SynchronousTestCase):
         # Running and listening, without starting real processes.
         supervisor.running = 1
         self.assertEqual(health.supervisor_unready(supervisor), "0 of 2 workers ready")
-        first, second = Worker(1), Worker(2)
+        # What the supervisor knows of each worker: when it said it was
+        # ready, and whether it has exited since.
+        first, second = (SimpleNamespace(served_since=None, exited=False) for _ in "12")
         supervisor.workers = {1: first, 2: second}
         first.served_since = 10.0
         self.assertEqual(health.supervisor_unready(supervisor), "1 of 2 workers ready")
