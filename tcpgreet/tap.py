@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.copyright import version as twisted_version
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -28,6 +28,7 @@ from tcpgreet.endpoints import (
     proxied,
     server_endpoint,
 )
+from tcpgreet.health import MetricsLast, greeter_unready, serve_health, supervisor_unready
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
@@ -329,9 +330,11 @@ def _greeter(options: Options, reactor) -> IService:
         # After the greeter: it reports ready once the greeter serves.
         ControlService(role.control_fd, factory, reactor).setServiceParent(top)
     if options["metrics"] is not None:
-        _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
-                         lambda: {"open": greeter.factory.limits.open,
-                                  "listeners": len(greeter.ports)}).setServiceParent(top)
+        served = _metrics_service(options["metrics"], reactor, lambda: greeter.factory.stats,
+                                  lambda: {"open": greeter.factory.limits.open,
+                                           "listeners": len(greeter.ports)})
+        serve_health(served.site, lambda: greeter_unready(greeter))
+        served.setServiceParent(top)
     return top
 
 
@@ -352,9 +355,10 @@ def listeners(options: Options) -> list[Listener]:
     return [Listener(ipv4), Listener(ipv6, ipv6_only=True)]
 
 
-class TwistdService(MultiService):
+class TwistdService(MetricsLast):
     """
-    The service twistd runs, which also chooses its log observer.
+    The service twistd runs, which also chooses its log observer (and, as
+    a L{MetricsLast}, stops the metrics endpoint last).
 
     twistd hands this service its application before it starts logging,
     and takes the application's L{ILogObserver} component (what a C{.tac}
@@ -419,12 +423,14 @@ def _supervisor(options: Options, reactor) -> IService:
     top = TwistdService(options, reactor)
     supervisor.setServiceParent(top)
     if options["metrics"] is not None:
-        _metrics_service(
+        served = _metrics_service(
             options["metrics"], reactor, lambda: supervisor.totals,
             lambda: {"open": supervisor.openConnections, "listeners": len(supervisor.ports),
                      "workers": len(supervisor.workers),
                      "worker_restarts": supervisor.restarts},
-            refresh=supervisor.gather).setServiceParent(top)
+            refresh=supervisor.gather)
+        serve_health(served.site, lambda: supervisor_unready(supervisor))
+        served.setServiceParent(top)
     return top
 
 
