@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import json.encoder
+import os
 import signal
 import sys
 import threading
@@ -309,6 +310,34 @@ def _json_line(utc_time: _SecondCache) -> Callable[[dict], str]:
 _JSON_OWN = frozenset(("time", "level", "namespace", "message", "error", "traceback"))
 
 
+class PatientLogFile(LogFile):
+    """
+    twistd's L{LogFile}, except when no descriptor is free to list the
+    rotated files: Twisted's C{listLogs} (a C{glob}) then finds none, and
+    the rotation renames the current file over the newest rotated one,
+    which is lost.  Here the rotation is put off instead, and the next
+    write tries again; a process out of descriptors gets them back as its
+    connections end.
+    """
+
+    def listLogs(self) -> list[int]:
+        # os.listdir raises where glob would answer "none".
+        prefix = os.path.basename(self.path) + "."
+        found = []
+        for name in os.listdir(self.directory):
+            suffix = name[len(prefix):] if name.startswith(prefix) else ""
+            if suffix.isdigit() and int(suffix):
+                found.append(int(suffix))
+        return sorted(found)
+
+    def rotate(self) -> None:
+        try:
+            self.listLogs()
+        except OSError:
+            return  # put off: nothing can be renamed safely now
+        super().rotate()
+
+
 def _write_log_file(log_file: LogFile, lines: list[str]) -> None:
     """
     Write C{lines} to a twistd log file where twistd would have: twistd
@@ -476,7 +505,7 @@ def twistd_default(twistd_options: Mapping, reactor=None) -> BatchingObserver | 
     foreground = bool(twistd_options.get("nodaemon"))
     if path == "-" or (foreground and not path):
         return text_observer(sys.stdout, reactor) if foreground else None
-    observer = text_observer(LogFile.fromFullPath(path or "twistd.log"), reactor)
+    observer = text_observer(PatientLogFile.fromFullPath(path or "twistd.log"), reactor)
     # As twistd does: unless someone else already handles SIGUSR1.
     if not signal.getsignal(signal.SIGUSR1):
         signal.signal(signal.SIGUSR1, lambda signum, frame: _reactor(reactor)

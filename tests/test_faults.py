@@ -170,11 +170,11 @@ class DescriptorTests(SynchronousTestCase):
 
 class LogAtDescriptorExhaustionTests(SynchronousTestCase):
     """
-    twistd's own log file (C{--logfile}) at the moment the process runs out
-    of descriptors, with a rotation due: the file lists the directory to
-    find the rotated files it must shift, which takes a descriptor.  Without
-    one, the listing comes back empty and the last rotated file is
-    overwritten; nothing may be lost that way, and logging must go on.
+    The log file (C{--logfile}) at the moment the process runs out of
+    descriptors, with a rotation due: the file lists the directory to find
+    the rotated files it must shift, which takes a descriptor.  Twisted's
+    listing then comes back empty and the last rotated file is overwritten;
+    nothing may be lost that way, and logging must go on.
     """
 
     ROTATE_AT = 1_000_000  # twistd's LogFile.rotateLength
@@ -222,10 +222,12 @@ class LogAtDescriptorExhaustionTests(SynchronousTestCase):
         else:
             self.fail("100 connections did not exhaust 64 descriptors")
         wait_until(lambda: b"accept failed: Too many open files" in read(log), 10,
-                   "the accept failure in the new log file")
-        # Nothing lost: the rotation made room for the previous rotated file.
-        self.assertEqual(read(log + ".2"), previous)
-        self.assertEqual(read(log + ".1"), before)
+                   "the accept failure in the log file")
+        # Nothing lost: with no descriptor to list the rotated files, the
+        # rotation waits (the file grows past its size a little), rather
+        # than rename the log over the newest rotated file.
+        self.assertEqual(read(log + ".1"), previous)
+        self.assertFalse(os.path.exists(log + ".2"))
         # And the log goes on, once descriptors are free again: when the
         # server serves again (before that, a reload could meet the
         # exhaustion itself, and say it failed).
@@ -240,9 +242,19 @@ class LogAtDescriptorExhaustionTests(SynchronousTestCase):
                 return False
 
         wait_until(serves, 15, "the server to serve again")
+
+        def reloads():
+            return (read(log) + read(log + ".1")).count(RELOADED)
+
+        seen = reloads()
         server.signal(signal.SIGHUP)
-        wait_until(lambda: RELOADED in read(log), 10, "a line after the exhaustion")
-        self.assertNotIn(b"Traceback", read(log))
+        wait_until(lambda: reloads() > seen, 10, "a line after the exhaustion")
+        # The rotation put off is done now, with every file in its place.
+        self.assertEqual(read(log + ".2"), previous)
+        rotated = read(log + ".1")
+        self.assertTrue(rotated.startswith(before))
+        self.assertIn(b"accept failed: Too many open files", rotated)
+        self.assertNotIn(b"Traceback", read(log) + rotated)
 
 
 RELOADED = b"reloaded greeting from"
