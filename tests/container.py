@@ -219,8 +219,8 @@ def build_context(testcase) -> Path:
 
 def image(testcase, program: Podman) -> str:
     """
-    L{IMAGE}, built from this checkout on L{BASE_IMAGE} (once per test
-    process; podman's layer cache makes later builds quick), with
+    The id of L{IMAGE}, built from this checkout on L{BASE_IMAGE} (once per
+    test process; podman's layer cache makes later builds quick), with
     L{BUILD_ARGS}.
     """
     if _built:
@@ -228,16 +228,21 @@ def image(testcase, program: Podman) -> str:
     base = base_image(testcase, program)
     context = build_context(testcase)
     arguments = {"BASE": base, "WHEELS": "wheels", **BUILD_ARGS}
+    # The tag is for whoever looks at podman's store; the tests use the
+    # image's id, because another run on this machine may move the tag to
+    # its own build at any moment.
+    identity = context.parent / "image-id"
     built = program(
         "build", "--format", "docker", *Podman.ulimits(), "-f",
         str(context / "deploy" / "Containerfile"),
         *[f"--build-arg={name}={value}" for name, value in arguments.items()],
-        "-t", IMAGE, str(context), timeout=BUILD_TIMEOUT, check=False)
+        "--iidfile", str(identity), "-t", IMAGE, str(context),
+        timeout=BUILD_TIMEOUT, check=False)
     if built.returncode != 0:
         raise AssertionError(f"podman build exited with {built.returncode}:\n"
                              + "\n".join((built.stdout + built.stderr).splitlines()[-40:]))
-    _built.append(IMAGE)
-    return IMAGE
+    _built.append(identity.read_text().strip())
+    return _built[0]
 
 
 def containerfile(path: Path = CONTAINERFILE) -> list[tuple[str, str]]:
