@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
-from tcpgreet import port
+from tcpgreet import _port as port
 from tcpgreet.proxy import ProxyHeaderEndpoint, ProxyHeaderFactory, TrustedProxies
 
 DEFAULT_BACKLOG = 1024

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
-from tcpgreet.port import IAdoptingPort
+from tcpgreet._port import IAdoptingPort
 from tcpgreet.proxy import ProxyHeaderEndpoint
 from tcpgreet.server import DRAIN, GreetFactory
 from tcpgreet.startup import fail

@@ -29,8 +29,9 @@ from zope.interface.verify import verifyObject
 
 from bench import cpus
 from bench import loadgen as load_generators
-from tcpgreet import greeting, port
-from tcpgreet.port import IDirectFactory
+from tcpgreet import _port as port
+from tcpgreet import greeting
+from tcpgreet._port import IDirectFactory
 from tcpgreet.server import GreetFactory
 
 from .helpers import fetch, require_tool

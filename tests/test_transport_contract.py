@@ -38,8 +38,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tcpgreet import port
-from tcpgreet.port import IDirectFactory
+from tcpgreet import _port as port
+from tcpgreet._port import IDirectFactory
 
 from . import tls
 from .helpers import has_ipv6_loopback

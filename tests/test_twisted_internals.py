@@ -27,7 +27,7 @@ import tcpgreet
 # Twisted sets on instances only (in __init__ or later) is checked in the
 # class's source, since the class itself does not have it.
 INTERNALS = {
-    # The fast accept path (tcpgreet/port.py).
+    # The fast accept path (tcpgreet/_port.py).
     "socket:socket._accept":
         "accept without building a socket object per connection",
     "_socket:socket":

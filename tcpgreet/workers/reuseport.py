@@ -24,7 +24,7 @@ import struct
 
 from twisted.internet.error import CannotListenError
 
-from tcpgreet.port import bind_address
+from tcpgreet._port import bind_address
 
 # From <asm-generic/socket.h>; Python's socket module does not name it.
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -114,7 +114,7 @@ def bind_group(interface: str, port: int, backlog: int, count: int,
     C{count} non-blocking sockets listening on C{interface} and C{port}
     (port 0: the port the first one gets), in one reuseport group, steered
     by L{steering_program} when C{steer} is true; IPv6 sockets take IPv6
-    clients only when C{ipv6_only} is (see L{tcpgreet.port.GreetPort.ipv6Only}).
+    clients only when C{ipv6_only} is (see L{tcpgreet._port.GreetPort.ipv6Only}).
 
     @raise CannotListenError: as Twisted's own TCP port raises it, so that
         a port in use or a privileged port reads the same as without workers.
