@@ -44,14 +44,14 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IPushProducer,
     ISystemHandle,
-    ITCPTransport,
     ITLSTransport,
 )
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
+from tcpgreet.interfaces import IAdoptingPort, IDirectFactory, IDirectTransport
 from tcpgreet.logs import RateLimitedLog
 
 log = Logger()
@@ -90,39 +90,6 @@ def _unread(skt: socket.socket) -> int:
     """How many bytes the client has sent that nobody has read yet."""
     fcntl.ioctl(skt.fileno(), _FIONREAD, _unread_count, True)
     return _unread_count[0]
-
-
-class IDirectFactory(IProtocolFactory):
-    """
-    A factory whose connections a L{GreetPort} may serve within the accept
-    pass, on a L{DirectTransport}.
-
-    Providing it promises that the factory's protocols need nothing of
-    their transport but C{ITCPTransport} (and the other interfaces a
-    L{DirectTransport} declares): no reactor-transport internals, no
-    reliance on being registered with the reactor.  In exchange the port
-    says when a connection needs the reactor (L{connectionWaiting}), which
-    a protocol cannot know when its C{connectionMade} returns, because what
-    it asked for then takes effect only afterwards.
-    """
-
-    def connectionWaiting(protocol):  # noqa: N805 (zope: no self)
-        """
-        The connection of C{protocol}, served on a L{DirectTransport}, now
-        needs the reactor (it was handed to a L{tcp.Server}), and may stay
-        open for as long as the client takes: give it a deadline if it
-        wants one.  Not called for connections finished in the accept pass.
-        """
-
-
-class IDirectTransport(ITCPTransport):
-    """
-    An C{ITCPTransport} of a connection that the reactor has not seen yet:
-    the port's, until the connection is finished or handed over (see
-    L{IDirectFactory.connectionWaiting}).
-    """
-
-    server = Attribute("The tcp.Server the connection was handed to, or None.")
 
 
 @implementer(IDirectTransport, ITLSTransport, ISystemHandle, IConsumer, IPushProducer,
@@ -517,13 +484,6 @@ _PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
 
 
-class IAdoptingPort(Interface):
-    """A listening port that can serve a connection accepted elsewhere."""
-
-    def adoptConnection(fd: int) -> None:  # noqa: N805 (zope: no self)
-        """Serve the connected socket at C{fd}, which the port now owns."""
-
-
 def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
     """The family and socket address to bind, as Twisted's TCP port has them."""
     if abstract.isIPv6Address(interface):
@@ -785,3 +745,62 @@ def adopt(reactor, fileno: int, family: int, factory: IProtocolFactory) -> Greet
     p = GreetPort._fromListeningDescriptor(reactor, fileno, family, factory)
     p.startListening()
     return p
+
+
+class GreetReactor:
+    """
+    The reactor as endpoints see it: the same, except that TCP listeners
+    (plain, TLS, or inherited from systemd) are L{GreetPort}s.  Every
+    endpoint type keeps working; the ones that listen on TCP get the port
+    that serves greetings within the accept pass and survives running out
+    of descriptors.
+
+    @ivar _ipv6_only: whether the IPv6 TCP listeners it makes take IPv6
+        clients only (L{GreetPort.ipv6Only}).
+    """
+
+    def __init__(self, reactor, ipv6_only: bool = False) -> None:
+        self._reactor = reactor
+        self._ipv6_only = ipv6_only
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, portNumber: int, factory, backlog: int = 50, interface: str = ""):
+        return listen(self._reactor, portNumber, factory, backlog, interface,
+                           ipv6_only=self._ipv6_only)
+
+    def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
+                  interface: str = ""):
+        # What the reactor's own listenSSL does, on our port.
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        listening = self.listenTCP(portNumber, TLSMemoryBIOFactory(contextFactory, False, factory),
+                                   backlog, interface)
+        listening._type = "TLS"
+        return listening
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
+        actual = socket_family(fileDescriptor)
+        if actual != addressFamily and {actual, addressFamily} <= _INET:
+            # systemd's ListenStream=PORT is an IPv6 socket that also takes
+            # IPv4; read as the family the string names, every address
+            # would come out garbled.
+            log.warn("inherited socket {fd} is {actual}, not {named}; using {actual}",
+                     fd=fileDescriptor, actual=actual.name, named=addressFamily.name)
+            addressFamily = actual
+        if addressFamily in _INET:
+            return adopt(self._reactor, fileDescriptor, addressFamily, factory)
+        return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
+
+
+_INET = {socket.AF_INET, socket.AF_INET6}
+
+
+def socket_family(fileDescriptor: int) -> socket.AddressFamily:
+    """The address family of the socket at C{fileDescriptor}."""
+    probe = socket.socket(fileno=os.dup(fileDescriptor))
+    try:
+        return probe.family
+    finally:
+        probe.close()

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
-from tcpgreet import _port as port
+from tcpgreet._port import GreetReactor
 from tcpgreet.proxy import ProxyHeaderEndpoint, ProxyHeaderFactory, TrustedProxies
 
 DEFAULT_BACKLOG = 1024
@@ -145,56 +145,6 @@ def _arguments(parts: list[str]) -> tuple[dict[str, str], list[str]]:
     return named, positional
 
 
-class GreetReactor:
-    """
-    The reactor as endpoints see it: the same, except that TCP listeners
-    (plain, TLS, or inherited from systemd) are L{port.GreetPort}s.  Every
-    endpoint type keeps working; the ones that listen on TCP get the port
-    that serves greetings within the accept pass and survives running out
-    of descriptors.
-
-    @ivar _ipv6_only: whether the IPv6 TCP listeners it makes take IPv6
-        clients only (L{port.GreetPort.ipv6Only}).
-    """
-
-    def __init__(self, reactor, ipv6_only: bool = False) -> None:
-        self._reactor = reactor
-        self._ipv6_only = ipv6_only
-
-    def __getattr__(self, name: str):
-        return getattr(self._reactor, name)
-
-    def listenTCP(self, portNumber: int, factory, backlog: int = 50, interface: str = ""):
-        return port.listen(self._reactor, portNumber, factory, backlog, interface,
-                           ipv6_only=self._ipv6_only)
-
-    def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
-                  interface: str = ""):
-        # What the reactor's own listenSSL does, on our port.
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        listening = self.listenTCP(portNumber, TLSMemoryBIOFactory(contextFactory, False, factory),
-                                   backlog, interface)
-        listening._type = "TLS"
-        return listening
-
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
-        actual = socket_family(fileDescriptor)
-        if actual != addressFamily and {actual, addressFamily} <= _INET:
-            # systemd's ListenStream=PORT is an IPv6 socket that also takes
-            # IPv4; read as the family the string names, every address
-            # would come out garbled.
-            log.warn("inherited socket {fd} is {actual}, not {named}; using {actual}",
-                     fd=fileDescriptor, actual=actual.name, named=addressFamily.name)
-            addressFamily = actual
-        if addressFamily in _INET:
-            return port.adopt(self._reactor, fileDescriptor, addressFamily, factory)
-        return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
-
-
-_INET = {socket.AF_INET, socket.AF_INET6}
-
-
 class HeaderBeforeTLSReactor:
     """
     The reactor as the C{ssl:} endpoint under C{haproxy:} sees it: TLS
@@ -214,15 +164,6 @@ class HeaderBeforeTLSReactor:
                   backlog: int = 50, interface: str = ""):
         factory.tlsAfterHeader(contextFactory)
         return self._reactor.listenTCP(portNumber, factory, backlog, interface)
-
-
-def socket_family(fileDescriptor: int) -> socket.AddressFamily:
-    """The address family of the socket at C{fileDescriptor}."""
-    probe = socket.socket(fileno=os.dup(fileDescriptor))
-    try:
-        return probe.family
-    finally:
-        probe.close()
 
 
 def server_endpoint(reactor, description: str,

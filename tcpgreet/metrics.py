@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from twisted.internet.defer import Deferred
+from twisted.application import service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tcpgreet.service import listen, listening_address
 from tcpgreet.stats import Stats
 
 try:
@@ -32,6 +36,8 @@ try:
     )
 except ImportError:  # pragma: no cover - exercised by the missing-extra test
     generate_latest = None
+
+log = Logger()
 
 MISSING = ("--metrics needs prometheus_client, which is not installed: install "
            "tcpgreet's metrics extra (pip install '.[metrics]' in tcpgreet's folder) "
@@ -171,3 +177,31 @@ class MetricsPage(Resource):
 class _QuietSite(Site):
     def log(self, request) -> None:
         """A scrape every few seconds is not news: no access log."""
+
+
+class MetricsService(service.Service):
+    """Serve Prometheus metrics on an endpoint of their own."""
+
+    name = "metrics"
+
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, site) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.site = site
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.port = listen(self.description, self.endpoint, self.site)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+        log.info("metrics at http://{address}/metrics ({description})",
+                 address=listening_address(self.port), description=self.description)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening) if port is not None else succeed(None)

@@ -41,8 +41,9 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, directlyProvides, implementer, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
+from tcpgreet.interfaces import IProxiedFactory
 from tcpgreet.logs import RateLimitedLog
 
 log = Logger()
@@ -282,32 +283,6 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             protocol.connectionLost(reason)
         else:
             self.factory.done(self)
-
-
-class IProxiedFactory(Interface):
-    """
-    What the PROXY header reader needs of the factory it wraps: to hold a
-    place for a connection before its client is known, to give it back or
-    count a refusal, and to be told what is in progress, so that a drain
-    waits for connections whose header is still to come.
-    """
-
-    waiting = Attribute("The set of connections in progress, which a drain waits for.")
-
-    def reserve(peer: IAddress) -> bool:  # noqa: N805 (zope: no self)
-        """Hold a place under the limits for C{peer}'s connection, or refuse."""
-
-    def cancel() -> None:
-        """Give back a place L{reserve} held, for a connection never served."""
-
-    def refuse(reason: str, host: str | None) -> None:  # noqa: N805
-        """Count a connection refused for C{reason}."""
-
-    def done(connection: object) -> None:  # noqa: N805
-        """C{connection} (here: its header reader) is no longer in progress."""
-
-    def buildProtocol(addr: IAddress, reserved: bool = False):  # noqa: N805
-        """The protocol for the client the header names, its place held already."""
 
 
 class ProxyHeaderFactory(policies.WrappingFactory):

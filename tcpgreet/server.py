@@ -29,11 +29,10 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpgreet._port import IDirectFactory, IDirectTransport
 from tcpgreet.greeting import Clock, Greeting
+from tcpgreet.interfaces import IDirectFactory, IDirectTransport, IProxiedFactory
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.logs import FastLogger, RateLimitedLog
-from tcpgreet.proxy import IProxiedFactory
 from tcpgreet.stats import Stats
 
 log = FastLogger()

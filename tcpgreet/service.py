@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpgreet import __version__, greeting
-from tcpgreet._port import IAdoptingPort
+from tcpgreet.interfaces import IAdoptingPort
 from tcpgreet.proxy import ProxyHeaderEndpoint
 from tcpgreet.server import DRAIN, GreetFactory
 from tcpgreet.startup import fail
@@ -60,34 +60,6 @@ def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListe
         log.critical("{message}", message=message)
         raise fail(message)
     return outcome[0]
-
-
-class MetricsService(service.Service):
-    """Serve Prometheus metrics on an endpoint of their own."""
-
-    name = "metrics"
-
-    def __init__(self, description: str, endpoint: IStreamServerEndpoint, site) -> None:
-        self.description = description
-        self.endpoint = endpoint
-        self.site = site
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self.port = listen(self.description, self.endpoint, self.site)
-
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-        log.info("metrics at http://{address}/metrics ({description})",
-                 address=_address(self.port), description=self.description)
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        port, self.port = self.port, None
-        return maybeDeferred(port.stopListening) if port is not None else succeed(None)
 
 
 def raise_descriptor_limit() -> int:
@@ -334,7 +306,7 @@ def _listening_at(port: IListeningPort) -> str:
     IPv6-only (the default's IPv6 half, or one systemd bound so): then it
     says so.
     """
-    where = _address(port)
+    where = listening_address(port)
     skt = getattr(port, "socket", None)
     if isinstance(skt, socket.socket) and skt.family == socket.AF_INET6 and \
             skt.getsockname()[0] == "::" and \
@@ -343,7 +315,8 @@ def _listening_at(port: IListeningPort) -> str:
     return where
 
 
-def _address(port: IListeningPort) -> str:
+def listening_address(port: IListeningPort) -> str:
+    """Where C{port} listens, as a log line shows it: C{host:port}, C{[v6]:port}, a path."""
     host = port.getHost()
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}" if ":" not in host.host else \

@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.application.service import IService
 from twisted.copyright import version as twisted_version
@@ -32,12 +33,15 @@ from tcpgreet.health import MetricsLast, greeter_unready, serve_health, supervis
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, MetricsService
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService
 from tcpgreet.startup import fail
 from tcpgreet.workers.arguments import WorkerRole, worker_arguments
 from tcpgreet.workers.control import ControlService
 from tcpgreet.workers.handover import HoldingReactor, InheritedReactor
 from tcpgreet.workers.supervisor import WorkerSupervisor
+
+if TYPE_CHECKING:
+    from tcpgreet import metrics
 
 log = Logger()
 
@@ -435,7 +439,9 @@ def _supervisor(options: Options, reactor) -> IService:
 
 
 def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
-                     refresh: Callable | None = None) -> MetricsService:
+                     refresh: Callable | None = None) -> metrics.MetricsService:
+    # Imported here: twisted.web and prometheus_client are loaded only
+    # when metrics are served.
     from tcpgreet import metrics
 
     collector = metrics.GreetCollector(stats, gauges)
@@ -444,7 +450,7 @@ def _metrics_service(description: str, reactor, stats: Callable, gauges: Callabl
         endpoint = server_endpoint(reactor, description, option="--metrics")
     except (metrics.MetricsUnavailableError, EndpointError) as e:
         raise fail(str(e)) from None
-    return MetricsService(description, endpoint, site)
+    return metrics.MetricsService(description, endpoint, site)
 
 
 __all__ = ["DEFAULT_BACKLOG", "Options", "makeService"]

@@ -31,7 +31,7 @@ from bench import cpus
 from bench import loadgen as load_generators
 from tcpgreet import _port as port
 from tcpgreet import greeting
-from tcpgreet._port import IDirectFactory
+from tcpgreet.interfaces import IDirectFactory
 from tcpgreet.server import GreetFactory
 
 from .helpers import fetch, require_tool

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tcpgreet import greeting, proxy
+from tcpgreet import greeting, interfaces, proxy
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import GreetFactory
 
@@ -58,7 +58,7 @@ class ContractTests(SynchronousTestCase):
 
     def test_the_greeting_factory_provides_it(self):
         factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=MemoryReactorClock())
-        self.assertTrue(verifyObject(proxy.IProxiedFactory, factory))
+        self.assertTrue(verifyObject(interfaces.IProxiedFactory, factory))
 
     def test_a_factory_that_does_not_is_refused_at_once(self):
         with self.assertRaisesRegex(TypeError, "does not provide IProxiedFactory"):

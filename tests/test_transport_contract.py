@@ -39,7 +39,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tcpgreet import _port as port
-from tcpgreet._port import IDirectFactory
+from tcpgreet.interfaces import IDirectFactory
 
 from . import tls
 from .helpers import has_ipv6_loopback

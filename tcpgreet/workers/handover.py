@@ -37,7 +37,8 @@ from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
-from tcpgreet.endpoints import GreetReactor, socket_family, split_description
+from tcpgreet._port import GreetReactor, socket_family
+from tcpgreet.endpoints import split_description
 from tcpgreet.workers.reuseport import bind_group
 
 # Where systemd puts the first socket it passes (sd_listen_fds(3)).

@@ -1,0 +1,79 @@
+"""
+The contracts between tcpgreet's parts, as zope interfaces.
+
+A factory declares what it promises (L{IDirectFactory}, L{IProxiedFactory});
+the part that relies on the promise checks the declaration, never probes
+for methods one by one.  Tests hold each implementation to its interface
+with C{verifyObject}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IAddress, IProtocolFactory, ITCPTransport
+from zope.interface import Attribute, Interface
+
+
+class IDirectFactory(IProtocolFactory):
+    """
+    A factory whose connections a L{tcpgreet._port.GreetPort} may serve within the accept
+    pass, on a L{tcpgreet._port.DirectTransport}.
+
+    Providing it promises that the factory's protocols need nothing of
+    their transport but C{ITCPTransport} (and the other interfaces a
+    L{tcpgreet._port.DirectTransport} declares): no reactor-transport internals, no
+    reliance on being registered with the reactor.  In exchange the port
+    says when a connection needs the reactor (L{connectionWaiting}), which
+    a protocol cannot know when its C{connectionMade} returns, because what
+    it asked for then takes effect only afterwards.
+    """
+
+    def connectionWaiting(protocol):  # noqa: N805 (zope: no self)
+        """
+        The connection of C{protocol}, served on a L{tcpgreet._port.DirectTransport}, now
+        needs the reactor (it was handed to a C{tcp.Server}), and may stay
+        open for as long as the client takes: give it a deadline if it
+        wants one.  Not called for connections finished in the accept pass.
+        """
+
+
+class IDirectTransport(ITCPTransport):
+    """
+    An C{ITCPTransport} of a connection that the reactor has not seen yet:
+    the port's, until the connection is finished or handed over (see
+    L{IDirectFactory.connectionWaiting}).
+    """
+
+    server = Attribute("The tcp.Server the connection was handed to, or None.")
+
+
+class IAdoptingPort(Interface):
+    """A listening port that can serve a connection accepted elsewhere."""
+
+    def adoptConnection(fd: int) -> None:  # noqa: N805 (zope: no self)
+        """Serve the connected socket at C{fd}, which the port now owns."""
+
+
+class IProxiedFactory(Interface):
+    """
+    What the PROXY header reader needs of the factory it wraps: to hold a
+    place for a connection before its client is known, to give it back or
+    count a refusal, and to be told what is in progress, so that a drain
+    waits for connections whose header is still to come.
+    """
+
+    waiting = Attribute("The set of connections in progress, which a drain waits for.")
+
+    def reserve(peer: IAddress) -> bool:  # noqa: N805 (zope: no self)
+        """Hold a place under the limits for C{peer}'s connection, or refuse."""
+
+    def cancel() -> None:
+        """Give back a place L{reserve} held, for a connection never served."""
+
+    def refuse(reason: str, host: str | None) -> None:  # noqa: N805
+        """Count a connection refused for C{reason}."""
+
+    def done(connection: object) -> None:  # noqa: N805
+        """C{connection} (here: its header reader) is no longer in progress."""
+
+    def buildProtocol(addr: IAddress, reserved: bool = False):  # noqa: N805
+        """The protocol for the client the header names, its place held already."""
