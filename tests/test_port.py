@@ -31,7 +31,7 @@ from bench import cpus
 from bench import loadgen as load_generators
 from tcpgreet import _port as port
 from tcpgreet import greeting
-from tcpgreet.interfaces import IDirectFactory
+from tcpgreet.interfaces import IDirectFactory, IDirectTransport
 from tcpgreet.server import GreetFactory
 
 from .helpers import fetch, require_tool
@@ -196,7 +196,7 @@ class HandOverTests(TestCase):
 
 class DirectFactoryTests(TestCase):
     def test_the_greeting_factory_promises_what_a_direct_factory_must(self):
-        verifyObject(port.IDirectFactory, GreetFactory(greeting.from_text("hi")))
+        verifyObject(IDirectFactory, GreetFactory(greeting.from_text("hi")))
 
     def test_only_a_factory_that_provides_the_interface_is_served_directly(self):
         class Undeclared(Factory):
@@ -231,7 +231,7 @@ class DirectFactoryTests(TestCase):
         listening = port.GreetPort(0, HalfCloseFactory(), reactor=MemoryReactorClock())
         transport = port.DirectTransport(left, Protocol(), ("127.0.0.1", 1), listening)
         self.addCleanup(transport.getHandle().close)
-        for interface in (port.IDirectTransport, ITCPTransport, ITLSTransport, ISystemHandle,
+        for interface in (IDirectTransport, ITCPTransport, ITLSTransport, ISystemHandle,
                           IConsumer, IPushProducer, ILoggingContext):
             self.assertTrue(verifyObject(interface, transport), interface)
 
