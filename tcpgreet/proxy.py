@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
@@ -301,13 +302,11 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     noisy = False
     _tls: TLSMemoryBIOFactory | None = None
 
-    def __init__(self, wrappedFactory: IProxiedFactory, clock=None,
+    def __init__(self, wrappedFactory: IProxiedFactory, clock: IReactorTime,
                  trusted: TrustedProxies | None = None) -> None:
         if not IProxiedFactory.providedBy(wrappedFactory):
             raise TypeError(f"{wrappedFactory!r} does not provide IProxiedFactory")
         super().__init__(wrappedFactory)
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.clock = clock
         self.trusted = trusted
         self._drops = RateLimitedLog(
@@ -378,7 +377,7 @@ class ProxyHeaderEndpoint:
     C{trusted} proxies (L{None}: from anywhere).
     """
 
-    def __init__(self, wrapped: IStreamServerEndpoint, clock=None,
+    def __init__(self, wrapped: IStreamServerEndpoint, clock: IReactorTime,
                  trusted: TrustedProxies | None = None) -> None:
         self._wrapped = wrapped
         self._clock = clock

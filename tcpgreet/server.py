@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 
 from OpenSSL import SSL
 from twisted.internet import error
@@ -24,6 +23,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     INegotiated,
     IPullProducer,
+    IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -192,7 +192,7 @@ class GreetProtocol(Protocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
-        self.started = time.monotonic()
+        self.started = factory.seconds()
         if self.peer is None:
             self.peer = self.transport.getPeer()
         greeting = factory.greetingFor(self.peer)
@@ -289,7 +289,7 @@ class GreetFactory(Factory):
     def __init__(self, greeting: Greeting, quiet: bool = False,
                  limits: ConnectionLimits | None = None,
                  timeout: float = DEFAULT_TIMEOUT, clock: Clock | None = None,
-                 reactor=None) -> None:
+                 *, reactor: IReactorTime) -> None:
         self.greeting = greeting
         self.quiet = quiet
         self.limits = limits if limits is not None else ConnectionLimits()
@@ -300,6 +300,9 @@ class GreetFactory(Factory):
         self._idle: list[Deferred] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
+        # Bound once: every connection reads the clock twice, and a test's
+        # MemoryReactorClock drives the durations logged.
+        self.seconds = reactor.seconds
         self._rejections = RateLimitedLog(
             log, "refused {count} connection(s) in {interval:g} s by {limit} "
             "(latest from {peer})", clock=reactor)
@@ -390,7 +393,7 @@ class GreetFactory(Factory):
         the port (L{IDirectFactory}).
         """
         self.waiting.add(protocol)
-        protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
+        protocol._timer = self._reactor.callLater(self.timeout, protocol.cut, TIMEOUT)
 
     def done(self, connection) -> None:
         """
@@ -408,7 +411,7 @@ class GreetFactory(Factory):
     def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
         """Count, release and log one connection: the one line per connection."""
         stats = self.stats
-        duration = time.monotonic() - protocol.started
+        duration = self.seconds() - protocol.started
         self.limits.release(getattr(protocol.peer, "host", None))
         # Greeted: the FIN followed the whole greeting (a byte stream: the
         # common case, decided first), or, over TLS, the handshake was done
@@ -458,9 +461,3 @@ class GreetFactory(Factory):
                      peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol, tls),
                      length=protocol.length, duration_ms=round(duration * 1000, 3),
                      reason=why, tls=tls)
-
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            self._reactor = reactor
-        return self._reactor

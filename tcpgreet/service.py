@@ -12,7 +12,12 @@ import socket
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,6 +30,13 @@ from tcpgreet.startup import fail
 log = Logger()
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
+
+
+class IServiceReactor(IReactorTime, IReactorFromThreads):
+    """
+    What the greeting service needs of its reactor: timers (the drain's
+    deadline), and a way in from a signal handler (C{callFromThread}).
+    """
 
 
 def startup_format(workers: int = 1, proxied: bool = False) -> str:
@@ -93,7 +105,7 @@ class GreetService(service.Service):
 
     def __init__(self, factory: GreetFactory,
                  endpoints: list[tuple[str, IStreamServerEndpoint]],
-                 greeting_file: str | None = None, reactor=None,
+                 greeting_file: str | None = None, *, reactor: IServiceReactor,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, announce: bool = True) -> None:
         self.factory = factory
         self.announce = announce
@@ -217,7 +229,7 @@ class GreetService(service.Service):
         return result
 
     def _stopSignalled(self, signum, frame) -> None:
-        self._reactor_().callFromThread(self.signalledWhileStopping,
+        self._reactor.callFromThread(self.signalledWhileStopping,
                                         signal.Signals(signum).name)
 
     def signalledWhileStopping(self, name: str) -> None:
@@ -237,8 +249,7 @@ class GreetService(service.Service):
         log.info("draining {count} connection(s) for up to {timeout:g} s",
                  count=count, timeout=self.drain_timeout)
         idle = factory.whenIdle()
-        reactor = self._reactor_()
-        timer = reactor.callLater(self.drain_timeout, self._abortRemaining)
+        timer = self._reactor.callLater(self.drain_timeout, self._abortRemaining)
 
         def done(result):
             if timer.active():
@@ -255,16 +266,10 @@ class GreetService(service.Service):
         for protocol in remaining:
             protocol.cut(DRAIN)
 
-    def _reactor_(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            self._reactor = reactor
-        return self._reactor
-
     def _sighup(self, signum, frame) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
         # was doing; hand the work to the reactor instead of doing it here.
-        self._reactor_().callFromThread(self.reload)
+        self._reactor.callFromThread(self.reload)
 
     def reload(self) -> bool:
         """

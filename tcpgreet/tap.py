@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection
 from twisted.copyright import version as twisted_version
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -309,6 +309,8 @@ def makeService(options: Options, reactor=None) -> IService:
     service on the listening sockets it was handed.
     """
     if reactor is None:
+        # Where the program starts: the one place the server takes the
+        # global reactor, to pass it down to everything it builds.
         from twisted.internet import reactor
     top = (_supervisor if options["workers"] > 1 else _greeter)(options, reactor)
     if startup.daemonizing(getattr(options, "parent", None)):
@@ -378,12 +380,17 @@ class TwistdService(MetricsLast):
         self._twistd_options = getattr(options, "parent", None)
         self._reactor = reactor
 
-    def setServiceParent(self, parent) -> None:
-        if (self._twistd_options is not None and isinstance(parent, Componentized)
-                and parent.getComponent(ILogObserver) is None):
-            observer = logs.twistd_default(self._twistd_options, self._reactor)
-            if observer is not None:
-                parent.setComponent(ILogObserver, observer)
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        twistd_options = self._twistd_options
+        if twistd_options is not None:
+            if twistd_options.get("logger"):
+                # twistd builds that observer with no argument, next.
+                logs.serve_on(self._reactor)
+            elif (isinstance(parent, Componentized)
+                    and parent.getComponent(ILogObserver) is None):
+                observer = logs.twistd_default(twistd_options, self._reactor)
+                if observer is not None:
+                    parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
 
 

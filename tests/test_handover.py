@@ -160,7 +160,7 @@ class AdoptionTests(TestCase):
         self.addCleanup(listener.stopListening)
         ports = []
         for index, text in enumerate(["first", "second"]):
-            factory = GreetFactory(greeting.from_text(text), quiet=True)
+            factory = GreetFactory(greeting.from_text(text), quiet=True, reactor=reactor)
             fd = self.inherit(listener, index)
             endpoint = server_endpoint(InheritedReactor(reactor, fd),
                                        "tcp:0:interface=127.0.0.1")
@@ -191,7 +191,7 @@ class AdoptionTests(TestCase):
             endpoint = server_endpoint(InheritedReactor(reactor, self.inherit(listener, 0)),
                                        f"unix:{path}")
             workers.append((yield endpoint.listen(
-                GreetFactory(greeting.from_text(text), quiet=True))))
+                GreetFactory(greeting.from_text(text), quiet=True, reactor=reactor))))
         self.assertIsInstance(workers[0], SharedUNIXPort)
         yield workers[0].stopListening()
         # Neither the path, nor its mode, nor the socket went with it.
@@ -218,7 +218,8 @@ class AdoptionTests(TestCase):
         self.addCleanup(listener.stopListening)
         endpoint = server_endpoint(InheritedReactor(reactor, self.inherit(listener, 0)),
                                    description)
-        port = yield endpoint.listen(GreetFactory(greeting.from_text("tls"), quiet=True))
+        port = yield endpoint.listen(
+            GreetFactory(greeting.from_text("tls"), quiet=True, reactor=reactor))
         self.addCleanup(port.stopListening)
         self.assertEqual(port.getHost().port, listener.getHost().port)
         self.assertEqual(getattr(port, "_type", None), "TLS")

@@ -119,8 +119,9 @@ class DrainTests(SynchronousTestCase):
 class ReloadTests(SynchronousTestCase):
     def test_reload_swaps_the_greeting_or_keeps_it(self):
         path = temporary_file(self, b"one\n")
-        factory = GreetFactory(greeting.from_file(path), quiet=True)
-        service = GreetService(factory, [], greeting_file=path)
+        reactor = MemoryReactorClock()
+        factory = GreetFactory(greeting.from_file(path), quiet=True, reactor=reactor)
+        service = GreetService(factory, [], greeting_file=path, reactor=reactor)
         with open(path, "wb") as f:
             f.write(b"two\n")
         self.assertTrue(service.reload())
@@ -132,5 +133,6 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual((factory.stats.reloads, factory.stats.reload_failures), (1, 1))
 
     def test_reload_without_a_file_is_harmless(self):
-        factory = GreetFactory(greeting.from_text("x"), quiet=True)
-        self.assertFalse(GreetService(factory, []).reload())
+        reactor = MemoryReactorClock()
+        factory = GreetFactory(greeting.from_text("x"), quiet=True, reactor=reactor)
+        self.assertFalse(GreetService(factory, [], reactor=reactor).reload())

@@ -291,7 +291,7 @@ class WorkerSupervisor(GreetService):
     def _start(self, number: int) -> None:
         """Start worker C{number}; on failure, try again later."""
         self._restarting.pop(number, None)
-        reactor = self._reactor_()
+        reactor = self._reactor
         worker = Worker(number)
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with here, there:
@@ -328,7 +328,7 @@ class WorkerSupervisor(GreetService):
         return environment
 
     def _ready(self, worker: Worker) -> None:
-        worker.served_since = self._reactor_().seconds()
+        worker.served_since = self._reactor.seconds()
         log.info("worker {worker} (pid {pid}) ready", worker=worker.number, pid=worker.pid)
         self._standDown(worker.number)
         if worker.reload_pending:
@@ -349,7 +349,7 @@ class WorkerSupervisor(GreetService):
                 log.warn("worker {worker} (pid {pid}) {how} while stopping",
                          worker=worker.number, pid=worker.pid, how=how)
         else:
-            now = self._reactor_().seconds()
+            now = self._reactor.seconds()
             served = None if worker.served_since is None else now - worker.served_since
             delay = self._backoff[worker.number].delay(served)
             self.restarts += 1
@@ -372,7 +372,7 @@ class WorkerSupervisor(GreetService):
         """Accept from worker C{number}'s own sockets until it serves again."""
         if number in self._standIns:
             return
-        standIns = [StandIn(self._reactor_(), self.handOver, index,
+        standIns = [StandIn(self._reactor, self.handOver, index,
                             held.socket_for(number - 1), held.steered)
                     for index, held in enumerate(self.ports)
                     if isinstance(held, HeldListener) and not held.shared]
@@ -421,7 +421,7 @@ class WorkerSupervisor(GreetService):
     def _restartLater(self, number: int, delay: float) -> None:
         if self._shuttingDown:
             return
-        self._restarting[number] = self._reactor_().callLater(delay, self._start, number)
+        self._restarting[number] = self._reactor.callLater(delay, self._start, number)
 
     # -- signals -----------------------------------------------------------
 
@@ -462,7 +462,7 @@ class WorkerSupervisor(GreetService):
                  count=len(workers), timeout=self.drain_timeout)
         for worker in workers:
             worker.signal("TERM")
-        reactor = self._reactor_()
+        reactor = self._reactor
         deadline = self.drain_timeout + KILL_MARGIN
         killer = reactor.callLater(deadline, self._killRemaining, deadline)
 
@@ -495,7 +495,7 @@ class WorkerSupervisor(GreetService):
         """
         asked = []
         for worker in list(self.workers.values()):
-            answer = worker.channel.stats(STATS_TIMEOUT, self._reactor_())
+            answer = worker.channel.stats(STATS_TIMEOUT, self._reactor)
             asked.append(answer.addCallbacks(partial(self._answered, worker),
                                              lambda failure: None))
         return DeferredList(asked).addCallback(lambda _: self._sum())
