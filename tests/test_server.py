@@ -95,6 +95,21 @@ class LogTests(SynchronousTestCase):
         self.assertGreaterEqual(event["duration_ms"], 0)
         self.assertIsNone(event["reason"])
 
+    def test_the_duration_is_the_reactors_time(self):
+        # From connectionMade to connectionLost, as the reactor's clock
+        # tells it: a test's clock drives it, the wall clock does not.
+        log = CapturedLog(self)
+        clock = MemoryReactorClock()
+        clock.advance(1000)
+        factory = GreetFactory(greeting.from_text("hello"), reactor=clock)
+        protocol, transport = open_connection(factory)
+        clock.advance(1.25)
+        transport.flushed()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        [event] = log.events
+        self.assertEqual((event["outcome"], event["duration_ms"]), ("greeted", 1250.0))
+        self.assertEqual(factory.stats.durations.sum, 1.25)
+
     def test_a_lost_connection_is_logged_with_the_reason(self):
         log = CapturedLog(self)
         factory = GreetFactory(greeting.from_text("hello"), reactor=MemoryReactorClock())
