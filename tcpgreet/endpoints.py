@@ -162,7 +162,7 @@ class HeaderBeforeTLSReactor:
 
     def listenSSL(self, portNumber: int, factory: ProxyHeaderFactory, contextFactory,
                   backlog: int = 50, interface: str = ""):
-        factory.tlsAfterHeader(contextFactory)
+        factory.tls_after_header(contextFactory)
         return self._reactor.listenTCP(portNumber, factory, backlog, interface)
 
 

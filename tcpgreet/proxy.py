@@ -316,7 +316,7 @@ class ProxyHeaderFactory(policies.WrappingFactory):
             log, "refused {count} connection(s) in {interval:g} s from outside "
             "--trusted-proxy (latest from {peer})", clock=clock)
 
-    def tlsAfterHeader(self, contextFactory) -> None:
+    def tls_after_header(self, contextFactory) -> None:
         """
         Speak TLS, with C{contextFactory}'s certificate, once the header
         (which comes in clear) is read.
@@ -343,7 +343,7 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     def build(self, client: IAddress):
         """
         The wrapped factory's protocol for the client the header names
-        (inside TLS, with L{tlsAfterHeader}).
+        (inside TLS, with L{tls_after_header}).
         """
         protocol = self.wrappedFactory.buildProtocol(client, reserved=True)
         tls = self._tls

@@ -145,6 +145,27 @@ def peer_host_port(address: IAddress) -> tuple[str, int]:
     return name or "unix", 0
 
 
+def was_greeted(protocol: GreetProtocol, reason: Failure, tls: bool) -> bool:
+    """
+    Whether the connection of C{protocol}, which ended for C{reason}, got
+    its whole greeting: the FIN followed the whole greeting (a byte
+    stream), or, over TLS (C{tls}), the handshake was done and nothing of
+    the greeting was left unsent when the connection ended; many TLS
+    clients leave without close_notify, which Twisted reports as a lost
+    connection.
+    """
+    if protocol.write_done:
+        return True
+    if protocol.written != protocol.length or protocol.cut_short is not None:
+        return False
+    if tls and not protocol.handshook:
+        return False
+    if reason.check(error.ConnectionDone) is not None:
+        return True
+    return (protocol.closing and protocol.handshook
+            and not _unsent(getattr(protocol.transport, "transport", None)))
+
+
 @implementer(IPullProducer)
 class _ChunkedGreeting:
     """Write a long greeting one chunk per request of the transport."""
@@ -162,7 +183,7 @@ class _ChunkedGreeting:
         protocol.written = self._offset
         if self._offset >= len(self._greeting):
             protocol.transport.unregisterProducer()
-            protocol.greetingWritten()
+            protocol.greeting_written()
 
     def stopProducing(self) -> None:
         self._greeting = memoryview(b"")
@@ -183,11 +204,11 @@ class GreetProtocol(Protocol):
     written = 0
     length = 0
     heard = False
-    readDone = False
-    writeDone = False
+    read_done = False
+    write_done = False
     closing = False
     handshook = False
-    cutShort: str | None = None
+    cut_short: str | None = None
     _timer = None
 
     def connectionMade(self) -> None:
@@ -195,14 +216,14 @@ class GreetProtocol(Protocol):
         self.started = factory.seconds()
         if self.peer is None:
             self.peer = self.transport.getPeer()
-        greeting = factory.greetingFor(self.peer)
+        greeting = factory.greeting_for(self.peer)
         self.length = len(greeting)
         if self.length > CHUNK:
             _limit_send_buffer(self.transport)
         if self.length <= CHUNK or _is_byte_stream(self.transport):
             self.transport.write(greeting)
             self.written = self.length
-            self.greetingWritten()
+            self.greeting_written()
         else:
             self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
         if self.connected and self._timer is None and not _direct(self.transport):
@@ -212,7 +233,7 @@ class GreetProtocol(Protocol):
             # IDirectFactory.connectionWaiting, which set the timer).
             factory.connectionWaiting(self)
 
-    def greetingWritten(self) -> None:
+    def greeting_written(self) -> None:
         """Everything is handed to the transport: close our side after it."""
         # A transport that cannot half-close (TLS) closes outright.
         if _is_byte_stream(self.transport):
@@ -236,16 +257,16 @@ class GreetProtocol(Protocol):
         # connection was served within the accept pass).  Otherwise wait for
         # its EOF, briefly: a close that meets the client's bytes is answered
         # with a reset, and a reset can destroy a greeting not yet read.
-        self.writeDone = True
-        if self.readDone or (not self.heard and self._timer is None):
+        self.write_done = True
+        if self.read_done or (not self.heard and self._timer is None):
             self.transport.loseConnection()
         elif self._timer is not None and self._timer.active():
             self._timer.reset(min(LINGER, self.factory.timeout))
 
     def readConnectionLost(self) -> None:
         # The client has finished sending; its greeting may still be going.
-        self.readDone = True
-        if self.writeDone:
+        self.read_done = True
+        if self.write_done:
             self.transport.loseConnection()
 
     def cut(self, why: str) -> None:
@@ -256,17 +277,17 @@ class GreetProtocol(Protocol):
         """
         if not self.connected:
             return
-        if self.writeDone:
+        if self.write_done:
             self.transport.loseConnection()
         else:
-            self.cutShort = why
+            self.cut_short = why
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.factory.connectionFinished(self, reason)
+        self.factory.connection_finished(self, reason)
 
 
 @implementer(IDirectFactory, IProxiedFactory)
@@ -356,7 +377,7 @@ class GreetFactory(Factory):
         self.refuse(limit, host)
         self._rejections.note(key=limit, limit=f"--{limit}", peer=host or "unix")
 
-    def greetingFor(self, peer: IAddress) -> bytes:
+    def greeting_for(self, peer: IAddress) -> bytes:
         """
         The bytes to send to C{peer}.  The override point for a service that
         wants to choose its greeting by itself (like C{wire.QOTD.getQuote}).
@@ -378,7 +399,7 @@ class GreetFactory(Factory):
             return self._clock.utc_iso()
         return self._clock.hostname
 
-    def whenIdle(self) -> Deferred:
+    def when_idle(self) -> Deferred:
         """A Deferred that fires when no connection is in progress."""
         if not self.waiting:
             return succeed(None)
@@ -408,31 +429,23 @@ class GreetFactory(Factory):
                 for d in idle:
                     d.callback(None)
 
-    def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
+    def connection_finished(self, protocol: GreetProtocol, reason: Failure) -> None:
         """Count, release and log one connection: the one line per connection."""
         stats = self.stats
         duration = self.seconds() - protocol.started
         self.limits.release(getattr(protocol.peer, "host", None))
-        # Greeted: the FIN followed the whole greeting (a byte stream: the
-        # common case, decided first), or, over TLS, the handshake was done
-        # and nothing of the greeting was left unsent when the connection
-        # ended; many TLS clients leave without close_notify, which Twisted
-        # reports as a lost connection.
-        tls = False if protocol.writeDone else INegotiated.providedBy(protocol.transport)
-        if protocol.writeDone or (protocol.written == protocol.length and
-                                  protocol.cutShort is None and
-                                  (protocol.handshook or not tls) and
-                                  (reason.check(error.ConnectionDone) or
-                                   (protocol.closing and protocol.handshook and
-                                    not _unsent(getattr(protocol.transport, "transport", None))))):
+        # The common case first, without a call: a byte stream whose FIN
+        # followed the greeting (see was_greeted).
+        tls = False if protocol.write_done else INegotiated.providedBy(protocol.transport)
+        if protocol.write_done or was_greeted(protocol, reason, tls):
             outcome, why = "greeted", None
             stats.greeted += 1
             stats.bytes_sent += protocol.length
             stats.durations.observe(duration)
         else:
-            if protocol.cutShort is not None:
+            if protocol.cut_short is not None:
                 outcome = "aborted"
-                why = protocol.cutShort
+                why = protocol.cut_short
                 stats.count(stats.aborted, why)
             else:
                 outcome = "lost"
@@ -440,13 +453,13 @@ class GreetFactory(Factory):
                     reason.getErrorMessage()
                 stats.lost += 1
         if not self.quiet:
-            self._logFinished(protocol, outcome, why, duration, tls)
+            self._log_finished(protocol, outcome, why, duration, tls)
         if self.waiting:
             # Last, so that whoever waits for the connections to finish (a
-            # drain, see whenIdle) finds this one counted and logged.
+            # drain, see when_idle) finds this one counted and logged.
             self.done(protocol)
 
-    def _logFinished(self, protocol: GreetProtocol, outcome: str, why: str | None,
+    def _log_finished(self, protocol: GreetProtocol, outcome: str, why: str | None,
                      duration: float, tls: bool) -> None:
         host, port = peer_host_port(protocol.peer)
         if why is None:

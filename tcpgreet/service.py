@@ -122,7 +122,7 @@ class GreetService(service.Service):
         # before twistd drops privileges, as strports services do.
         super().privilegedStartService()
         self.descriptors = raise_descriptor_limit()
-        wanted = self.connectionsPerProcess()
+        wanted = self.connections_per_process()
         if self.announce and wanted + 64 > self.descriptors:
             log.warn("--max-connections {wanted} is more than the {limit} descriptors "
                      "this process may open can carry; raise the limit (ulimit -Hn, "
@@ -131,11 +131,11 @@ class GreetService(service.Service):
         self.ports = [listen(description, endpoint, self.factory)
                       for description, endpoint in self.endpoints]
 
-    def connectionsPerProcess(self) -> int:
+    def connections_per_process(self) -> int:
         """The most connections one process of this service holds open."""
         return self.factory.limits.max_connections
 
-    def adoptConnection(self, listener: int, fd: int) -> None:
+    def adopt_connection(self, listener: int, fd: int) -> None:
         """
         Serve the connection at C{fd} as one accepted by the port of
         listener C{listener} (its index in the endpoints): a worker's
@@ -156,14 +156,14 @@ class GreetService(service.Service):
         # must never die of it, whether or not it has a file to re-read.
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         if self.announce:
-            self.logStartup()
+            self.log_startup()
 
-    def logStartup(self) -> None:
+    def log_startup(self) -> None:
         """The start-up line: what listens where, the greeting, every limit."""
-        fields = self.startupFields()
+        fields = self.startup_fields()
         log.info(startup_format(proxied="trusted_proxies" in fields), **fields)
 
-    def startupFields(self) -> dict:
+    def startup_fields(self) -> dict:
         """The fields of the start-up line."""
         factory = self.factory
         limits = factory.limits
@@ -198,7 +198,7 @@ class GreetService(service.Service):
         # Until the drain is over, a second SIGTERM or SIGINT is only noted
         # (Twisted's handler would stop the stopping reactor again, and
         # raise), and SIGHUP still reloads rather than killing the process.
-        previous = {signum: signal.signal(signum, self._stopSignalled)
+        previous = {signum: signal.signal(signum, self._stop_signalled)
                     for signum in (signal.SIGTERM, signal.SIGINT)}
         # Every listener stops accepting now, in this same call, before any
         # of them has finished closing; a closing port serves its backlog
@@ -206,11 +206,11 @@ class GreetService(service.Service):
         ports, self.ports = self.ports, []
         closed = DeferredList([maybeDeferred(port.stopListening) for port in ports],
                               consumeErrors=True)
-        closed.addCallback(self._portsClosed, [description for description, _ in self.endpoints])
+        closed.addCallback(self._ports_closed, [description for description, _ in self.endpoints])
         closed.addCallback(lambda _: self.drain())
-        return closed.addBoth(self._restoreSignals, previous)
+        return closed.addBoth(self._restore_signals, previous)
 
-    def _portsClosed(self, results: list, descriptions: list[str]) -> None:
+    def _ports_closed(self, results: list, descriptions: list[str]) -> None:
         """
         Say now which listener failed to stop (not later, as an unhandled
         error, when its Deferred is collected); the drain goes on regardless.
@@ -220,7 +220,7 @@ class GreetService(service.Service):
                 log.failure("cannot stop listening on {listener!r}", result,
                             listener=description)
 
-    def _restoreSignals(self, result, previous: dict):
+    def _restore_signals(self, result, previous: dict):
         if self._previous_sighup is not None:
             previous[signal.SIGHUP] = self._previous_sighup
             self._previous_sighup = None
@@ -228,11 +228,11 @@ class GreetService(service.Service):
             signal.signal(signum, handler)
         return result
 
-    def _stopSignalled(self, signum, frame) -> None:
-        self._reactor.callFromThread(self.signalledWhileStopping,
+    def _stop_signalled(self, signum, frame) -> None:
+        self._reactor.callFromThread(self.signalled_while_stopping,
                                         signal.Signals(signum).name)
 
-    def signalledWhileStopping(self, name: str) -> None:
+    def signalled_while_stopping(self, name: str) -> None:
         """Say what a stop signal that came during the drain waits for."""
         log.info("{signal} while stopping: still draining {count} connection(s)",
                  signal=name, count=len(self.factory.waiting))
@@ -248,8 +248,8 @@ class GreetService(service.Service):
         count = len(factory.waiting)
         log.info("draining {count} connection(s) for up to {timeout:g} s",
                  count=count, timeout=self.drain_timeout)
-        idle = factory.whenIdle()
-        timer = self._reactor.callLater(self.drain_timeout, self._abortRemaining)
+        idle = factory.when_idle()
+        timer = self._reactor.callLater(self.drain_timeout, self._abort_remaining)
 
         def done(result):
             if timer.active():
@@ -259,7 +259,7 @@ class GreetService(service.Service):
 
         return idle.addCallback(done)
 
-    def _abortRemaining(self) -> None:
+    def _abort_remaining(self) -> None:
         remaining = list(self.factory.waiting)
         log.warn("drain timeout: aborting {count} connection(s) still in progress",
                  count=len(remaining))

@@ -37,7 +37,7 @@ from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService
 from tcpgreet.startup import fail
 from tcpgreet.workers.arguments import WorkerRole, worker_arguments
 from tcpgreet.workers.control import ControlService
-from tcpgreet.workers.handover import HoldingReactor, InheritedReactor
+from tcpgreet.workers.handover import InheritedReactor, WorkerSocketBinder
 from tcpgreet.workers.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
         self["workers"] = 1
         self.greeting: greeting.Greeting | None = None
-        self.defaultListen = False
+        self.listen_is_default = False
         # A worker's role, set by tcpgreet.workers.__main__ in the worker processes of
         # --workers, never from the command line.
         self.worker: WorkerRole | None = None
@@ -259,7 +259,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = default_listen(DEFAULT_PORT)
-            self.defaultListen = True
+            self.listen_is_default = True
         if self["workers"] > self["max-connections"]:
             raise usage.UsageError(
                 f"--workers {self['workers']} is more than --max-connections "
@@ -350,7 +350,7 @@ def listeners(options: Options) -> list[Listener]:
     none given the default (L{default_listen}), its IPv6 half IPv6-only;
     on a machine without IPv6, its IPv4 half alone, as the log says.
     """
-    if not options.defaultListen:
+    if not options.listen_is_default:
         return [Listener(description) for description in options["listen"]]
     ipv4, ipv6 = options["listen"]
     missing = ipv6_unavailable()
@@ -423,7 +423,7 @@ def _supervisor(options: Options, reactor) -> IService:
     per_address = bool(options["max-per-ip"] or options["rate-per-ip"])
     wanted = listeners(options)
     endpoints = _endpoints(options, wanted, [
-        HoldingReactor(reactor, count, steer=per_address and not proxied(listener.description),
+        WorkerSocketBinder(reactor, count, steer=per_address and not proxied(listener.description),
                        ipv6_only=listener.ipv6_only)
         for listener in wanted])
     supervisor = WorkerSupervisor(
@@ -436,7 +436,7 @@ def _supervisor(options: Options, reactor) -> IService:
     if options["metrics"] is not None:
         served = _metrics_service(
             options["metrics"], reactor, lambda: supervisor.totals,
-            lambda: {"open": supervisor.openConnections, "listeners": len(supervisor.ports),
+            lambda: {"open": supervisor.open_connections, "listeners": len(supervisor.ports),
                      "workers": len(supervisor.workers),
                      "worker_restarts": supervisor.restarts},
             refresh=supervisor.gather)

@@ -21,9 +21,9 @@ from tcpgreet.endpoints import server_endpoint
 from tcpgreet.server import GreetFactory
 from tcpgreet.workers.handover import (
     HeldListener,
-    HoldingReactor,
     InheritedReactor,
     SharedUNIXPort,
+    WorkerSocketBinder,
     bind_unix,
     handover,
     systemd_name,
@@ -34,7 +34,7 @@ from . import tls
 
 def held(description, workers=2, steer=False):
     """Listen on C{description} as a supervisor of C{workers} would."""
-    endpoint = server_endpoint(HoldingReactor(reactor, workers, steer), description)
+    endpoint = server_endpoint(WorkerSocketBinder(reactor, workers, steer), description)
     results = []
     factory = GreetFactory(greeting.from_text("x"), quiet=True, reactor=reactor)
     endpoint.listen(factory).addBoth(results.append)
@@ -102,7 +102,7 @@ class HoldingTests(SynchronousTestCase):
         with socket.socket() as inherited:
             inherited.bind(("127.0.0.1", 0))
             inherited.listen()
-            listener = HoldingReactor(reactor, 2, False).adoptStreamPort(
+            listener = WorkerSocketBinder(reactor, 2, False).adoptStreamPort(
                 inherited.fileno(), socket.AF_INET, Factory())
             self.addCleanup(listener.stopListening)
             self.assertEqual(listener.systemd_fd, inherited.fileno())

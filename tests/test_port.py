@@ -79,7 +79,7 @@ class DirectPathTests(TestCase):
         self.listening.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
         data = yield threads.deferToThread(blocking_fetch, address, b"x" * 100000)
         self.assertEqual(data, b"hello\r\n")
-        yield factory.whenIdle()
+        yield factory.when_idle()
         self.assertEqual(CountingServer.created, 1)
         self.assertEqual(factory.stats.greeted, 1)
 
@@ -90,7 +90,7 @@ class DirectPathTests(TestCase):
         data = yield threads.deferToThread(blocking_fetch, address, b"", 4096)
         self.assertEqual(data, text.encode() + b"\r\n")
         self.assertEqual(CountingServer.created, 1)
-        yield factory.whenIdle()
+        yield factory.when_idle()
         self.assertEqual(factory.stats.greeted, 1)
 
 
@@ -243,13 +243,13 @@ class BrokenGreeting(TestCase):
         factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=reactor)
         calls = []
 
-        def greetingFor(peer):
+        def greeting_for(peer):
             calls.append(peer)
             if len(calls) == 1:
                 raise RuntimeError("broken")
             return b"hi\r\n"
 
-        factory.greetingFor = greetingFor
+        factory.greeting_for = greeting_for
         listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         address = ("127.0.0.1", listening.getHost().port)

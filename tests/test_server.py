@@ -14,7 +14,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcpgreet import greeting
 from tcpgreet.greeting import Clock
 from tcpgreet.limits import ConnectionLimits
-from tcpgreet.server import CHUNK, LINGER, GreetFactory, GreetProtocol, peer_host_port
+from tcpgreet.server import (
+    CHUNK,
+    LINGER,
+    GreetFactory,
+    GreetProtocol,
+    peer_host_port,
+    was_greeted,
+)
 
 from .certificates import make_certificate
 
@@ -416,7 +423,7 @@ class StatsTests(SynchronousTestCase):
         protocol, transport = open_connection(factory)
         transport.flushed()
         seen = []
-        factory.whenIdle().addCallback(
+        factory.when_idle().addCallback(
             lambda _: seen.append((factory.stats.greeted, len(log.events))))
         finish(protocol)
         self.assertEqual(seen, [(1, 1)])
@@ -431,3 +438,29 @@ class StatsTests(SynchronousTestCase):
         stats = factory.stats
         self.assertEqual((stats.accepted, stats.greeted, stats.bytes_sent), (3, 3, 21))
         self.assertEqual(stats.durations.count, 3)
+
+
+class WasGreetedTests(SynchronousTestCase):
+    """The one test of whether a connection got its greeting."""
+
+    def protocol(self, **state):
+        protocol = GreetProtocol()
+        protocol.length = protocol.written = 5
+        for name, value in state.items():
+            setattr(protocol, name, value)
+        return protocol
+
+    def test_a_fin_after_the_greeting(self):
+        lost = Failure(error.ConnectionLost())
+        self.assertTrue(was_greeted(self.protocol(write_done=True), lost, tls=False))
+
+    def test_everything_written_and_a_clean_close(self):
+        done = Failure(error.ConnectionDone())
+        self.assertTrue(was_greeted(self.protocol(), done, tls=False))
+        self.assertFalse(was_greeted(self.protocol(written=4), done, tls=False))
+        self.assertFalse(was_greeted(self.protocol(cut_short="timeout"), done, tls=False))
+
+    def test_over_tls_only_after_the_handshake(self):
+        done = Failure(error.ConnectionDone())
+        self.assertFalse(was_greeted(self.protocol(), done, tls=True))
+        self.assertTrue(was_greeted(self.protocol(handshook=True), done, tls=True))

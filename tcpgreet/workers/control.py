@@ -204,7 +204,7 @@ class ControlService(service.Service):
 
     def _adopt(self, listener: int, connection: int) -> None:
         # The greeting service beside this one serves it (tcpgreet.tap).
-        self.parent.getServiceNamed("greeter").adoptConnection(listener, connection)
+        self.parent.getServiceNamed("greeter").adopt_connection(listener, connection)
 
     def _supervisorGone(self) -> None:
         if self._stopping:

@@ -236,7 +236,7 @@ class WorkerSupervisor(GreetService):
     A greeting service whose connections are served by worker processes.
 
     It listens as L{GreetService} does, on endpoints whose listening only
-    binds (L{tcpgreet.workers.handover.HoldingReactor}); its drain is the workers'
+    binds (L{tcpgreet.workers.handover.WorkerSocketBinder}); its drain is the workers'
     drain, its reload theirs.  Its factory describes what each worker runs
     and serves no connection itself.
 
@@ -244,7 +244,7 @@ class WorkerSupervisor(GreetService):
     @ivar restarts: how many times a worker was restarted.
     @ivar totals: the counters of every worker, past ones included, as of
         the last L{gather}.
-    @ivar openConnections: connections open in all workers, as of then.
+    @ivar open_connections: connections open in all workers, as of then.
     """
 
     name = "supervisor"
@@ -262,7 +262,7 @@ class WorkerSupervisor(GreetService):
         self.workers: dict[int, Worker] = {}
         self.restarts = 0
         self.totals = Stats()
-        self.openConnections = 0
+        self.open_connections = 0
         self._retired = Stats()
         self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
         self._restarting: dict[int, IDelayedCall] = {}  # by worker number
@@ -280,12 +280,12 @@ class WorkerSupervisor(GreetService):
         for number in range(1, self.count + 1):
             self._start(number)
 
-    def logStartup(self) -> None:
-        fields = self.startupFields()
+    def log_startup(self) -> None:
+        fields = self.startup_fields()
         log.info(startup_format(self.count, proxied="trusted_proxies" in fields), **fields,
-                 workers=self.count, per_worker=self.connectionsPerProcess())
+                 workers=self.count, per_worker=self.connections_per_process())
 
-    def connectionsPerProcess(self) -> int:
+    def connections_per_process(self) -> int:
         return per_worker(self.factory.limits.max_connections, self.count)
 
     def _start(self, number: int) -> None:
@@ -474,7 +474,7 @@ class WorkerSupervisor(GreetService):
 
         return DeferredList([worker.ended for worker in workers]).addCallback(stopped)
 
-    def signalledWhileStopping(self, name: str) -> None:
+    def signalled_while_stopping(self, name: str) -> None:
         log.info("{signal} while stopping: still waiting for {count} worker(s)",
                  signal=name, count=len(self.workers))
 
@@ -489,7 +489,7 @@ class WorkerSupervisor(GreetService):
     def gather(self) -> Deferred:
         """
         Ask every worker for its counters and update L{totals} and
-        L{openConnections}.  A worker that does not answer within
+        L{open_connections}.  A worker that does not answer within
         L{STATS_TIMEOUT} counts with what it said last; the last word of a
         worker that exited stays in the totals, so no counter goes back.
         """
@@ -507,4 +507,4 @@ class WorkerSupervisor(GreetService):
     def _sum(self) -> None:
         workers = list(self.workers.values())
         self.totals = total([self._retired, *(worker.stats for worker in workers)])
-        self.openConnections = sum(worker.open for worker in workers)
+        self.open_connections = sum(worker.open for worker in workers)
