@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import IO
+from typing import IO, cast
 
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatEvent
@@ -70,15 +70,15 @@ class FastLogger(Logger):
             return super().emit(level, format, **kwargs)
         kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
                       log_source=self.source, log_format=format, log_time=time.time())
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))
+        if "log_trace" in kwargs:  # a list, as Twisted's Logger.trace makes it
+            cast(list, kwargs["log_trace"]).append((self, self.observer))
         self.observer(kwargs)
 
     def info(self, format: str | None = None, **kwargs: object) -> None:
         kwargs.update(log_logger=self, log_level=LogLevel.info, log_namespace=self.namespace,
                       log_source=self.source, log_format=format, log_time=time.time())
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))
+        if "log_trace" in kwargs:  # a list, as Twisted's Logger.trace makes it
+            cast(list, kwargs["log_trace"]).append((self, self.observer))
         self.observer(kwargs)
 
 
@@ -153,7 +153,7 @@ class _SecondCache:
     def __init__(self, render: Callable[[int], str], to_microseconds: bool = False) -> None:
         self._render = render
         self._to_microseconds = to_microseconds
-        self._second = None
+        self._second: int | None = None
         self._text = ""
 
     def __call__(self, when: float) -> str:

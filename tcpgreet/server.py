@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from typing import TYPE_CHECKING
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     INegotiated,
     IPullProducer,
     IReactorTime,
+    ITCPTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -72,7 +78,7 @@ TIMEOUT = "timeout"
 DRAIN = "drain"
 
 
-def _is_byte_stream(transport) -> bool:
+def _is_byte_stream(transport: ITransport) -> bool:
     """
     Whether C{transport} is a plain byte stream (TCP, UNIX) that can
     half-close and sends what it is given without copying it.  Look on the
@@ -82,7 +88,7 @@ def _is_byte_stream(transport) -> bool:
     return hasattr(type(transport), "loseWriteConnection")
 
 
-def _limit_send_buffer(transport) -> None:
+def _limit_send_buffer(transport: ITransport) -> None:
     handle = getattr(transport, "getHandle", None)
     skt = handle() if handle is not None else None
     if isinstance(skt, socket.socket):
@@ -90,12 +96,13 @@ def _limit_send_buffer(transport) -> None:
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LONG_GREETING_SEND_BUFFER)
 
 
-def _unsent(transport) -> int | None:
+def _unsent(transport: object) -> int | None:
     """What a reactor transport still held (L{None}: cannot tell)."""
     held = getattr(transport, "dataBuffer", None)
     if held is None:
         return None
-    return len(held) - transport.offset + getattr(transport, "_tempDataLen", 0)
+    offset: int = getattr(transport, "offset", 0)
+    return len(held) - offset + getattr(transport, "_tempDataLen", 0)
 
 
 def _bytes_out(protocol: GreetProtocol, tls: bool) -> int:
@@ -119,7 +126,9 @@ def tls_reason(reason: Failure, handshook: bool) -> str:
     (C{tlsv1 alert unknown ca}, C{http request}) rather than the list of
     tuples an C{SSL.Error} prints as, and whether the handshake failed.
     """
-    details = reason.value.args[0] if reason.check(SSL.Error) and reason.value.args else None
+    value = reason.value
+    details = value.args[0] if reason.check(SSL.Error) and value is not None and value.args \
+        else None
     reasons = [entry[-1] for entry in details if isinstance(entry, tuple) and entry[-1]] \
         if isinstance(details, list) else []
     why = ", ".join(dict.fromkeys(reasons)) or reason.getErrorMessage()
@@ -131,14 +140,15 @@ def tls_reason(reason: Failure, handshook: bool) -> str:
     return f"TLS error: {why}" if reason.check(SSL.Error) else why
 
 
-def peer_host_port(address: IAddress) -> tuple[str, int]:
+def peer_host_port(address: IAddress | None) -> tuple[str, int]:
     """
     The host and port of an address, for templates and logs.  A UNIX socket
     peer has no port; its name (usually empty) stands for the host.
     """
-    host = getattr(address, "host", None)
+    host: str | None = getattr(address, "host", None)
     if host is not None:
-        return host, address.port
+        port: int = getattr(address, "port", 0)
+        return host, port
     name = getattr(address, "name", None)
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
@@ -189,6 +199,25 @@ class _ChunkedGreeting:
         self._greeting = memoryview(b"")
 
 
+class InProgress(TypingProtocol):
+    """
+    A connection a drain waits for, and may cut short: a L{GreetProtocol},
+    or the PROXY header reader of one (L{tcpgreet.proxy}).
+    """
+
+    def cut(self, why: str) -> None:
+        """End the connection now, for C{why} (L{TIMEOUT}, L{DRAIN})."""
+
+
+class IGreetTransport(ITCPTransport, IConsumer):
+    """
+    A connection's transport as L{GreetProtocol} uses it: a TCP one, which
+    takes a producer for a long greeting.  A UNIX or TLS transport offers
+    the same but for half-closing, which the protocol asks of the class
+    first (L{_is_byte_stream}).
+    """
+
+
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
 class GreetProtocol(Protocol):
     """
@@ -199,6 +228,9 @@ class GreetProtocol(Protocol):
     @ivar written: greeting bytes handed to the transport so far.
     """
 
+    factory: GreetFactory
+    # Set by makeConnection before any method here runs.
+    transport: IGreetTransport
     peer: IAddress | None = None
     started = 0.0
     written = 0
@@ -209,7 +241,7 @@ class GreetProtocol(Protocol):
     closing = False
     handshook = False
     cut_short: str | None = None
-    _timer = None
+    _timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -290,8 +322,16 @@ class GreetProtocol(Protocol):
         self.factory.connection_finished(self, reason)
 
 
+if TYPE_CHECKING:
+    # Twisted's Factory is generic in its annotations; at run time, only
+    # in releases newer than the oldest tcpgreet supports.
+    _Factory = Factory[GreetProtocol]
+else:
+    _Factory = Factory
+
+
 @implementer(IDirectFactory, IProxiedFactory)
-class GreetFactory(Factory):
+class GreetFactory(_Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,
     limits, counters, and the connections still in progress.
@@ -317,8 +357,8 @@ class GreetFactory(Factory):
         self.timeout = timeout
         self.connections = 0
         self.stats = Stats()
-        self.waiting: set = set()
-        self._idle: list[Deferred] = []
+        self.waiting: set[InProgress] = set()
+        self._idle: list[Deferred[None]] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
         # Bound once: every connection reads the clock twice, and a test's
@@ -328,7 +368,8 @@ class GreetFactory(Factory):
             log, "refused {count} connection(s) in {interval:g} s by {limit} "
             "(latest from {peer})", clock=reactor)
 
-    def buildProtocol(self, addr: IAddress, reserved: bool = False) -> GreetProtocol | None:
+    def buildProtocol(self, addr: IAddress | None,
+                      reserved: bool = False) -> GreetProtocol | None:
         """
         A protocol for a connection from C{addr}, or L{None} if a limit
         refuses it.  C{reserved}: the connection already holds its place
@@ -399,11 +440,11 @@ class GreetFactory(Factory):
             return self._clock.utc_iso()
         return self._clock.hostname
 
-    def when_idle(self) -> Deferred:
+    def when_idle(self) -> Deferred[None]:
         """A Deferred that fires when no connection is in progress."""
         if not self.waiting:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._idle.append(d)
         return d
 
@@ -416,7 +457,7 @@ class GreetFactory(Factory):
         self.waiting.add(protocol)
         protocol._timer = self._reactor.callLater(self.timeout, protocol.cut, TIMEOUT)
 
-    def done(self, connection) -> None:
+    def done(self, connection: object) -> None:
         """
         C{connection} (a protocol or a wrapper of one) is no longer in
         progress; a drain waiting for the last one is told.
@@ -460,7 +501,7 @@ class GreetFactory(Factory):
             self.done(protocol)
 
     def _log_finished(self, protocol: GreetProtocol, outcome: str, why: str | None,
-                     duration: float, tls: bool) -> None:
+                      duration: float, tls: bool) -> None:
         host, port = peer_host_port(protocol.peer)
         if why is None:
             log.info(_GREETED_TLS if tls else _GREETED,

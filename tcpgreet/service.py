@@ -9,11 +9,16 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IListeningPort,
+    IProtocolFactory,
     IReactorFromThreads,
     IReactorTime,
     IStreamServerEndpoint,
@@ -28,6 +33,9 @@ from tcpgreet.server import DRAIN, GreetFactory
 from tcpgreet.startup import fail
 
 log = Logger()
+
+# What signal.signal returns and takes.
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
 
@@ -58,12 +66,13 @@ def startup_format(workers: int = 1, proxied: bool = False) -> str:
             "{descriptors} descriptors")
 
 
-def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListeningPort:
+def listen(description: str, endpoint: IStreamServerEndpoint,
+           factory: IProtocolFactory) -> IListeningPort:
     """
     Listen on C{endpoint} now, or end the process with one line naming
     C{description} and the reason.
     """
-    outcome: list = []
+    outcome: list[IListeningPort | Failure] = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - no built-in endpoint does this
         raise fail(f"cannot listen on {description!r}: the endpoint did not start at once")
@@ -115,7 +124,7 @@ class GreetService(service.Service):
         self.ports: list[IListeningPort] = []
         self.descriptors: int | None = None
         self._reactor = reactor
-        self._previous_sighup = None
+        self._previous_sighup: _Handler = None
 
     def privilegedStartService(self) -> None:
         # Listening happens here so that a privileged port can be bound
@@ -163,7 +172,7 @@ class GreetService(service.Service):
         fields = self.startup_fields()
         log.info(startup_format(proxied="trusted_proxies" in fields), **fields)
 
-    def startup_fields(self) -> dict:
+    def startup_fields(self) -> dict[str, object]:
         """The fields of the start-up line."""
         factory = self.factory
         limits = factory.limits
@@ -193,34 +202,37 @@ class GreetService(service.Service):
             **trust,
         }
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         # Until the drain is over, a second SIGTERM or SIGINT is only noted
         # (Twisted's handler would stop the stopping reactor again, and
         # raise), and SIGHUP still reloads rather than killing the process.
-        previous = {signum: signal.signal(signum, self._stop_signalled)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous: dict[int, _Handler] = {
+            signum: signal.signal(signum, self._stop_signalled)
+            for signum in (signal.SIGTERM, signal.SIGINT)}
         # Every listener stops accepting now, in this same call, before any
         # of them has finished closing; a closing port serves its backlog
         # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
         closed = DeferredList([maybeDeferred(port.stopListening) for port in ports],
                               consumeErrors=True)
-        closed.addCallback(self._ports_closed, [description for description, _ in self.endpoints])
-        closed.addCallback(lambda _: self.drain())
-        return closed.addBoth(self._restore_signals, previous)
+        drained = closed.addCallback(
+            self._ports_closed, [description for description, _ in self.endpoints]
+        ).addCallback(lambda _: self.drain())
+        return drained.addBoth(self._restore_signals, previous)
 
-    def _ports_closed(self, results: list, descriptions: list[str]) -> None:
+    def _ports_closed(self, results: Sequence[tuple[bool, object]],
+                      descriptions: list[str]) -> None:
         """
         Say now which listener failed to stop (not later, as an unhandled
         error, when its Deferred is collected); the drain goes on regardless.
         """
         for description, (stopped, result) in zip(descriptions, results, strict=False):
-            if not stopped:
+            if not stopped and isinstance(result, Failure):
                 log.failure("cannot stop listening on {listener!r}", result,
                             listener=description)
 
-    def _restore_signals(self, result, previous: dict):
+    def _restore_signals(self, result: object, previous: dict[int, _Handler]) -> object:
         if self._previous_sighup is not None:
             previous[signal.SIGHUP] = self._previous_sighup
             self._previous_sighup = None
@@ -228,16 +240,16 @@ class GreetService(service.Service):
             signal.signal(signum, handler)
         return result
 
-    def _stop_signalled(self, signum, frame) -> None:
+    def _stop_signalled(self, signum: int, frame: FrameType | None) -> None:
         self._reactor.callFromThread(self.signalled_while_stopping,
-                                        signal.Signals(signum).name)
+                                     signal.Signals(signum).name)
 
     def signalled_while_stopping(self, name: str) -> None:
         """Say what a stop signal that came during the drain waits for."""
         log.info("{signal} while stopping: still draining {count} connection(s)",
                  signal=name, count=len(self.factory.waiting))
 
-    def drain(self) -> Deferred:
+    def drain(self) -> Deferred[None]:
         """
         Let the greetings in progress finish; abort what is left after
         C{drain_timeout} seconds.
@@ -251,7 +263,7 @@ class GreetService(service.Service):
         idle = factory.when_idle()
         timer = self._reactor.callLater(self.drain_timeout, self._abort_remaining)
 
-        def done(result):
+        def done(result: None) -> None:
             if timer.active():
                 timer.cancel()
                 log.info("drained {count} connection(s)", count=count)
@@ -266,7 +278,7 @@ class GreetService(service.Service):
         for protocol in remaining:
             protocol.cut(DRAIN)
 
-    def _sighup(self, signum, frame) -> None:
+    def _sighup(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
         # was doing; hand the work to the reactor instead of doing it here.
         self._reactor.callFromThread(self.reload)
@@ -323,7 +335,7 @@ def _listening_at(port: IListeningPort) -> str:
 def listening_address(port: IListeningPort) -> str:
     """Where C{port} listens, as a log line shows it: C{host:port}, C{[v6]:port}, a path."""
     host = port.getHost()
-    if hasattr(host, "port"):
+    if isinstance(host, IPv4Address | IPv6Address):
         return f"{host.host}:{host.port}" if ":" not in host.host else \
             f"[{host.host}]:{host.port}"
     name = getattr(host, "name", host)
