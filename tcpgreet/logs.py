@@ -33,9 +33,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, cast
+from typing import IO, Any, Protocol, cast
 
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatEvent
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
@@ -45,6 +50,17 @@ from zope.interface import implementer
 BATCH_LIMIT = 65536
 
 _LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class Scheduler(Protocol):
+    """
+    What a L{RateLimitedLog} needs of its clock: C{IReactorTime}'s
+    C{callLater}.  A protocol, so that a facade in front of the reactor
+    (which passes calls through) serves as well as the reactor itself.
+    """
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object,
+                  **kw: object) -> IDelayedCall: ...
 
 
 class IObserverReactor(IReactorCore, IReactorTime, IReactorFromThreads):
@@ -95,7 +111,7 @@ class RateLimitedLog:
     """
 
     def __init__(self, logger: Logger, format: str, interval: float = 1.0,
-                 level: LogLevel = LogLevel.warn, *, clock: IReactorTime,
+                 level: LogLevel = LogLevel.warn, *, clock: Scheduler,
                  sums: tuple[str, ...] = ()) -> None:
         self._log = logger
         self._format = format

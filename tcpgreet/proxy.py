@@ -56,7 +56,7 @@ from tcpgreet.interfaces import IProxiedFactory
 
 if TYPE_CHECKING:
     from twisted.protocols.haproxy._info import ProxyInfo
-from tcpgreet.logs import RateLimitedLog
+from tcpgreet.logs import RateLimitedLog, Scheduler
 
 log = Logger()
 
@@ -325,7 +325,7 @@ class ProxyHeaderFactory(policies.WrappingFactory):
 
     wrappedFactory: IProxiedFactory
 
-    def __init__(self, wrappedFactory: IProxiedFactory, clock: IReactorTime,
+    def __init__(self, wrappedFactory: IProxiedFactory, clock: Scheduler,
                  trusted: TrustedProxies | None = None) -> None:
         if not IProxiedFactory.providedBy(wrappedFactory):
             raise TypeError(f"{wrappedFactory!r} does not provide IProxiedFactory")
@@ -344,9 +344,10 @@ class ProxyHeaderFactory(policies.WrappingFactory):
         Speak TLS, with C{contextFactory}'s certificate, once the header
         (which comes in clear) is read.
         """
+        # TLS asks only callLater of its clock.
         self._tls = TLSMemoryBIOFactory(contextFactory, False,
                                         cast(IProtocolFactory, self.wrappedFactory),
-                                        clock=self.clock)
+                                        clock=cast(IReactorTime, self.clock))
 
     # None refuses a connection, as IProtocolFactory allows and the
     # WrappingFactory annotations do not; and a listening port always
@@ -405,7 +406,7 @@ class ProxyHeaderEndpoint:
     C{trusted} proxies (L{None}: from anywhere).
     """
 
-    def __init__(self, wrapped: IStreamServerEndpoint, clock: IReactorTime,
+    def __init__(self, wrapped: IStreamServerEndpoint, clock: Scheduler,
                  trusted: TrustedProxies | None = None) -> None:
         self._wrapped = wrapped
         self._clock = clock
