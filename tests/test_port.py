@@ -209,7 +209,7 @@ class DirectFactoryTests(TestCase):
                         GreetFactory(greeting.from_text("hi"), reactor=reactor)):
             listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
             self.addCleanup(listening.stopListening)
-            served.append((listening._direct, listening._acceptedSocket))
+            served.append((listening._direct, listening._accepted_socket))
         self.assertEqual(served, [(False, socket.socket), (True, _socket.socket),
                                   (True, _socket.socket)])
 
@@ -431,7 +431,7 @@ def port_on(listening_socket):
     listening = port.GreetPort(0, factory, interface="::", reactor=clock)
     listening.socket = listening_socket
     listening.fileno = listening_socket.fileno
-    listening._socketKind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
+    listening._socket_kind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
     listening._direct = True
     listening.connected = True
     listening.numberAccepts = 100

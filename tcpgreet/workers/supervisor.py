@@ -157,7 +157,7 @@ class WorkerProcess(ProcessProtocol):
 
     def _relay(self, childFD: int, lines) -> None:
         # Standard output carries JSON events, standard error plain text.
-        emit = self.relay.jsonLine if childFD == 1 else self.relay.textLine
+        emit = self.relay.json_line if childFD == 1 else self.relay.text_line
         for line in lines:
             emit(line)
 
@@ -182,10 +182,10 @@ class StandIn:
     @ivar handed: connections handed to a live worker so far.
     """
 
-    def __init__(self, reactor, handOver: Callable[[StandIn, socket.socket, tuple], None],
+    def __init__(self, reactor, hand_over: Callable[[StandIn, socket.socket, tuple], None],
                  listener: int, skt: socket.socket, steered: bool) -> None:
         self._reactor = reactor
-        self._handOver = handOver
+        self._hand_over = hand_over
         self.listener = listener
         self._socket = skt
         self.steered = steered
@@ -228,7 +228,7 @@ class StandIn:
                 self._reactor.removeReader(self)
                 self._paused = self._reactor.callLater(STAND_IN_PAUSE, self.start)
                 return
-            self._handOver(self, socket.socket(fileno=fd), address)
+            self._hand_over(self, socket.socket(fileno=fd), address)
 
 
 class WorkerSupervisor(GreetService):
@@ -266,10 +266,10 @@ class WorkerSupervisor(GreetService):
         self._retired = Stats()
         self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
         self._restarting: dict[int, IDelayedCall] = {}  # by worker number
-        self._standIns: dict[int, list[StandIn]] = {}  # by number, for workers down
+        self._stand_ins: dict[int, list[StandIn]] = {}  # by number, for workers down
         self._unsteered = 0  # the next live worker an unsteered connection goes to
-        self._shuttingDown = False
-        self._nobodyServes = RateLimitedLog(
+        self._shutting_down = False
+        self._nobody_serves = RateLimitedLog(
             log, "closed {count} connection(s) in the last {interval:g} s: "
             "no worker is serving", level=LogLevel.error, clock=reactor)
 
@@ -310,7 +310,7 @@ class WorkerSupervisor(GreetService):
             except OSError as e:  # fork failed: out of memory or processes
                 log.error("cannot start worker {worker}: {error}", worker=number,
                           error=e.strerror or str(e))
-                self._restartLater(number, self._backoff[number].delay(None))
+                self._restart_later(number, self._backoff[number].delay(None))
                 return
             worker.process.closeStdin()
             worker.pid = worker.process.pid
@@ -330,7 +330,7 @@ class WorkerSupervisor(GreetService):
     def _ready(self, worker: Worker) -> None:
         worker.served_since = self._reactor.seconds()
         log.info("worker {worker} (pid {pid}) ready", worker=worker.number, pid=worker.pid)
-        self._standDown(worker.number)
+        self._stand_down(worker.number)
         if worker.reload_pending:
             worker.reload_pending = False
             worker.signal("HUP")
@@ -343,7 +343,7 @@ class WorkerSupervisor(GreetService):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
         how = exit_description(reason)
-        if self._shuttingDown:
+        if self._shutting_down:
             if not (reason.check(ProcessDone) or
                     getattr(reason.value, "signal", None) == signal.SIGTERM):
                 log.warn("worker {worker} (pid {pid}) {how} while stopping",
@@ -362,41 +362,41 @@ class WorkerSupervisor(GreetService):
             else:
                 log.warn("worker {worker} (pid {pid}) {how}; restarting it",
                          worker=worker.number, pid=worker.pid, how=how, delay=delay)
-            self._restartLater(worker.number, delay)
-            self._standIn(worker.number)
+            self._restart_later(worker.number, delay)
+            self._stand_in(worker.number)
         worker.ended.callback(None)
 
     # -- standing in for a worker that is down -------------------------------
 
-    def _standIn(self, number: int) -> None:
+    def _stand_in(self, number: int) -> None:
         """Accept from worker C{number}'s own sockets until it serves again."""
-        if number in self._standIns:
+        if number in self._stand_ins:
             return
-        standIns = [StandIn(self._reactor, self.handOver, index,
+        stand_ins = [StandIn(self._reactor, self.hand_over, index,
                             held.socket_for(number - 1), held.steered)
                     for index, held in enumerate(self.ports)
                     if isinstance(held, HeldListener) and not held.shared]
-        if not standIns:
+        if not stand_ins:
             return
-        self._standIns[number] = standIns
+        self._stand_ins[number] = stand_ins
         log.info("until worker {worker} serves again, the others serve the connections "
                  "that reach its sockets", worker=number)
-        for standIn in standIns:
-            standIn.start()
+        for stand_in in stand_ins:
+            stand_in.start()
 
-    def _standDown(self, number: int, back: bool = True) -> None:
+    def _stand_down(self, number: int, back: bool = True) -> None:
         """Stop standing in for worker C{number}: it is C{back}, or all stop."""
-        standIns = self._standIns.pop(number, [])
-        for standIn in standIns:
-            standIn.stop()
-        if standIns and back:
+        stand_ins = self._stand_ins.pop(number, [])
+        for stand_in in stand_ins:
+            stand_in.stop()
+        if stand_ins and back:
             log.info("worker {worker} serves again; the others served {handed} of its "
                      "connection(s) meanwhile", worker=number,
-                     handed=sum(standIn.handed for standIn in standIns))
+                     handed=sum(stand_in.handed for stand_in in stand_ins))
 
-    def handOver(self, standIn: StandIn, connection: socket.socket, address: tuple) -> None:
+    def hand_over(self, stand_in: StandIn, connection: socket.socket, address: tuple) -> None:
         """
-        Give C{connection}, accepted by C{standIn}, to a live worker: on a
+        Give C{connection}, accepted by C{stand_in}, to a live worker: on a
         steered listener, the same worker for every connection of a client
         (while the same workers are live), so that per-address limits stay
         exact; else each to the next.  With no live worker it is closed, so
@@ -406,20 +406,20 @@ class WorkerSupervisor(GreetService):
                 if worker.served_since is not None and worker.channel.transport is not None]
         if not live:
             connection.close()
-            self._nobodyServes.note()
+            self._nobody_serves.note()
             return
-        if standIn.steered:
+        if stand_in.steered:
             target = live[steering_key(address[0]) % len(live)]
         else:
             target = live[self._unsteered % len(live)]
             self._unsteered += 1
-        standIn.handed += 1
+        stand_in.handed += 1
         # The descriptor must stay open until the worker has its copy.
-        handed = target.channel.adopt(standIn.listener, connection.fileno())
+        handed = target.channel.adopt(stand_in.listener, connection.fileno())
         handed.addBoth(lambda _: connection.close())
 
-    def _restartLater(self, number: int, delay: float) -> None:
-        if self._shuttingDown:
+    def _restart_later(self, number: int, delay: float) -> None:
+        if self._shutting_down:
             return
         self._restarting[number] = self._reactor.callLater(delay, self._start, number)
 
@@ -441,12 +441,12 @@ class WorkerSupervisor(GreetService):
         return True
 
     def stopService(self) -> Deferred:
-        self._shuttingDown = True
+        self._shutting_down = True
         for call in self._restarting.values():
             call.cancel()
         self._restarting.clear()
-        for number in list(self._standIns):  # before their sockets close
-            self._standDown(number, back=False)
+        for number in list(self._stand_ins):  # before their sockets close
+            self._stand_down(number, back=False)
         return super().stopService()
 
     def drain(self) -> Deferred:
@@ -464,7 +464,7 @@ class WorkerSupervisor(GreetService):
             worker.signal("TERM")
         reactor = self._reactor
         deadline = self.drain_timeout + KILL_MARGIN
-        killer = reactor.callLater(deadline, self._killRemaining, deadline)
+        killer = reactor.callLater(deadline, self._kill_remaining, deadline)
 
         def stopped(result):
             if killer.active():
@@ -478,7 +478,7 @@ class WorkerSupervisor(GreetService):
         log.info("{signal} while stopping: still waiting for {count} worker(s)",
                  signal=name, count=len(self.workers))
 
-    def _killRemaining(self, after: float) -> None:
+    def _kill_remaining(self, after: float) -> None:
         for worker in list(self.workers.values()):
             log.warn("worker {worker} (pid {pid}) still running {seconds:g} s after SIGTERM: "
                      "killing it", worker=worker.number, pid=worker.pid, seconds=after)
