@@ -147,8 +147,9 @@ def peer_host_port(address: IAddress | None) -> tuple[str, int]:
     """
     host: str | None = getattr(address, "host", None)
     if host is not None:
-        port: int = getattr(address, "port", 0)
-        return host, port
+        # An address with a host (IPv4Address, IPv6Address) has a port:
+        # read as such, once per connection.
+        return host, address.port  # type: ignore[union-attr]
     name = getattr(address, "name", None)
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
