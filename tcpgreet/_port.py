@@ -166,7 +166,7 @@ class DirectTransport:
             if not spoken:
                 # A reactor transport would deliver the client's bytes
                 # before the FIN; there are none, so the FIN can go now.
-                self._halfClose()
+                self._half_close()
                 if self._closed or self.server is not None:
                     return None
                 if self._fatal is not None:
@@ -174,7 +174,7 @@ class DirectTransport:
         self.upgrade()
         return None
 
-    def _halfClose(self) -> None:
+    def _half_close(self) -> None:
         """Send the FIN, then tell the protocol, as tcp.Server does."""
         self._writable = False
         self._writeDisconnected = True
@@ -316,7 +316,7 @@ class DirectTransport:
         port.factory.connectionWaiting(protocol)
         return server
 
-    def _handedOver(self) -> tcp.Server | None:
+    def _handed_over(self) -> tcp.Server | None:
         """The server to forward to, if the connection can still have one."""
         if self.server is not None:
             return self.server
@@ -325,7 +325,7 @@ class DirectTransport:
         return self.upgrade()
 
     def registerProducer(self, producer, streaming: bool) -> None:
-        server = self._handedOver()
+        server = self._handed_over()
         if server is None:
             producer.stopProducing()  # as a disconnected tcp.Server does
         else:
@@ -336,12 +336,12 @@ class DirectTransport:
             self.server.unregisterProducer()
 
     def pauseProducing(self) -> None:
-        server = self._handedOver()
+        server = self._handed_over()
         if server is not None:
             server.pauseProducing()
 
     def resumeProducing(self) -> None:
-        server = self._handedOver()
+        server = self._handed_over()
         if server is not None:
             server.resumeProducing()
 
@@ -349,7 +349,7 @@ class DirectTransport:
         self.loseConnection()
 
     def startTLS(self, contextFactory, normal: bool = True) -> None:
-        server = self._handedOver()
+        server = self._handed_over()
         if server is None:
             raise error.ConnectionDone("the connection is closed")
         server.startTLS(contextFactory, normal)
@@ -514,14 +514,14 @@ class GreetPort(tcp.Port):
     _direct = False
     # What an accepted socket is made into: a DirectTransport works on the
     # bare C socket, and wraps it only when it must (getHandle).
-    _acceptedSocket: type = socket.socket
+    _accepted_socket: type = socket.socket
     _paused = None
-    _socketKind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
+    _socket_kind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
     _address = "a port not listening"  # for log lines: where it listens
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._acceptErrors = RateLimitedLog(
+        self._accept_errors = RateLimitedLog(
             _accept_log, "accept failed: {error} ({count} in the last {interval:g} s); "
             "closed {shed} waiting connection(s); {action}",
             clock=self.reactor, sums=("shed",))
@@ -544,8 +544,8 @@ class GreetPort(tcp.Port):
         self.fileno = skt.fileno
         self.numberAccepts = 100
         self._direct = IDirectFactory.providedBy(self.factory)
-        self._acceptedSocket = _socket.socket if self._direct else socket.socket
-        self._socketKind = (int(skt.family), int(skt.type))
+        self._accepted_socket = _socket.socket if self._direct else socket.socket
+        self._socket_kind = (int(skt.family), int(skt.type))
         host = self.getHost()
         self._address = f"[{host.host}]:{host.port}" if ":" in host.host else \
             f"{host.host}:{host.port}"
@@ -575,7 +575,7 @@ class GreetPort(tcp.Port):
 
     def doRead(self) -> None:
         try:
-            accepted = self._acceptBatch(self.numberAccepts)
+            accepted = self._accept_batch(self.numberAccepts)
         except Exception:
             # An exception that reached the reactor would disconnect this
             # port, and the service would stop accepting for good; as
@@ -595,16 +595,16 @@ class GreetPort(tcp.Port):
         had been accepted here: it reached this port's socket while this
         process was not there to accept it, and its supervisor did.
         """
-        family, kind = self._socketKind
+        family, kind = self._socket_kind
         skt = socket.socket(family, kind, 0, fd)
         try:
             addr = skt.getpeername()
         except OSError:  # its client has reset it already
             skt.close()
             return
-        self._acceptBatch(1, lambda: (skt.detach(), addr))
+        self._accept_batch(1, lambda: (skt.detach(), addr))
 
-    def _acceptBatch(self, limit: int, accept=None) -> int:
+    def _accept_batch(self, limit: int, accept=None) -> int:
         """
         Accept and serve up to C{limit} connections (from C{accept}, the
         listening socket's by default); how many were accepted.
@@ -614,11 +614,11 @@ class GreetPort(tcp.Port):
         # numbers, read once, are all a connected socket needs.
         if accept is None:
             accept = self.socket._accept
-        family, kind = self._socketKind
-        Socket = self._acceptedSocket
+        family, kind = self._socket_kind
+        Socket = self._accepted_socket
         factory = self.factory
         direct = self._direct
-        buildAddr = self._buildAddr
+        build_addr = self._buildAddr
         accepted = 0
         for _ in range(limit):
             try:
@@ -629,7 +629,7 @@ class GreetPort(tcp.Port):
             except OSError as e:
                 if e.errno in _SKIP_ERRORS:
                     continue
-                self._acceptFailed(e)
+                self._accept_failed(e)
                 break
             accepted += 1
             transport = None
@@ -639,7 +639,7 @@ class GreetPort(tcp.Port):
                     host = socket.getnameinfo(addr,
                                               socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                     addr = (host[0], *addr[1:])
-                protocol = factory.buildProtocol(buildAddr(addr))
+                protocol = factory.buildProtocol(build_addr(addr))
                 if protocol is None:
                     skt.close()
                     continue
@@ -671,9 +671,9 @@ class GreetPort(tcp.Port):
                 log.failure("error aborting a connection that failed to start")
         skt.close()
 
-    def _acceptFailed(self, e: OSError) -> None:
+    def _accept_failed(self, e: OSError) -> None:
         if e.errno not in _PAUSE_ERRORS:
-            self._acceptErrors.note(error=os.strerror(e.errno or 0),
+            self._accept_errors.note(error=os.strerror(e.errno or 0),
                                     action="continuing", shed=0, key=e.errno)
             return
         shed = 0
@@ -692,7 +692,7 @@ class GreetPort(tcp.Port):
         # closing: a pause would outlive it, after loseConnection cancelled
         # the one before.
         closing = self.disconnecting
-        self._acceptErrors.note(
+        self._accept_errors.note(
             error=os.strerror(e.errno or 0), key=e.errno, shed=shed,
             action="the port is closing" if closing
             else f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
@@ -722,7 +722,7 @@ class GreetPort(tcp.Port):
         # serve them, right before it closes (the drain then covers them).
         try:
             for _ in range(BACKLOG_PASSES):
-                if not self._acceptBatch(self.numberAccepts + 100):
+                if not self._accept_batch(self.numberAccepts + 100):
                     break
         except Exception:
             # The socket must close all the same, or the service's stop

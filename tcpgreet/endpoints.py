@@ -16,16 +16,22 @@ import errno
 import os
 import re
 import socket
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 from OpenSSL.crypto import Error as CryptoError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import VerifyError
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from tcpgreet._port import GreetReactor
+from tcpgreet.logs import Scheduler
 from tcpgreet.proxy import ProxyHeaderEndpoint, ProxyHeaderFactory, TrustedProxies
 
 DEFAULT_BACKLOG = 1024
@@ -145,6 +151,25 @@ def _arguments(parts: list[str]) -> tuple[dict[str, str], list[str]]:
     return named, positional
 
 
+class TCPListening(Protocol):
+    """
+    C{listenTCP} as reactors take it: any protocol factory.  (Twisted's
+    C{IReactorTCP} annotation asks for a C{ServerFactory}, which a
+    C{WrappingFactory} such as the PROXY header reader is not.)
+    """
+
+    def listenTCP(self, port: int, factory: IProtocolFactory, backlog: int = 50,
+                  interface: str = "") -> IListeningPort: ...
+
+
+# What server_endpoint needs of the reactor it parses an endpoint for, or
+# of the facade in front of one (which passes the rest through): timers,
+# for a haproxy: listener's header deadline.  What an endpoint type
+# listens with (listenTCP, listenUNIX, adoptStreamPort, ...), Twisted's
+# endpoint parser asks for untyped.
+EndpointReactor = Scheduler
+
+
 class HeaderBeforeTLSReactor:
     """
     The reactor as the C{ssl:} endpoint under C{haproxy:} sees it: TLS
@@ -154,19 +179,20 @@ class HeaderBeforeTLSReactor:
     inherited socket) listens on plain TCP.
     """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: TCPListening) -> None:
         self._reactor = reactor
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
-    def listenSSL(self, portNumber: int, factory: ProxyHeaderFactory, contextFactory,
-                  backlog: int = 50, interface: str = ""):
-        factory.tlsAfterHeader(contextFactory)
+    def listenSSL(self, portNumber: int, factory: ProxyHeaderFactory,
+                  contextFactory: IOpenSSLContextFactory, backlog: int = 50,
+                  interface: str = "") -> IListeningPort:
+        factory.tls_after_header(contextFactory)
         return self._reactor.listenTCP(portNumber, factory, backlog, interface)
 
 
-def server_endpoint(reactor, description: str,
+def server_endpoint(reactor: EndpointReactor, description: str,
                     trusted_proxies: TrustedProxies | None = None,
                     ipv6_only: bool = False,
                     option: str = "--listen") -> IStreamServerEndpoint:
@@ -187,7 +213,10 @@ def server_endpoint(reactor, description: str,
         if len(parts) == 1 or not inner:
             raise EndpointError(option, description,
                                 "haproxy: needs the endpoint it wraps, e.g. haproxy:tcp:27679")
-        beneath = HeaderBeforeTLSReactor(reactor) if parts[1] == "ssl" else reactor
+        # Under ssl:, what listens beneath is a GreetReactor, a facade of
+        # the workers' or a test's reactor: each listens on TCP.
+        beneath = HeaderBeforeTLSReactor(cast(TCPListening, reactor)) \
+            if parts[1] == "ssl" else reactor
         try:
             return ProxyHeaderEndpoint(server_endpoint(beneath, inner, ipv6_only=ipv6_only),
                                        clock=reactor, trusted=trusted_proxies)

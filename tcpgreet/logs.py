@@ -33,8 +33,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import IO
+from typing import IO, Any, Protocol, cast
 
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatEvent
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
@@ -44,6 +50,25 @@ from zope.interface import implementer
 BATCH_LIMIT = 65536
 
 _LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class Scheduler(Protocol):
+    """
+    What a L{RateLimitedLog} needs of its clock: C{IReactorTime}'s
+    C{callLater}.  A protocol, so that a facade in front of the reactor
+    (which passes calls through) serves as well as the reactor itself.
+    """
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object,
+                  **kw: object) -> IDelayedCall: ...
+
+
+class IObserverReactor(IReactorCore, IReactorTime, IReactorFromThreads):
+    """
+    What a batching observer needs of its reactor: whether it runs, a call
+    at the end of this turn (from this thread or another), and a word
+    before it stops.
+    """
 
 
 class FastLogger(Logger):
@@ -61,15 +86,15 @@ class FastLogger(Logger):
             return super().emit(level, format, **kwargs)
         kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
                       log_source=self.source, log_format=format, log_time=time.time())
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))
+        if "log_trace" in kwargs:  # a list, as Twisted's Logger.trace makes it
+            cast(list, kwargs["log_trace"]).append((self, self.observer))
         self.observer(kwargs)
 
     def info(self, format: str | None = None, **kwargs: object) -> None:
         kwargs.update(log_logger=self, log_level=LogLevel.info, log_namespace=self.namespace,
                       log_source=self.source, log_format=format, log_time=time.time())
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))
+        if "log_trace" in kwargs:  # a list, as Twisted's Logger.trace makes it
+            cast(list, kwargs["log_trace"]).append((self, self.observer))
         self.observer(kwargs)
 
 
@@ -86,7 +111,7 @@ class RateLimitedLog:
     """
 
     def __init__(self, logger: Logger, format: str, interval: float = 1.0,
-                 level: LogLevel = LogLevel.warn, clock=None,
+                 level: LogLevel = LogLevel.warn, *, clock: Scheduler,
                  sums: tuple[str, ...] = ()) -> None:
         self._log = logger
         self._format = format
@@ -108,24 +133,18 @@ class RateLimitedLog:
             return
         self._emit(1, fields)
         self._windows[key] = [0, fields]
-        self._reactor().callLater(self._interval, self._close, key)
+        self._clock.callLater(self._interval, self._close, key)
 
     def _close(self, key: object) -> None:
         count, fields = self._windows.pop(key)
         if count:
             self._emit(count, fields)
             self._windows[key] = [0, fields]
-            self._reactor().callLater(self._interval, self._close, key)
+            self._clock.callLater(self._interval, self._close, key)
 
     def _emit(self, count: int, fields: dict) -> None:
         self._log.emit(self._level, self._format, count=count,
                        interval=self._interval, **fields)
-
-    def _reactor(self):
-        if self._clock is None:
-            from twisted.internet import reactor
-            self._clock = reactor
-        return self._clock
 
 
 def _message(event: dict) -> str:
@@ -150,7 +169,7 @@ class _SecondCache:
     def __init__(self, render: Callable[[int], str], to_microseconds: bool = False) -> None:
         self._render = render
         self._to_microseconds = to_microseconds
-        self._second = None
+        self._second: int | None = None
         self._text = ""
 
     def __call__(self, when: float) -> str:
@@ -376,11 +395,14 @@ class BatchingObserver:
     their writing are guarded by a lock, and a thread other than the
     reactor's asks for the flush with C{callFromThread}.
 
+    C{reactor} is the event loop whose turns bound a batch; with none
+    (L{None}), there is no turn to wait for and each line is written at once.
+
     @ivar lost: lines that could not be written.
     """
 
     def __init__(self, out: IO[str] | LogFile, render: Callable[[dict], str | None],
-                 reactor=None) -> None:
+                 reactor: IObserverReactor | None) -> None:
         self._out = out
         self._log_file = out if isinstance(out, LogFile) else None
         self._render = render
@@ -405,8 +427,8 @@ class BatchingObserver:
                 if self._size > BATCH_LIMIT:
                     self.flush()
                 return
-            reactor = self._reactor if self._watching else self._reactor_()
-            if not reactor.running or self._size > BATCH_LIMIT:
+            reactor = self._reactor if self._watching else self._watch()
+            if reactor is None or not reactor.running or self._size > BATCH_LIMIT:
                 self.flush()
                 return
             self._scheduled = True
@@ -456,38 +478,61 @@ class BatchingObserver:
             if self._log_file is not None:
                 self._log_file.rotate()
 
-    def _reactor_(self):
-        if not self._watching:
-            self._watching = True
-            if self._reactor is None:
-                from twisted.internet import reactor
-                self._reactor = reactor
-            # What is pending when the event loop ends is written before
-            # the process does.
+    def _watch(self) -> IObserverReactor | None:
+        """The reactor, which writes what is pending before the process ends."""
+        self._watching = True
+        if self._reactor is not None:
             self._reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         return self._reactor
 
 
-def text_observer(out: IO[str] | LogFile | None = None, reactor=None) -> BatchingObserver:
+# The reactor the service runs on, for the observers twistd builds by name
+# (C{--logger}): twistd calls their factory with no argument, once it has
+# the service (see L{serve_on}).
+_service_reactor: IObserverReactor | None = None
+
+
+def serve_on(reactor: IObserverReactor) -> None:
+    """
+    Give C{reactor} to the observers C{twistd --logger} builds from here
+    (L{text_observer}, L{json_observer}).  tcpgreet's twistd service does,
+    as it is built, which is before twistd starts logging.
+    """
+    global _service_reactor
+    _service_reactor = reactor
+
+
+def text_observer(out: IO[str] | LogFile | None = None,
+                  reactor: IObserverReactor | None = None) -> BatchingObserver:
     """
     twistd's text log lines, written to the process's real standard output
     (twistd points C{sys.stdout} into the log itself).  What
-    C{twistd --logger} takes.
+    C{twistd --logger} takes; without C{reactor}, the one the service runs
+    on (L{serve_on}).
     """
-    return BatchingObserver(out if out is not None else sys.__stdout__,
+    return BatchingObserver(out if out is not None else _real_stdout(),
                             _classic_line(_SecondCache(_local_second, to_microseconds=True)),
-                            reactor)
+                            reactor if reactor is not None else _service_reactor)
 
 
-def json_observer(out: IO[str] | None = None, reactor=None) -> BatchingObserver:
-    """JSON Lines, written to the process's real standard output."""
+def json_observer(out: IO[str] | None = None,
+                  reactor: IObserverReactor | None = None) -> BatchingObserver:
+    """JSON Lines, written to the process's real standard output (see L{text_observer})."""
     utc_time = _SecondCache(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S",
                                                          time.gmtime(second)))
-    return BatchingObserver(out if out is not None else sys.__stdout__,
-                            _json_line(utc_time), reactor)
+    return BatchingObserver(out if out is not None else _real_stdout(),
+                            _json_line(utc_time),
+                            reactor if reactor is not None else _service_reactor)
 
 
-def twistd_default(twistd_options: Mapping, reactor=None) -> BatchingObserver | None:
+def _real_stdout() -> IO[str]:
+    if sys.__stdout__ is None:  # pragma: no cover - a process started without one
+        raise RuntimeError("no standard output to log to")
+    return sys.__stdout__
+
+
+def twistd_default(twistd_options: Mapping[str, object],
+                   reactor: IObserverReactor) -> BatchingObserver | None:
     """
     The observer twistd would build from its command line (C{twistd_options}:
     its C{ServerOptions}), with the same destination, lines and rotation,
@@ -501,19 +546,13 @@ def twistd_default(twistd_options: Mapping, reactor=None) -> BatchingObserver | 
     """
     if twistd_options.get("logger") or twistd_options.get("syslog"):
         return None
-    path = twistd_options.get("logfile") or ""
+    path = str(twistd_options.get("logfile") or "")
     foreground = bool(twistd_options.get("nodaemon"))
     if path == "-" or (foreground and not path):
         return text_observer(sys.stdout, reactor) if foreground else None
     observer = text_observer(PatientLogFile.fromFullPath(path or "twistd.log"), reactor)
     # As twistd does: unless someone else already handles SIGUSR1.
     if not signal.getsignal(signal.SIGUSR1):
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _reactor(reactor)
-                      .callFromThread(observer.rotate))
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(
+            observer.rotate))
     return observer
-
-
-def _reactor(reactor):
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor

@@ -10,13 +10,16 @@ hot path nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tcpgreet.service import listen, listening_address
 from tcpgreet.stats import Stats
@@ -35,7 +38,10 @@ try:
         HistogramMetricFamily,
     )
 except ImportError:  # pragma: no cover - exercised by the missing-extra test
-    generate_latest = None
+    generate_latest = None  # type: ignore[assignment]  # the extra is missing: said at start
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = Logger()
 
@@ -48,7 +54,8 @@ class MetricsUnavailableError(RuntimeError):
     """prometheus_client is not installed."""
 
 
-def _reasons(name: str, documentation: str, table: dict[str, int], reasons: tuple[str, ...]):
+def _reasons(name: str, documentation: str, table: dict[str, int],
+             reasons: tuple[str, ...]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=["reason"])
     # Known reasons appear from the start at 0, so rate() sees the first one.
     for reason in sorted(set(reasons) | set(table)):
@@ -76,7 +83,7 @@ class GreetCollector:
         self._stats = stats
         self._gauges = gauges
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         stats = self._stats()
         gauges = self._gauges()
         yield CounterMetricFamily("tcpgreet_connections_accepted",
@@ -123,7 +130,7 @@ class GreetCollector:
 
 
 def metrics_site(collector: GreetCollector,
-                 refresh: Callable[[], Deferred] | None = None) -> Site:
+                 refresh: Callable[[], Deferred[object]] | None = None) -> Site:
     """
     A web site that serves the collector (and process metrics) at /metrics.
     With C{refresh}, each scrape first waits for the Deferred it returns:
@@ -152,19 +159,20 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry, refresh: Callable[[], Deferred] | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry,
+                 refresh: Callable[[], Deferred[object]] | None = None) -> None:
         super().__init__()
         self._registry = registry
         self._refresh = refresh
 
-    def render_GET(self, request) -> bytes | object:
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         if self._refresh is None:
             return generate_latest(self._registry)
-        gone: list = []
+        gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
 
-        def render(_) -> None:
+        def render(_: object) -> None:
             if not gone:  # the client may have given up meanwhile
                 request.write(generate_latest(self._registry))
                 request.finish()
@@ -175,7 +183,7 @@ class MetricsPage(Resource):
 
 
 class _QuietSite(Site):
-    def log(self, request) -> None:
+    def log(self, request: http.Request) -> None:
         """A scrape every few seconds is not news: no access log."""
 
 
@@ -184,7 +192,7 @@ class MetricsService(service.Service):
 
     name = "metrics"
 
-    def __init__(self, description: str, endpoint: IStreamServerEndpoint, site) -> None:
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, site: Site) -> None:
         self.description = description
         self.endpoint = endpoint
         self.site = site
@@ -198,10 +206,11 @@ class MetricsService(service.Service):
         if self.port is None:
             self.privilegedStartService()
         super().startService()
-        log.info("metrics at http://{address}/metrics ({description})",
-                 address=listening_address(self.port), description=self.description)
+        if self.port is not None:  # listen raises rather than leave it unset
+            log.info("metrics at http://{address}/metrics ({description})",
+                     address=listening_address(self.port), description=self.description)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         port, self.port = self.port, None
         return maybeDeferred(port.stopListening) if port is not None else succeed(None)

@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal, TypeGuard, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHalfCloseableProtocol,
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamServerEndpoint,
+    ITCPTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -44,7 +53,10 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from tcpgreet.interfaces import IProxiedFactory
-from tcpgreet.logs import RateLimitedLog
+
+if TYPE_CHECKING:
+    from twisted.protocols.haproxy._info import ProxyInfo
+from tcpgreet.logs import RateLimitedLog, Scheduler
 
 log = Logger()
 
@@ -118,14 +130,16 @@ class TrustedProxies:
 _VERSIONS = {IPv4Address: 4, IPv6Address: 6}
 
 
-def _valid(address: IAddress) -> bool:
+def _valid(address: IAddress | None) -> bool:
     """
     Whether a header's address is an IP address of its family (a C{TCP4}
     line names IPv4 addresses only, C{TCP6} IPv6 ones) and a port.
     """
+    if not isinstance(address, IPv4Address | IPv6Address):
+        return False
     try:
         version = ipaddress.ip_address(address.host).version
-    except (AttributeError, ValueError):
+    except ValueError:
         return False
     return version == _VERSIONS.get(type(address)) and 0 <= address.port <= 65535
 
@@ -139,7 +153,7 @@ class _V1Parser(V1Parser):
     """
 
     @classmethod
-    def parse(cls, line: bytes):
+    def parse(cls, line: bytes) -> ProxyInfo:
         if line == b"PROXY UNKNOWN":
             # The specification has the receiver ignore whatever follows
             # UNKNOWN; Twisted's parser does, once there is a space to
@@ -148,7 +162,7 @@ class _V1Parser(V1Parser):
         return super().parse(line)
 
 
-def _half_closeable(protocol) -> bool:
+def _half_closeable(protocol: object) -> TypeGuard[IHalfCloseableProtocol]:
     """
     Whether C{protocol}'s class takes half-closes.  Asked of the class, not
     the object: TLS copies its transport's interfaces onto itself (this
@@ -164,16 +178,22 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
     names; until then nothing is sent.
     """
 
-    wrappedProtocol = None
-    _info = None
-    _parser = None
-    _timer = None
+    factory: ProxyHeaderFactory
+    # Set by makeConnection before any method here runs.
+    transport: ITCPTransport
+    # None until the header is read, unlike ProtocolWrapper's, which has
+    # its protocol from the start.
+    wrappedProtocol: IProtocol | None = None  # type: ignore[assignment]
+    # The header once read; False once the connection is refused.
+    _info: ProxyInfo | Literal[False] | None = None
+    _parser: _V1Parser | V2Parser | None = None
+    _timer: IDelayedCall | None = None
 
     def __init__(self, factory: ProxyHeaderFactory) -> None:
         self.factory = factory
         self._buffer = b""
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._drop,
@@ -218,9 +238,9 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             return
         self._connect(info, remaining)
 
-    def _connect(self, info, remaining: bytes) -> None:
+    def _connect(self, info: ProxyInfo, remaining: bytes | None) -> None:
         self._info = info
-        if self._timer.active():
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.factory.done(self)
         # A LOCAL (v2) or UNKNOWN (v1) header is the proxy speaking for
@@ -230,7 +250,9 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             self.transport.loseConnection()
             return
         self.wrappedProtocol = protocol
-        protocol.makeConnection(self)
+        # A wrapper is its protocol's transport: it provides what the
+        # transport beneath it does (see makeConnection).
+        protocol.makeConnection(cast(ITransport, self))
         if remaining and self.wrappedProtocol is not None:
             protocol.dataReceived(remaining)
 
@@ -301,13 +323,13 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     noisy = False
     _tls: TLSMemoryBIOFactory | None = None
 
-    def __init__(self, wrappedFactory: IProxiedFactory, clock=None,
+    wrappedFactory: IProxiedFactory
+
+    def __init__(self, wrappedFactory: IProxiedFactory, clock: Scheduler,
                  trusted: TrustedProxies | None = None) -> None:
         if not IProxiedFactory.providedBy(wrappedFactory):
             raise TypeError(f"{wrappedFactory!r} does not provide IProxiedFactory")
         super().__init__(wrappedFactory)
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.clock = clock
         self.trusted = trusted
         self._drops = RateLimitedLog(
@@ -317,21 +339,27 @@ class ProxyHeaderFactory(policies.WrappingFactory):
             log, "refused {count} connection(s) in {interval:g} s from outside "
             "--trusted-proxy (latest from {peer})", clock=clock)
 
-    def tlsAfterHeader(self, contextFactory) -> None:
+    def tls_after_header(self, contextFactory: IOpenSSLContextFactory) -> None:
         """
         Speak TLS, with C{contextFactory}'s certificate, once the header
         (which comes in clear) is read.
         """
-        self._tls = TLSMemoryBIOFactory(contextFactory, False, self.wrappedFactory,
-                                        clock=self.clock)
+        # TLS asks only callLater of its clock.
+        self._tls = TLSMemoryBIOFactory(contextFactory, False,
+                                        cast(IProtocolFactory, self.wrappedFactory),
+                                        clock=cast(IReactorTime, self.clock))
 
-    def buildProtocol(self, addr: IAddress) -> ProxyHeaderProtocol | None:
+    # None refuses a connection, as IProtocolFactory allows and the
+    # WrappingFactory annotations do not; and a listening port always
+    # knows the address.
+    def buildProtocol(  # type: ignore[override]
+            self, addr: IAddress) -> ProxyHeaderProtocol | None:
         # Before anything else: a connection from outside the trusted
         # networks costs one address lookup, and holds no place under
         # --max-connections.
         trusted = self.trusted
         if trusted is not None and not trusted.admits(addr):
-            host = addr.host
+            host = getattr(addr, "host", None)  # admits refuses IP peers only
             self._untrusted.note(peer=host)
             self.wrappedFactory.refuse(UNTRUSTED_PROXY, host)
             return None
@@ -341,10 +369,10 @@ class ProxyHeaderFactory(policies.WrappingFactory):
             return None
         return self.protocol(self)
 
-    def build(self, client: IAddress):
+    def build(self, client: IAddress) -> IProtocol | None:
         """
         The wrapped factory's protocol for the client the header names
-        (inside TLS, with L{tlsAfterHeader}).
+        (inside TLS, with L{tls_after_header}).
         """
         protocol = self.wrappedFactory.buildProtocol(client, reserved=True)
         tls = self._tls
@@ -378,11 +406,13 @@ class ProxyHeaderEndpoint:
     C{trusted} proxies (L{None}: from anywhere).
     """
 
-    def __init__(self, wrapped: IStreamServerEndpoint, clock=None,
+    def __init__(self, wrapped: IStreamServerEndpoint, clock: Scheduler,
                  trusted: TrustedProxies | None = None) -> None:
         self._wrapped = wrapped
         self._clock = clock
         self.trusted = trusted
 
-    def listen(self, factory: IProtocolFactory):
-        return self._wrapped.listen(ProxyHeaderFactory(factory, self._clock, self.trusted))
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        # ProxyHeaderFactory refuses a factory that does not provide it.
+        proxied = cast(IProxiedFactory, factory)
+        return self._wrapped.listen(ProxyHeaderFactory(proxied, self._clock, self.trusted))

@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
+from typing import TYPE_CHECKING
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     INegotiated,
     IPullProducer,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -72,7 +78,7 @@ TIMEOUT = "timeout"
 DRAIN = "drain"
 
 
-def _is_byte_stream(transport) -> bool:
+def _is_byte_stream(transport: ITransport) -> bool:
     """
     Whether C{transport} is a plain byte stream (TCP, UNIX) that can
     half-close and sends what it is given without copying it.  Look on the
@@ -82,7 +88,7 @@ def _is_byte_stream(transport) -> bool:
     return hasattr(type(transport), "loseWriteConnection")
 
 
-def _limit_send_buffer(transport) -> None:
+def _limit_send_buffer(transport: ITransport) -> None:
     handle = getattr(transport, "getHandle", None)
     skt = handle() if handle is not None else None
     if isinstance(skt, socket.socket):
@@ -90,12 +96,13 @@ def _limit_send_buffer(transport) -> None:
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LONG_GREETING_SEND_BUFFER)
 
 
-def _unsent(transport) -> int | None:
+def _unsent(transport: object) -> int | None:
     """What a reactor transport still held (L{None}: cannot tell)."""
     held = getattr(transport, "dataBuffer", None)
     if held is None:
         return None
-    return len(held) - transport.offset + getattr(transport, "_tempDataLen", 0)
+    offset: int = getattr(transport, "offset", 0)
+    return len(held) - offset + getattr(transport, "_tempDataLen", 0)
 
 
 def _bytes_out(protocol: GreetProtocol, tls: bool) -> int:
@@ -119,7 +126,9 @@ def tls_reason(reason: Failure, handshook: bool) -> str:
     (C{tlsv1 alert unknown ca}, C{http request}) rather than the list of
     tuples an C{SSL.Error} prints as, and whether the handshake failed.
     """
-    details = reason.value.args[0] if reason.check(SSL.Error) and reason.value.args else None
+    value = reason.value
+    details = value.args[0] if reason.check(SSL.Error) and value is not None and value.args \
+        else None
     reasons = [entry[-1] for entry in details if isinstance(entry, tuple) and entry[-1]] \
         if isinstance(details, list) else []
     why = ", ".join(dict.fromkeys(reasons)) or reason.getErrorMessage()
@@ -131,18 +140,41 @@ def tls_reason(reason: Failure, handshook: bool) -> str:
     return f"TLS error: {why}" if reason.check(SSL.Error) else why
 
 
-def peer_host_port(address: IAddress) -> tuple[str, int]:
+def peer_host_port(address: IAddress | None) -> tuple[str, int]:
     """
     The host and port of an address, for templates and logs.  A UNIX socket
     peer has no port; its name (usually empty) stands for the host.
     """
-    host = getattr(address, "host", None)
+    host: str | None = getattr(address, "host", None)
     if host is not None:
-        return host, address.port
+        # An address with a host (IPv4Address, IPv6Address) has a port:
+        # read as such, once per connection.
+        return host, address.port  # type: ignore[union-attr]
     name = getattr(address, "name", None)
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
     return name or "unix", 0
+
+
+def was_greeted(protocol: GreetProtocol, reason: Failure, tls: bool) -> bool:
+    """
+    Whether the connection of C{protocol}, which ended for C{reason}, got
+    its whole greeting: the FIN followed the whole greeting (a byte
+    stream), or, over TLS (C{tls}), the handshake was done and nothing of
+    the greeting was left unsent when the connection ended; many TLS
+    clients leave without close_notify, which Twisted reports as a lost
+    connection.
+    """
+    if protocol.write_done:
+        return True
+    if protocol.written != protocol.length or protocol.cut_short is not None:
+        return False
+    if tls and not protocol.handshook:
+        return False
+    if reason.check(error.ConnectionDone) is not None:
+        return True
+    return (protocol.closing and protocol.handshook
+            and not _unsent(getattr(protocol.transport, "transport", None)))
 
 
 @implementer(IPullProducer)
@@ -162,10 +194,29 @@ class _ChunkedGreeting:
         protocol.written = self._offset
         if self._offset >= len(self._greeting):
             protocol.transport.unregisterProducer()
-            protocol.greetingWritten()
+            protocol.greeting_written()
 
     def stopProducing(self) -> None:
         self._greeting = memoryview(b"")
+
+
+class InProgress(TypingProtocol):
+    """
+    A connection a drain waits for, and may cut short: a L{GreetProtocol},
+    or the PROXY header reader of one (L{tcpgreet.proxy}).
+    """
+
+    def cut(self, why: str) -> None:
+        """End the connection now, for C{why} (L{TIMEOUT}, L{DRAIN})."""
+
+
+class IGreetTransport(ITCPTransport, IConsumer):
+    """
+    A connection's transport as L{GreetProtocol} uses it: a TCP one, which
+    takes a producer for a long greeting.  A UNIX or TLS transport offers
+    the same but for half-closing, which the protocol asks of the class
+    first (L{_is_byte_stream}).
+    """
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -178,31 +229,34 @@ class GreetProtocol(Protocol):
     @ivar written: greeting bytes handed to the transport so far.
     """
 
+    factory: GreetFactory
+    # Set by makeConnection before any method here runs.
+    transport: IGreetTransport
     peer: IAddress | None = None
     started = 0.0
     written = 0
     length = 0
     heard = False
-    readDone = False
-    writeDone = False
+    read_done = False
+    write_done = False
     closing = False
     handshook = False
-    cutShort: str | None = None
-    _timer = None
+    cut_short: str | None = None
+    _timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         factory = self.factory
-        self.started = time.monotonic()
+        self.started = factory.seconds()
         if self.peer is None:
             self.peer = self.transport.getPeer()
-        greeting = factory.greetingFor(self.peer)
+        greeting = factory.greeting_for(self.peer)
         self.length = len(greeting)
         if self.length > CHUNK:
             _limit_send_buffer(self.transport)
         if self.length <= CHUNK or _is_byte_stream(self.transport):
             self.transport.write(greeting)
             self.written = self.length
-            self.greetingWritten()
+            self.greeting_written()
         else:
             self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
         if self.connected and self._timer is None and not _direct(self.transport):
@@ -212,7 +266,7 @@ class GreetProtocol(Protocol):
             # IDirectFactory.connectionWaiting, which set the timer).
             factory.connectionWaiting(self)
 
-    def greetingWritten(self) -> None:
+    def greeting_written(self) -> None:
         """Everything is handed to the transport: close our side after it."""
         # A transport that cannot half-close (TLS) closes outright.
         if _is_byte_stream(self.transport):
@@ -236,16 +290,16 @@ class GreetProtocol(Protocol):
         # connection was served within the accept pass).  Otherwise wait for
         # its EOF, briefly: a close that meets the client's bytes is answered
         # with a reset, and a reset can destroy a greeting not yet read.
-        self.writeDone = True
-        if self.readDone or (not self.heard and self._timer is None):
+        self.write_done = True
+        if self.read_done or (not self.heard and self._timer is None):
             self.transport.loseConnection()
         elif self._timer is not None and self._timer.active():
             self._timer.reset(min(LINGER, self.factory.timeout))
 
     def readConnectionLost(self) -> None:
         # The client has finished sending; its greeting may still be going.
-        self.readDone = True
-        if self.writeDone:
+        self.read_done = True
+        if self.write_done:
             self.transport.loseConnection()
 
     def cut(self, why: str) -> None:
@@ -256,21 +310,29 @@ class GreetProtocol(Protocol):
         """
         if not self.connected:
             return
-        if self.writeDone:
+        if self.write_done:
             self.transport.loseConnection()
         else:
-            self.cutShort = why
+            self.cut_short = why
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.factory.connectionFinished(self, reason)
+        self.factory.connection_finished(self, reason)
+
+
+if TYPE_CHECKING:
+    # Twisted's Factory is generic in its annotations; at run time, only
+    # in releases newer than the oldest tcpgreet supports.
+    _Factory = Factory[GreetProtocol]
+else:
+    _Factory = Factory
 
 
 @implementer(IDirectFactory, IProxiedFactory)
-class GreetFactory(Factory):
+class GreetFactory(_Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,
     limits, counters, and the connections still in progress.
@@ -289,22 +351,26 @@ class GreetFactory(Factory):
     def __init__(self, greeting: Greeting, quiet: bool = False,
                  limits: ConnectionLimits | None = None,
                  timeout: float = DEFAULT_TIMEOUT, clock: Clock | None = None,
-                 reactor=None) -> None:
+                 *, reactor: IReactorTime) -> None:
         self.greeting = greeting
         self.quiet = quiet
         self.limits = limits if limits is not None else ConnectionLimits()
         self.timeout = timeout
         self.connections = 0
         self.stats = Stats()
-        self.waiting: set = set()
-        self._idle: list[Deferred] = []
+        self.waiting: set[InProgress] = set()
+        self._idle: list[Deferred[None]] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
+        # Bound once: every connection reads the clock twice, and a test's
+        # MemoryReactorClock drives the durations logged.
+        self.seconds = reactor.seconds
         self._rejections = RateLimitedLog(
             log, "refused {count} connection(s) in {interval:g} s by {limit} "
             "(latest from {peer})", clock=reactor)
 
-    def buildProtocol(self, addr: IAddress, reserved: bool = False) -> GreetProtocol | None:
+    def buildProtocol(self, addr: IAddress | None,
+                      reserved: bool = False) -> GreetProtocol | None:
         """
         A protocol for a connection from C{addr}, or L{None} if a limit
         refuses it.  C{reserved}: the connection already holds its place
@@ -353,7 +419,7 @@ class GreetFactory(Factory):
         self.refuse(limit, host)
         self._rejections.note(key=limit, limit=f"--{limit}", peer=host or "unix")
 
-    def greetingFor(self, peer: IAddress) -> bytes:
+    def greeting_for(self, peer: IAddress) -> bytes:
         """
         The bytes to send to C{peer}.  The override point for a service that
         wants to choose its greeting by itself (like C{wire.QOTD.getQuote}).
@@ -375,11 +441,11 @@ class GreetFactory(Factory):
             return self._clock.utc_iso()
         return self._clock.hostname
 
-    def whenIdle(self) -> Deferred:
+    def when_idle(self) -> Deferred[None]:
         """A Deferred that fires when no connection is in progress."""
         if not self.waiting:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._idle.append(d)
         return d
 
@@ -390,9 +456,9 @@ class GreetFactory(Factory):
         the port (L{IDirectFactory}).
         """
         self.waiting.add(protocol)
-        protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
+        protocol._timer = self._reactor.callLater(self.timeout, protocol.cut, TIMEOUT)
 
-    def done(self, connection) -> None:
+    def done(self, connection: object) -> None:
         """
         C{connection} (a protocol or a wrapper of one) is no longer in
         progress; a drain waiting for the last one is told.
@@ -405,31 +471,23 @@ class GreetFactory(Factory):
                 for d in idle:
                     d.callback(None)
 
-    def connectionFinished(self, protocol: GreetProtocol, reason: Failure) -> None:
+    def connection_finished(self, protocol: GreetProtocol, reason: Failure) -> None:
         """Count, release and log one connection: the one line per connection."""
         stats = self.stats
-        duration = time.monotonic() - protocol.started
+        duration = self.seconds() - protocol.started
         self.limits.release(getattr(protocol.peer, "host", None))
-        # Greeted: the FIN followed the whole greeting (a byte stream: the
-        # common case, decided first), or, over TLS, the handshake was done
-        # and nothing of the greeting was left unsent when the connection
-        # ended; many TLS clients leave without close_notify, which Twisted
-        # reports as a lost connection.
-        tls = False if protocol.writeDone else INegotiated.providedBy(protocol.transport)
-        if protocol.writeDone or (protocol.written == protocol.length and
-                                  protocol.cutShort is None and
-                                  (protocol.handshook or not tls) and
-                                  (reason.check(error.ConnectionDone) or
-                                   (protocol.closing and protocol.handshook and
-                                    not _unsent(getattr(protocol.transport, "transport", None))))):
+        # The common case first, without a call: a byte stream whose FIN
+        # followed the greeting (see was_greeted).
+        tls = False if protocol.write_done else INegotiated.providedBy(protocol.transport)
+        if protocol.write_done or was_greeted(protocol, reason, tls):
             outcome, why = "greeted", None
             stats.greeted += 1
             stats.bytes_sent += protocol.length
             stats.durations.observe(duration)
         else:
-            if protocol.cutShort is not None:
+            if protocol.cut_short is not None:
                 outcome = "aborted"
-                why = protocol.cutShort
+                why = protocol.cut_short
                 stats.count(stats.aborted, why)
             else:
                 outcome = "lost"
@@ -437,14 +495,14 @@ class GreetFactory(Factory):
                     reason.getErrorMessage()
                 stats.lost += 1
         if not self.quiet:
-            self._logFinished(protocol, outcome, why, duration, tls)
+            self._log_finished(protocol, outcome, why, duration, tls)
         if self.waiting:
             # Last, so that whoever waits for the connections to finish (a
-            # drain, see whenIdle) finds this one counted and logged.
+            # drain, see when_idle) finds this one counted and logged.
             self.done(protocol)
 
-    def _logFinished(self, protocol: GreetProtocol, outcome: str, why: str | None,
-                     duration: float, tls: bool) -> None:
+    def _log_finished(self, protocol: GreetProtocol, outcome: str, why: str | None,
+                      duration: float, tls: bool) -> None:
         host, port = peer_host_port(protocol.peer)
         if why is None:
             log.info(_GREETED_TLS if tls else _GREETED,
@@ -458,9 +516,3 @@ class GreetFactory(Factory):
                      peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol, tls),
                      length=protocol.length, duration_ms=round(duration * 1000, 3),
                      reason=why, tls=tls)
-
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            self._reactor = reactor
-        return self._reactor

@@ -9,10 +9,20 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,7 +34,17 @@ from tcpgreet.startup import fail
 
 log = Logger()
 
+# What signal.signal returns and takes.
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
 DEFAULT_DRAIN_TIMEOUT = 5.0
+
+
+class IServiceReactor(IReactorTime, IReactorFromThreads):
+    """
+    What the greeting service needs of its reactor: timers (the drain's
+    deadline), and a way in from a signal handler (C{callFromThread}).
+    """
 
 
 def startup_format(workers: int = 1, proxied: bool = False) -> str:
@@ -46,12 +66,13 @@ def startup_format(workers: int = 1, proxied: bool = False) -> str:
             "{descriptors} descriptors")
 
 
-def listen(description: str, endpoint: IStreamServerEndpoint, factory) -> IListeningPort:
+def listen(description: str, endpoint: IStreamServerEndpoint,
+           factory: IProtocolFactory) -> IListeningPort:
     """
     Listen on C{endpoint} now, or end the process with one line naming
     C{description} and the reason.
     """
-    outcome: list = []
+    outcome: list[IListeningPort | Failure] = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:  # pragma: no cover - no built-in endpoint does this
         raise fail(f"cannot listen on {description!r}: the endpoint did not start at once")
@@ -93,7 +114,7 @@ class GreetService(service.Service):
 
     def __init__(self, factory: GreetFactory,
                  endpoints: list[tuple[str, IStreamServerEndpoint]],
-                 greeting_file: str | None = None, reactor=None,
+                 greeting_file: str | None = None, *, reactor: IServiceReactor,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, announce: bool = True) -> None:
         self.factory = factory
         self.announce = announce
@@ -103,14 +124,14 @@ class GreetService(service.Service):
         self.ports: list[IListeningPort] = []
         self.descriptors: int | None = None
         self._reactor = reactor
-        self._previous_sighup = None
+        self._previous_sighup: _Handler = None
 
     def privilegedStartService(self) -> None:
         # Listening happens here so that a privileged port can be bound
         # before twistd drops privileges, as strports services do.
         super().privilegedStartService()
         self.descriptors = raise_descriptor_limit()
-        wanted = self.connectionsPerProcess()
+        wanted = self.connections_per_process()
         if self.announce and wanted + 64 > self.descriptors:
             log.warn("--max-connections {wanted} is more than the {limit} descriptors "
                      "this process may open can carry; raise the limit (ulimit -Hn, "
@@ -119,11 +140,11 @@ class GreetService(service.Service):
         self.ports = [listen(description, endpoint, self.factory)
                       for description, endpoint in self.endpoints]
 
-    def connectionsPerProcess(self) -> int:
+    def connections_per_process(self) -> int:
         """The most connections one process of this service holds open."""
         return self.factory.limits.max_connections
 
-    def adoptConnection(self, listener: int, fd: int) -> None:
+    def adopt_connection(self, listener: int, fd: int) -> None:
         """
         Serve the connection at C{fd} as one accepted by the port of
         listener C{listener} (its index in the endpoints): a worker's
@@ -144,14 +165,14 @@ class GreetService(service.Service):
         # must never die of it, whether or not it has a file to re-read.
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         if self.announce:
-            self.logStartup()
+            self.log_startup()
 
-    def logStartup(self) -> None:
+    def log_startup(self) -> None:
         """The start-up line: what listens where, the greeting, every limit."""
-        fields = self.startupFields()
+        fields = self.startup_fields()
         log.info(startup_format(proxied="trusted_proxies" in fields), **fields)
 
-    def startupFields(self) -> dict:
+    def startup_fields(self) -> dict[str, object]:
         """The fields of the start-up line."""
         factory = self.factory
         limits = factory.limits
@@ -181,34 +202,37 @@ class GreetService(service.Service):
             **trust,
         }
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         # Until the drain is over, a second SIGTERM or SIGINT is only noted
         # (Twisted's handler would stop the stopping reactor again, and
         # raise), and SIGHUP still reloads rather than killing the process.
-        previous = {signum: signal.signal(signum, self._stopSignalled)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous: dict[int, _Handler] = {
+            signum: signal.signal(signum, self._stop_signalled)
+            for signum in (signal.SIGTERM, signal.SIGINT)}
         # Every listener stops accepting now, in this same call, before any
         # of them has finished closing; a closing port serves its backlog
         # first, so the drain starts once they are all closed.
         ports, self.ports = self.ports, []
         closed = DeferredList([maybeDeferred(port.stopListening) for port in ports],
                               consumeErrors=True)
-        closed.addCallback(self._portsClosed, [description for description, _ in self.endpoints])
-        closed.addCallback(lambda _: self.drain())
-        return closed.addBoth(self._restoreSignals, previous)
+        drained = closed.addCallback(
+            self._ports_closed, [description for description, _ in self.endpoints]
+        ).addCallback(lambda _: self.drain())
+        return drained.addBoth(self._restore_signals, previous)
 
-    def _portsClosed(self, results: list, descriptions: list[str]) -> None:
+    def _ports_closed(self, results: Sequence[tuple[bool, object]],
+                      descriptions: list[str]) -> None:
         """
         Say now which listener failed to stop (not later, as an unhandled
         error, when its Deferred is collected); the drain goes on regardless.
         """
         for description, (stopped, result) in zip(descriptions, results, strict=False):
-            if not stopped:
+            if not stopped and isinstance(result, Failure):
                 log.failure("cannot stop listening on {listener!r}", result,
                             listener=description)
 
-    def _restoreSignals(self, result, previous: dict):
+    def _restore_signals(self, result: object, previous: dict[int, _Handler]) -> object:
         if self._previous_sighup is not None:
             previous[signal.SIGHUP] = self._previous_sighup
             self._previous_sighup = None
@@ -216,16 +240,16 @@ class GreetService(service.Service):
             signal.signal(signum, handler)
         return result
 
-    def _stopSignalled(self, signum, frame) -> None:
-        self._reactor_().callFromThread(self.signalledWhileStopping,
-                                        signal.Signals(signum).name)
+    def _stop_signalled(self, signum: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self.signalled_while_stopping,
+                                     signal.Signals(signum).name)
 
-    def signalledWhileStopping(self, name: str) -> None:
+    def signalled_while_stopping(self, name: str) -> None:
         """Say what a stop signal that came during the drain waits for."""
         log.info("{signal} while stopping: still draining {count} connection(s)",
                  signal=name, count=len(self.factory.waiting))
 
-    def drain(self) -> Deferred:
+    def drain(self) -> Deferred[None]:
         """
         Let the greetings in progress finish; abort what is left after
         C{drain_timeout} seconds.
@@ -236,11 +260,10 @@ class GreetService(service.Service):
         count = len(factory.waiting)
         log.info("draining {count} connection(s) for up to {timeout:g} s",
                  count=count, timeout=self.drain_timeout)
-        idle = factory.whenIdle()
-        reactor = self._reactor_()
-        timer = reactor.callLater(self.drain_timeout, self._abortRemaining)
+        idle = factory.when_idle()
+        timer = self._reactor.callLater(self.drain_timeout, self._abort_remaining)
 
-        def done(result):
+        def done(result: None) -> None:
             if timer.active():
                 timer.cancel()
                 log.info("drained {count} connection(s)", count=count)
@@ -248,23 +271,17 @@ class GreetService(service.Service):
 
         return idle.addCallback(done)
 
-    def _abortRemaining(self) -> None:
+    def _abort_remaining(self) -> None:
         remaining = list(self.factory.waiting)
         log.warn("drain timeout: aborting {count} connection(s) still in progress",
                  count=len(remaining))
         for protocol in remaining:
             protocol.cut(DRAIN)
 
-    def _reactor_(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            self._reactor = reactor
-        return self._reactor
-
-    def _sighup(self, signum, frame) -> None:
+    def _sighup(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
         # was doing; hand the work to the reactor instead of doing it here.
-        self._reactor_().callFromThread(self.reload)
+        self._reactor.callFromThread(self.reload)
 
     def reload(self) -> bool:
         """
@@ -318,7 +335,7 @@ def _listening_at(port: IListeningPort) -> str:
 def listening_address(port: IListeningPort) -> str:
     """Where C{port} listens, as a log line shows it: C{host:port}, C{[v6]:port}, a path."""
     host = port.getHost()
-    if hasattr(host, "port"):
+    if isinstance(host, IPv4Address | IPv6Address):
         return f"{host.host}:{host.port}" if ":" not in host.host else \
             f"[{host.host}]:{host.port}"
     name = getattr(host, "name", host)

@@ -54,13 +54,13 @@ class Launcher:
         self._read, self._write = os.pipe()
         self._waited = False
         self.waiting = True  # in the daemon: until it said it started
-        os.register_at_fork(after_in_parent=self._afterFork)
+        os.register_at_fork(after_in_parent=self._after_fork)
 
-    def inDaemon(self) -> bool:
+    def in_daemon(self) -> bool:
         """Whether this is the daemon (a process forked from the launcher)."""
         return os.getpid() != self._launcher
 
-    def _afterFork(self) -> None:
+    def _after_fork(self) -> None:
         # A fork in a process forked from this one runs this hook too
         # (twistd's second fork, the daemon's workers): only the launcher's
         # own first fork waits here.
@@ -128,7 +128,7 @@ def fail(message: str) -> StartupError:
     in the daemon, the launcher's standard error.)
     """
     line = f"tcpgreet: {message}"
-    if _launcher is not None and _launcher.inDaemon() and _launcher.waiting:
+    if _launcher is not None and _launcher.in_daemon() and _launcher.waiting:
         _launcher.failed(line)
     else:
         print(line, file=sys.__stderr__, flush=True)
@@ -148,7 +148,7 @@ class ReportStarted(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.launcher.inDaemon():
+        if self.launcher.in_daemon():
             self.launcher.started()
 
 

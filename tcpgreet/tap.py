@@ -11,11 +11,13 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection
 from twisted.copyright import version as twisted_version
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -24,6 +26,7 @@ from tcpgreet import __version__, greeting, logs, startup
 from tcpgreet.endpoints import (
     DEFAULT_BACKLOG,
     EndpointError,
+    EndpointReactor,
     Listener,
     ipv6_unavailable,
     proxied,
@@ -31,13 +34,15 @@ from tcpgreet.endpoints import (
 )
 from tcpgreet.health import MetricsLast, greeter_unready, serve_health, supervisor_unready
 from tcpgreet.limits import ConnectionLimits, TokenBuckets
+from tcpgreet.logs import IObserverReactor
 from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, IServiceReactor
 from tcpgreet.startup import fail
+from tcpgreet.stats import Stats
 from tcpgreet.workers.arguments import WorkerRole, worker_arguments
 from tcpgreet.workers.control import ControlService
-from tcpgreet.workers.handover import HoldingReactor, InheritedReactor
+from tcpgreet.workers.handover import InheritedReactor, WorkerSocketBinder
 from tcpgreet.workers.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:
@@ -48,6 +53,9 @@ log = Logger()
 DEFAULT_PORT = 27679
 DEFAULT_GREETING = "Thank you for connecting"
 DEFAULT_MAX_CONNECTIONS = 10000
+
+_Number = TypeVar("_Number", int, float)
+_Method = TypeVar("_Method", bound=Callable[..., object])
 
 
 def default_listen(port: int) -> list[str]:
@@ -61,7 +69,8 @@ def default_listen(port: int) -> list[str]:
     return [f"tcp:{port}", f"tcp6:{port}"]
 
 
-def _number(option: str, text: str, kind=int, minimum: float = 0, alternative: str = ""):
+def _number(option: str, text: str, kind: type[_Number], minimum: float = 0,
+            alternative: str = "") -> _Number:
     """C{text} as a number of C{kind} no smaller than C{minimum}, or a
     UsageError naming the option."""
     try:
@@ -135,10 +144,10 @@ def parse_workers(text: str) -> int:
     return _number("--workers", text, int, 1, alternative=" or auto")
 
 
-def _help(method):
+def _help(method: _Method) -> _Method:
     """Fold an option method's docstring into one paragraph: usage.Options
     wraps the text but keeps the source's indentation inside it."""
-    method.__doc__ = " ".join(method.__doc__.split())
+    method.__doc__ = " ".join((method.__doc__ or "").split())
     return method
 
 
@@ -185,7 +194,7 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
         self["workers"] = 1
         self.greeting: greeting.Greeting | None = None
-        self.defaultListen = False
+        self.listen_is_default = False
         # A worker's role, set by tcpgreet.workers.__main__ in the worker processes of
         # --workers, never from the command line.
         self.worker: WorkerRole | None = None
@@ -259,7 +268,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = default_listen(DEFAULT_PORT)
-            self.defaultListen = True
+            self.listen_is_default = True
         if self["workers"] > self["max-connections"]:
             raise usage.UsageError(
                 f"--workers {self['workers']} is more than --max-connections "
@@ -288,7 +297,7 @@ class Options(usage.Options):
                 f"unexpected argument {arguments[0]!r}: options start with -, and a "
                 "value that holds spaces needs quotes")
 
-    def parseOptions(self, options=None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
         Under twistd, report a bad command line in one line rather than the
         whole help text twistd would print before it; C{--help} shows that.
@@ -301,7 +310,17 @@ class Options(usage.Options):
             raise SystemExit(f"tcpgreet: {e} (see: twistd tcpgreet --help)") from None
 
 
-def makeService(options: Options, reactor=None) -> IService:
+class IServingReactor(IObserverReactor, IServiceReactor):
+    """
+    What the services L{makeService} builds need of the reactor, as far as
+    their types say: timers, calls from signal handlers and other threads,
+    and shutdown triggers.  The endpoints ask for what their types listen
+    with (C{listenTCP}, C{listenUNIX}, C{adoptStreamPort}, ...), untyped in
+    Twisted's endpoint parser.
+    """
+
+
+def makeService(options: Options, reactor: IServingReactor | None = None) -> IService:
     """
     Build the service for parsed L{Options}; the reactor is a parameter so
     tests can pass a fake one.  With C{--workers} above 1 it is a supervisor
@@ -309,7 +328,11 @@ def makeService(options: Options, reactor=None) -> IService:
     service on the listening sockets it was handed.
     """
     if reactor is None:
-        from twisted.internet import reactor
+        # Where the program starts: the one place the server takes the
+        # global reactor, to pass it down to everything it builds.
+        from twisted.internet import reactor as installed
+
+        reactor = cast(IServingReactor, installed)
     top = (_supervisor if options["workers"] > 1 else _greeter)(options, reactor)
     if startup.daemonizing(getattr(options, "parent", None)):
         # Last, so that it reports once every other service has started.
@@ -317,12 +340,13 @@ def makeService(options: Options, reactor=None) -> IService:
     return top
 
 
-def _greeter(options: Options, reactor) -> IService:
+def _greeter(options: Options, reactor: IServingReactor) -> IService:
     role = options.worker
     worker = role is not None
     wanted = listeners(options)
-    facades = ([InheritedReactor(reactor, fd) for fd in role.listen_fds] if worker
-               else [reactor] * len(wanted))
+    facades: list[EndpointReactor] = (
+        [InheritedReactor(reactor, fd) for fd in role.listen_fds] if role is not None
+        else [reactor] * len(wanted))
     endpoints = _endpoints(options, wanted, facades)
     factory = _factory(options, reactor)
     top = TwistdService(options, reactor)
@@ -330,7 +354,7 @@ def _greeter(options: Options, reactor) -> IService:
                            reactor=reactor, drain_timeout=options["drain-timeout"],
                            announce=not worker)
     greeter.setServiceParent(top)
-    if worker:
+    if role is not None:
         # After the greeter: it reports ready once the greeter serves.
         ControlService(role.control_fd, factory, reactor).setServiceParent(top)
     if options["metrics"] is not None:
@@ -348,7 +372,7 @@ def listeners(options: Options) -> list[Listener]:
     none given the default (L{default_listen}), its IPv6 half IPv6-only;
     on a machine without IPv6, its IPv4 half alone, as the log says.
     """
-    if not options.defaultListen:
+    if not options.listen_is_default:
         return [Listener(description) for description in options["listen"]]
     ipv4, ipv6 = options["listen"]
     missing = ipv6_unavailable()
@@ -372,22 +396,28 @@ class TwistdService(MetricsLast):
     C{--syslog} keep their meaning.
     """
 
-    def __init__(self, options: Options, reactor) -> None:
+    def __init__(self, options: Options, reactor: IServingReactor) -> None:
         super().__init__()
         # Set on a plugin's options by twistd's own (its ServerOptions).
         self._twistd_options = getattr(options, "parent", None)
         self._reactor = reactor
 
-    def setServiceParent(self, parent) -> None:
-        if (self._twistd_options is not None and isinstance(parent, Componentized)
-                and parent.getComponent(ILogObserver) is None):
-            observer = logs.twistd_default(self._twistd_options, self._reactor)
-            if observer is not None:
-                parent.setComponent(ILogObserver, observer)
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        twistd_options = self._twistd_options
+        if twistd_options is not None:
+            if twistd_options.get("logger"):
+                # twistd builds that observer with no argument, next.
+                logs.serve_on(self._reactor)
+            elif (isinstance(parent, Componentized)
+                    and parent.getComponent(ILogObserver) is None):
+                observer = logs.twistd_default(twistd_options, self._reactor)
+                if observer is not None:
+                    parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
 
 
-def _endpoints(options: Options, wanted: list[Listener], facades: list) -> list:
+def _endpoints(options: Options, wanted: list[Listener],
+               facades: Sequence[EndpointReactor]) -> list[tuple[str, IStreamServerEndpoint]]:
     """Each listen string and its endpoint, parsed on its reactor facade."""
     trusted = TrustedProxies(options["trusted-proxy"]) if options["trusted-proxy"] else None
     try:
@@ -398,16 +428,18 @@ def _endpoints(options: Options, wanted: list[Listener], facades: list) -> list:
         raise fail(str(e)) from None
 
 
-def _factory(options: Options, reactor) -> GreetFactory:
+def _factory(options: Options, reactor: IServingReactor) -> GreetFactory:
     rate = options["rate-per-ip"]
     limits = ConnectionLimits(
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
         rate=TokenBuckets(*rate) if rate is not None else None)
+    if options.greeting is None:
+        raise TypeError("makeService takes parsed Options (postOptions sets the greeting)")
     return GreetFactory(options.greeting, quiet=options["quiet"], limits=limits,
                         timeout=options["timeout"], reactor=reactor)
 
 
-def _supervisor(options: Options, reactor) -> IService:
+def _supervisor(options: Options, reactor: IServingReactor) -> IService:
     count = options["workers"]
     # Per-address limits are exact only if every connection from one
     # address reaches the same worker: steer them there.  Not behind a
@@ -416,8 +448,9 @@ def _supervisor(options: Options, reactor) -> IService:
     per_address = bool(options["max-per-ip"] or options["rate-per-ip"])
     wanted = listeners(options)
     endpoints = _endpoints(options, wanted, [
-        HoldingReactor(reactor, count, steer=per_address and not proxied(listener.description),
-                       ipv6_only=listener.ipv6_only)
+        WorkerSocketBinder(reactor, count,
+                           steer=per_address and not proxied(listener.description),
+                           ipv6_only=listener.ipv6_only)
         for listener in wanted])
     supervisor = WorkerSupervisor(
         _factory(options, reactor), endpoints, count,
@@ -429,7 +462,7 @@ def _supervisor(options: Options, reactor) -> IService:
     if options["metrics"] is not None:
         served = _metrics_service(
             options["metrics"], reactor, lambda: supervisor.totals,
-            lambda: {"open": supervisor.openConnections, "listeners": len(supervisor.ports),
+            lambda: {"open": supervisor.open_connections, "listeners": len(supervisor.ports),
                      "workers": len(supervisor.workers),
                      "worker_restarts": supervisor.restarts},
             refresh=supervisor.gather)
@@ -438,8 +471,10 @@ def _supervisor(options: Options, reactor) -> IService:
     return top
 
 
-def _metrics_service(description: str, reactor, stats: Callable, gauges: Callable,
-                     refresh: Callable | None = None) -> metrics.MetricsService:
+def _metrics_service(description: str, reactor: IServingReactor, stats: Callable[[], Stats],
+                     gauges: Callable[[], dict[str, int]],
+                     refresh: Callable[[], Deferred[object]] | None = None,
+                     ) -> metrics.MetricsService:
     # Imported here: twisted.web and prometheus_client are loaded only
     # when metrics are served.
     from tcpgreet import metrics

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from twisted.application import app
+from twisted.internet import reactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogLevel, formatEventAsClassicLogText
 from twisted.python import logfile
 from twisted.python.failure import Failure
@@ -235,7 +237,7 @@ class ChoiceTests(SynchronousTestCase):
 
     def test_daemon_writes_twistd_log(self):
         config = _options(["tcpgreet"])
-        observer = logs.twistd_default(config)
+        observer = logs.twistd_default(config, MemoryReactorClock())
         self.assertEqual(observer._out.path, os.path.join(self.directory, "twistd.log"))
         self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
 
@@ -254,6 +256,17 @@ class ChoiceTests(SynchronousTestCase):
     def test_logger_wins(self):
         self.assertIsNone(self.observer("-n", "--logger", "tcpgreet.logs.json_observer"))
 
+    def test_logger_batches_on_the_reactor_of_the_service(self):
+        # twistd builds a --logger observer with no argument, after the
+        # service: the observer runs on the reactor the service was given.
+        self.patch(logs, "_service_reactor", None)
+        config = _options(["-n", "--logger", "tcpgreet.logs.json_observer", "tcpgreet",
+                           "--listen", "tcp:0:interface=127.0.0.1"])
+        UnixApplicationRunner(config).createOrGetApplication()
+        observer = config["logger"]()  # what twistd's logger calls, next
+        self.assertIsInstance(observer, logs.BatchingObserver)
+        self.assertIs(observer._reactor, reactor)
+
     def test_syslog_wins(self):
         config, application = _application(["-n", "--syslog", "--prefix", "greet",
                                             "tcpgreet"])
@@ -265,7 +278,7 @@ class ChoiceTests(SynchronousTestCase):
 
     def test_daemon_to_standard_output_is_twistds_to_refuse(self):
         config = _options(["--logfile=-", "tcpgreet"])
-        self.assertIsNone(logs.twistd_default(config))
+        self.assertIsNone(logs.twistd_default(config, MemoryReactorClock()))
         with self.assertRaises(SystemExit):
             UnixAppLogger(config)._getLogObserver()
 

@@ -127,7 +127,7 @@ class IPv6OnlyTests(TestCase):
     @skipUnless(has_ipv6_loopback(), "no IPv6 loopback")
     @defer.inlineCallbacks
     def test_beside_ipv4_on_the_same_port_each_family_gets_its_own_clients(self):
-        factory = GreetFactory(greeting.from_text("{peer_host}"), quiet=True)
+        factory = GreetFactory(greeting.from_text("{peer_host}"), quiet=True, reactor=reactor)
         ipv4 = yield server_endpoint(reactor, "tcp:0").listen(factory)
         self.addCleanup(ipv4.stopListening)
         number = ipv4.getHost().port
@@ -144,7 +144,7 @@ class IPv6OnlyTests(TestCase):
         # tcp6 on every address takes IPv4 clients too, unless the system
         # says otherwise (net.ipv6.bindv6only): what a fresh socket has.
         listening = yield server_endpoint(reactor, "tcp6:0").listen(
-            GreetFactory(greeting.from_text("x"), quiet=True))
+            GreetFactory(greeting.from_text("x"), quiet=True, reactor=reactor))
         self.addCleanup(listening.stopListening)
         with socket.socket(socket.AF_INET6) as fresh:
             expected = fresh.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)

@@ -21,9 +21,9 @@ from tcpgreet.endpoints import server_endpoint
 from tcpgreet.server import GreetFactory
 from tcpgreet.workers.handover import (
     HeldListener,
-    HoldingReactor,
     InheritedReactor,
     SharedUNIXPort,
+    WorkerSocketBinder,
     bind_unix,
     handover,
     systemd_name,
@@ -34,7 +34,7 @@ from . import tls
 
 def held(description, workers=2, steer=False):
     """Listen on C{description} as a supervisor of C{workers} would."""
-    endpoint = server_endpoint(HoldingReactor(reactor, workers, steer), description)
+    endpoint = server_endpoint(WorkerSocketBinder(reactor, workers, steer), description)
     results = []
     factory = GreetFactory(greeting.from_text("x"), quiet=True, reactor=reactor)
     endpoint.listen(factory).addBoth(results.append)
@@ -102,7 +102,7 @@ class HoldingTests(SynchronousTestCase):
         with socket.socket() as inherited:
             inherited.bind(("127.0.0.1", 0))
             inherited.listen()
-            listener = HoldingReactor(reactor, 2, False).adoptStreamPort(
+            listener = WorkerSocketBinder(reactor, 2, False).adoptStreamPort(
                 inherited.fileno(), socket.AF_INET, Factory())
             self.addCleanup(listener.stopListening)
             self.assertEqual(listener.systemd_fd, inherited.fileno())
@@ -160,7 +160,7 @@ class AdoptionTests(TestCase):
         self.addCleanup(listener.stopListening)
         ports = []
         for index, text in enumerate(["first", "second"]):
-            factory = GreetFactory(greeting.from_text(text), quiet=True)
+            factory = GreetFactory(greeting.from_text(text), quiet=True, reactor=reactor)
             fd = self.inherit(listener, index)
             endpoint = server_endpoint(InheritedReactor(reactor, fd),
                                        "tcp:0:interface=127.0.0.1")
@@ -191,7 +191,7 @@ class AdoptionTests(TestCase):
             endpoint = server_endpoint(InheritedReactor(reactor, self.inherit(listener, 0)),
                                        f"unix:{path}")
             workers.append((yield endpoint.listen(
-                GreetFactory(greeting.from_text(text), quiet=True))))
+                GreetFactory(greeting.from_text(text), quiet=True, reactor=reactor))))
         self.assertIsInstance(workers[0], SharedUNIXPort)
         yield workers[0].stopListening()
         # Neither the path, nor its mode, nor the socket went with it.
@@ -218,7 +218,8 @@ class AdoptionTests(TestCase):
         self.addCleanup(listener.stopListening)
         endpoint = server_endpoint(InheritedReactor(reactor, self.inherit(listener, 0)),
                                    description)
-        port = yield endpoint.listen(GreetFactory(greeting.from_text("tls"), quiet=True))
+        port = yield endpoint.listen(
+            GreetFactory(greeting.from_text("tls"), quiet=True, reactor=reactor))
         self.addCleanup(port.stopListening)
         self.assertEqual(port.getHost().port, listener.getHost().port)
         self.assertEqual(getattr(port, "_type", None), "TLS")

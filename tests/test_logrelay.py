@@ -51,7 +51,7 @@ class RelayTests(SynchronousTestCase):
         self.relay = LogRelay(2, 4242)
 
     def test_a_connection_line_keeps_its_fields(self):
-        self.relay.jsonLine(worker_line(
+        self.relay.json_line(worker_line(
             "{peer} port {port}: {outcome}, {bytes} bytes in {duration_ms} ms",
             peer="192.0.2.7", port=51324, outcome="greeted", bytes=26, duration_ms=0.041,
             reason=None))
@@ -73,7 +73,7 @@ class RelayTests(SynchronousTestCase):
                          ("192.0.2.7", 4242, "tcpgreet.server"))
 
     def test_braces_in_the_text_stay_as_they_are(self):
-        self.relay.jsonLine(worker_line("reload failed: {error}", level=LogLevel.error,
+        self.relay.json_line(worker_line("reload failed: {error}", level=LogLevel.error,
                                         error="unknown placeholder {nope}"))
         [event] = self.events
         self.assertEqual(formatEvent(event),
@@ -83,7 +83,7 @@ class RelayTests(SynchronousTestCase):
     def test_a_failure_brings_its_traceback(self):
         events = []
         Logger(observer=events.append).failure("it broke", Failure(ZeroDivisionError("no")))
-        self.relay.jsonLine(as_json(events[0]).encode())
+        self.relay.json_line(as_json(events[0]).encode())
         [event] = self.events
         self.assertIn("it broke\nTraceback", formatEvent(event))
         self.assertIn("ZeroDivisionError", formatEvent(event))
@@ -95,16 +95,16 @@ class RelayTests(SynchronousTestCase):
             ("twisted.internet.base", "Main loop terminated."),
             ("log_legacy", "GreetFactory starting on 40321"),
         ]:
-            self.relay.jsonLine(worker_line(text, namespace=namespace))
+            self.relay.json_line(worker_line(text, namespace=namespace))
         self.assertEqual(self.events, [])
-        self.relay.jsonLine(worker_line("Unhandled error", namespace="log_legacy",
+        self.relay.json_line(worker_line("Unhandled error", namespace="log_legacy",
                                         level=LogLevel.critical))
         self.assertEqual(len(self.events), 1)
 
     def test_standard_error_and_stray_lines(self):
-        self.relay.textLine(b"tcpgreet: greeting file /x: No such file or directory")
-        self.relay.jsonLine(b"not json {")
-        self.relay.jsonLine(b"   ")
+        self.relay.text_line(b"tcpgreet: greeting file /x: No such file or directory")
+        self.relay.json_line(b"not json {")
+        self.relay.json_line(b"   ")
         self.assertEqual([(formatEvent(e), e["log_level"]) for e in self.events], [
             ("[worker 2, pid 4242] tcpgreet: greeting file /x: No such file or directory",
              LogLevel.error),

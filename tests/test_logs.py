@@ -20,6 +20,7 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tcpgreet import logs
 from tcpgreet.logs import (
     BatchingObserver,
     FastLogger,
@@ -320,3 +321,27 @@ class ThreadTests(SynchronousTestCase):
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         clock.advance(0)
         self.assertEqual(out.getvalue(), "from a thread\nfrom the reactor\n")
+
+
+class ReactorTests(SynchronousTestCase):
+    """An observer batches on the reactor it is given, and only on that one."""
+
+    def test_without_a_reactor_each_line_is_written_at_once(self):
+        out = io.StringIO()
+        observer = BatchingObserver(out, lambda event: event["text"], None)
+        observer({"text": "one\n"})
+        self.assertEqual(out.getvalue(), "one\n")
+
+    def test_named_observers_take_the_reactor_the_service_runs_on(self):
+        # What twistd --logger builds, with no argument, after the service.
+        self.patch(logs, "_service_reactor", None)
+        self.assertIsNone(json_observer(io.StringIO())._reactor)
+        clock = RunningClock()
+        logs.serve_on(clock)
+        for make in (json_observer, text_observer):
+            out = io.StringIO()
+            observer = make(out)
+            observer({"log_format": "batched", "log_time": 0.0})
+            self.assertEqual(out.getvalue(), "")  # until the end of the turn
+            clock.advance(0)
+            self.assertIn("batched", out.getvalue())

@@ -52,7 +52,8 @@ class CountingServer(tcp.Server):
 
 class DirectPathTests(TestCase):
     def listen(self, text, **kwargs):
-        factory = GreetFactory(greeting.from_text(text), quiet=True, **kwargs)
+        factory = GreetFactory(greeting.from_text(text), quiet=True, reactor=reactor,
+                               **kwargs)
         listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
         listening.transport = CountingServer
         CountingServer.created = 0
@@ -78,7 +79,7 @@ class DirectPathTests(TestCase):
         self.listening.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
         data = yield threads.deferToThread(blocking_fetch, address, b"x" * 100000)
         self.assertEqual(data, b"hello\r\n")
-        yield factory.whenIdle()
+        yield factory.when_idle()
         self.assertEqual(CountingServer.created, 1)
         self.assertEqual(factory.stats.greeted, 1)
 
@@ -89,7 +90,7 @@ class DirectPathTests(TestCase):
         data = yield threads.deferToThread(blocking_fetch, address, b"", 4096)
         self.assertEqual(data, text.encode() + b"\r\n")
         self.assertEqual(CountingServer.created, 1)
-        yield factory.whenIdle()
+        yield factory.when_idle()
         self.assertEqual(factory.stats.greeted, 1)
 
 
@@ -100,7 +101,7 @@ class QuietStartTests(TestCase):
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        factory = GreetFactory(greeting.from_text("hello"), quiet=True)
+        factory = GreetFactory(greeting.from_text("hello"), quiet=True, reactor=reactor)
         listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
         self.assertTrue(listening.connected)
         self.assertEqual(listening.getHost().port, listening.socket.getsockname()[1])
@@ -120,7 +121,7 @@ class QuietStartTests(TestCase):
 class AdoptionTests(TestCase):
     @defer.inlineCallbacks
     def test_a_connection_accepted_elsewhere_is_served_as_if_accepted_here(self):
-        factory = GreetFactory(greeting.from_text("{peer_host}"), quiet=True)
+        factory = GreetFactory(greeting.from_text("{peer_host}"), quiet=True, reactor=reactor)
         listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         with socket.socket() as elsewhere:  # another socket: the supervisor's copy, say
@@ -196,7 +197,7 @@ class HandOverTests(TestCase):
 
 class DirectFactoryTests(TestCase):
     def test_the_greeting_factory_promises_what_a_direct_factory_must(self):
-        verifyObject(IDirectFactory, GreetFactory(greeting.from_text("hi")))
+        verifyObject(IDirectFactory, GreetFactory(greeting.from_text("hi"), reactor=reactor))
 
     def test_only_a_factory_that_provides_the_interface_is_served_directly(self):
         class Undeclared(Factory):
@@ -205,10 +206,10 @@ class DirectFactoryTests(TestCase):
 
         served = []
         for factory in (Undeclared(), HalfCloseFactory(),
-                        GreetFactory(greeting.from_text("hi"))):
+                        GreetFactory(greeting.from_text("hi"), reactor=reactor)):
             listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
             self.addCleanup(listening.stopListening)
-            served.append((listening._direct, listening._acceptedSocket))
+            served.append((listening._direct, listening._accepted_socket))
         self.assertEqual(served, [(False, socket.socket), (True, _socket.socket),
                                   (True, _socket.socket)])
 
@@ -239,16 +240,16 @@ class DirectFactoryTests(TestCase):
 class BrokenGreeting(TestCase):
     @defer.inlineCallbacks
     def test_a_protocol_that_raises_is_cut_off_and_counted_out(self):
-        factory = GreetFactory(greeting.from_text("hi"), quiet=True)
+        factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=reactor)
         calls = []
 
-        def greetingFor(peer):
+        def greeting_for(peer):
             calls.append(peer)
             if len(calls) == 1:
                 raise RuntimeError("broken")
             return b"hi\r\n"
 
-        factory.greetingFor = greetingFor
+        factory.greeting_for = greeting_for
         listening = port.listen(reactor, 0, factory, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         address = ("127.0.0.1", listening.getHost().port)
@@ -294,7 +295,8 @@ class AcceptErrorTests(SynchronousTestCase):
         self.addCleanup(reserve.release)
         self.patch(port, "_reserve", reserve)
         clock = MemoryReactorClock()
-        listening = port.GreetPort(0, GreetFactory(greeting.from_text("hi")), reactor=clock)
+        listening = port.GreetPort(0, GreetFactory(greeting.from_text("hi"), reactor=clock),
+                                   reactor=clock)
         listening.socket = FakeListeningSocket(code, waiting)
         listening.connected = True
         listening.numberAccepts = 100
@@ -429,7 +431,7 @@ def port_on(listening_socket):
     listening = port.GreetPort(0, factory, interface="::", reactor=clock)
     listening.socket = listening_socket
     listening.fileno = listening_socket.fileno
-    listening._socketKind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
+    listening._socket_kind = (int(socket.AF_UNIX), int(socket.SOCK_STREAM))
     listening._direct = True
     listening.connected = True
     listening.numberAccepts = 100
@@ -576,7 +578,8 @@ class FloodTests(TestCase):
         generator = self.load_generator()
         placement = cpus.plan(1)
         self.pin(placement)
-        factory = GreetFactory(greeting.from_text(FLOOD_GREETING[:-2].decode()), quiet=True)
+        factory = GreetFactory(greeting.from_text(FLOOD_GREETING[:-2].decode()), quiet=True,
+                               reactor=reactor)
         listening = port.listen(reactor, 0, factory, backlog=self.BACKLOG,
                                 interface="127.0.0.1")
         self.addCleanup(listening.stopListening)

@@ -223,7 +223,7 @@ class ProxyTests(SynchronousTestCase):
     def test_a_drain_waits_for_headers_in_progress(self):
         wrapper, _ = self.connect()
         self.assertIn(wrapper, self.greeter.waiting)
-        idle = self.greeter.whenIdle()
+        idle = self.greeter.when_idle()
         self.assertNoResult(idle)
         wrapper.dataReceived(V1)
         # Handed over: now the greeting protocol is what the drain waits for.
@@ -389,7 +389,7 @@ class TLSAfterHeaderTests(SynchronousTestCase):
                                     reactor=self.clock)
         self.factory = proxy.ProxyHeaderFactory(self.greeter, self.clock)
         certificate = make_certificate(["localhost"])
-        self.factory.tlsAfterHeader(PrivateCertificate.loadPEM(
+        self.factory.tls_after_header(PrivateCertificate.loadPEM(
             (certificate.key_pem + certificate.certificate_pem).decode()).options())
         context = ssl.create_default_context(cadata=certificate.certificate_pem.decode())
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()

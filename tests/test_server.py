@@ -14,7 +14,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcpgreet import greeting
 from tcpgreet.greeting import Clock
 from tcpgreet.limits import ConnectionLimits
-from tcpgreet.server import CHUNK, LINGER, GreetFactory, GreetProtocol, peer_host_port
+from tcpgreet.server import (
+    CHUNK,
+    LINGER,
+    GreetFactory,
+    GreetProtocol,
+    peer_host_port,
+    was_greeted,
+)
 
 from .certificates import make_certificate
 
@@ -94,6 +101,21 @@ class LogTests(SynchronousTestCase):
                          ("192.0.2.7", 40001, "greeted", 7))
         self.assertGreaterEqual(event["duration_ms"], 0)
         self.assertIsNone(event["reason"])
+
+    def test_the_duration_is_the_reactors_time(self):
+        # From connectionMade to connectionLost, as the reactor's clock
+        # tells it: a test's clock drives it, the wall clock does not.
+        log = CapturedLog(self)
+        clock = MemoryReactorClock()
+        clock.advance(1000)
+        factory = GreetFactory(greeting.from_text("hello"), reactor=clock)
+        protocol, transport = open_connection(factory)
+        clock.advance(1.25)
+        transport.flushed()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        [event] = log.events
+        self.assertEqual((event["outcome"], event["duration_ms"]), ("greeted", 1250.0))
+        self.assertEqual(factory.stats.durations.sum, 1.25)
 
     def test_a_lost_connection_is_logged_with_the_reason(self):
         log = CapturedLog(self)
@@ -401,7 +423,7 @@ class StatsTests(SynchronousTestCase):
         protocol, transport = open_connection(factory)
         transport.flushed()
         seen = []
-        factory.whenIdle().addCallback(
+        factory.when_idle().addCallback(
             lambda _: seen.append((factory.stats.greeted, len(log.events))))
         finish(protocol)
         self.assertEqual(seen, [(1, 1)])
@@ -416,3 +438,29 @@ class StatsTests(SynchronousTestCase):
         stats = factory.stats
         self.assertEqual((stats.accepted, stats.greeted, stats.bytes_sent), (3, 3, 21))
         self.assertEqual(stats.durations.count, 3)
+
+
+class WasGreetedTests(SynchronousTestCase):
+    """The one test of whether a connection got its greeting."""
+
+    def protocol(self, **state):
+        protocol = GreetProtocol()
+        protocol.length = protocol.written = 5
+        for name, value in state.items():
+            setattr(protocol, name, value)
+        return protocol
+
+    def test_a_fin_after_the_greeting(self):
+        lost = Failure(error.ConnectionLost())
+        self.assertTrue(was_greeted(self.protocol(write_done=True), lost, tls=False))
+
+    def test_everything_written_and_a_clean_close(self):
+        done = Failure(error.ConnectionDone())
+        self.assertTrue(was_greeted(self.protocol(), done, tls=False))
+        self.assertFalse(was_greeted(self.protocol(written=4), done, tls=False))
+        self.assertFalse(was_greeted(self.protocol(cut_short="timeout"), done, tls=False))
+
+    def test_over_tls_only_after_the_handshake(self):
+        done = Failure(error.ConnectionDone())
+        self.assertFalse(was_greeted(self.protocol(), done, tls=True))
+        self.assertTrue(was_greeted(self.protocol(handshook=True), done, tls=True))

@@ -85,13 +85,13 @@ class DrainTests(SynchronousTestCase):
         protocol, transport = open_connection(self.factory)
         stopped = self.service.stopService()
         # A second SIGTERM is noted, not obeyed; SIGHUP still reloads.
-        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stopSignalled)
-        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stopSignalled)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), self.service._stop_signalled)
+        self.assertEqual(signal.getsignal(signal.SIGINT), self.service._stop_signalled)
         self.assertEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
         transport.flushed()
         protocol.connectionLost(Failure(error.ConnectionDone()))
         self.successResultOf(stopped)
-        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stopSignalled)
+        self.assertNotEqual(signal.getsignal(signal.SIGTERM), self.service._stop_signalled)
         self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
 
     def test_what_is_left_after_the_drain_timeout_is_aborted(self):
@@ -109,7 +109,7 @@ class DrainTests(SynchronousTestCase):
         for listener in (0, 7):  # a port of another kind; no such port
             ours, theirs = socket.socketpair()
             self.addCleanup(theirs.close)
-            self.service.adoptConnection(listener, ours.detach())
+            self.service.adopt_connection(listener, ours.detach())
             self.assertEqual(theirs.recv(10), b"")
 
     def test_nothing_in_progress_stops_at_once(self):
@@ -119,8 +119,9 @@ class DrainTests(SynchronousTestCase):
 class ReloadTests(SynchronousTestCase):
     def test_reload_swaps_the_greeting_or_keeps_it(self):
         path = temporary_file(self, b"one\n")
-        factory = GreetFactory(greeting.from_file(path), quiet=True)
-        service = GreetService(factory, [], greeting_file=path)
+        reactor = MemoryReactorClock()
+        factory = GreetFactory(greeting.from_file(path), quiet=True, reactor=reactor)
+        service = GreetService(factory, [], greeting_file=path, reactor=reactor)
         with open(path, "wb") as f:
             f.write(b"two\n")
         self.assertTrue(service.reload())
@@ -132,5 +133,6 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual((factory.stats.reloads, factory.stats.reload_failures), (1, 1))
 
     def test_reload_without_a_file_is_harmless(self):
-        factory = GreetFactory(greeting.from_text("x"), quiet=True)
-        self.assertFalse(GreetService(factory, []).reload())
+        reactor = MemoryReactorClock()
+        factory = GreetFactory(greeting.from_text("x"), quiet=True, reactor=reactor)
+        self.assertFalse(GreetService(factory, [], reactor=reactor).reload())

@@ -315,11 +315,11 @@ class MakeServiceTests(SynchronousTestCase):
     def test_the_startup_line_names_the_rate_limit_before_any_client_came(self):
         _, service = self.make("--rate-per-ip", "2/3", "--max-per-ip", "4")
         self.start(service)
-        fields = service.startupFields()
+        fields = service.startup_fields()
         self.assertEqual((fields["rate_per_ip"], fields["max_per_ip"]), ("2/3", 4))
         _, unlimited = self.make()
         self.start(unlimited)
-        self.assertEqual(unlimited.startupFields()["rate_per_ip"], "off")
+        self.assertEqual(unlimited.startup_fields()["rate_per_ip"], "off")
 
     def test_no_rate_limit_by_default(self):
         limits = self.make()[1].factory.limits
@@ -442,7 +442,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual({s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
                           for s in ipv6.sockets}, {1})
         self.assertIn(f"tcp6:{port} ([::]:{port}, IPv6 only)",
-                      supervisor.startupFields()["listeners"])
+                      supervisor.startup_fields()["listeners"])
 
     def test_steering_only_where_the_kernel_sees_the_client(self):
         def steered(*args):

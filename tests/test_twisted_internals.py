@@ -64,7 +64,7 @@ INTERNALS = {
         "the connection class a GreetPort builds for the slow path",
     "twisted.internet.tcp:Port.sessionno":
         "numbered as Twisted numbers the connections it builds",
-    # The control channel (tcpgreet/control.py) skips AMP's log line for
+    # The control channel (tcpgreet/workers/control.py) skips AMP's log line for
     # every connection by calling the protocol below it.
     "twisted.protocols.amp:BinaryBoxProtocol.makeConnection":
         "AMP without a log line per control channel",
@@ -75,6 +75,8 @@ INTERNALS = {
         "parse a PROXY v1 header without Twisted's wrapper, which greets early",
     "twisted.protocols.haproxy._v2parser:V2Parser":
         "parse a PROXY v2 header without Twisted's wrapper, which greets early",
+    "twisted.protocols.haproxy._info:ProxyInfo":
+        "the type of a parsed header, in annotations only",
 }
 
 

@@ -20,7 +20,7 @@ from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import GreetFactory
 from tcpgreet.stats import Stats
 from tcpgreet.workers.arguments import per_worker
-from tcpgreet.workers.handover import HoldingReactor
+from tcpgreet.workers.handover import WorkerSocketBinder
 from tcpgreet.workers.reuseport import steering_key
 from tcpgreet.workers.supervisor import (
     KILL_MARGIN,
@@ -221,12 +221,12 @@ class SupervisorTests(SynchronousTestCase):
         said(1, 10, open_connections=2)
         said(2, 5)
         self.supervisor._sum()
-        self.assertEqual((self.supervisor.totals.accepted, self.supervisor.openConnections),
+        self.assertEqual((self.supervisor.totals.accepted, self.supervisor.open_connections),
                          (15, 2))
         self.process(1).end(signal=signal.SIGKILL)
         self.reactor.advance(1)  # worker 1 starts again, from zero
         self.supervisor._sum()
-        self.assertEqual((self.supervisor.totals.accepted, self.supervisor.openConnections),
+        self.assertEqual((self.supervisor.totals.accepted, self.supervisor.open_connections),
                          (15, 0))
         said(1, 4)
         self.supervisor._sum()
@@ -246,7 +246,7 @@ class StandInTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         factory = GreetFactory(greeting.from_text("hi"), quiet=True, reactor=self.reactor)
         description = "tcp:0:interface=127.0.0.1"
-        endpoint = server_endpoint(HoldingReactor(self.reactor, 2, steer=True), description)
+        endpoint = server_endpoint(WorkerSocketBinder(self.reactor, 2, steer=True), description)
         self.supervisor = WorkerSupervisor(factory, [(description, endpoint)], 2, [],
                                            reactor=self.reactor)
         self.supervisor.privilegedStartService()

@@ -185,7 +185,7 @@ class ControlService(service.Service):
 
     def __init__(self, fileDescriptor: int, factory: GreetFactory, reactor) -> None:
         self.fileDescriptor = fileDescriptor
-        self.channel = WorkerChannel(factory, self._supervisorGone, self._adopt)
+        self.channel = WorkerChannel(factory, self._supervisor_gone, self._adopt)
         self._reactor = reactor
         self._stopping = False
 
@@ -193,7 +193,7 @@ class ControlService(service.Service):
         super().startService()
         adopt_channel(self._reactor, self.fileDescriptor, self.channel)
         os.close(self.fileDescriptor)
-        # A failure here is the channel closing, which _supervisorGone handles.
+        # A failure here is the channel closing, which _supervisor_gone handles.
         self.channel.callRemote(Ready).addErrback(lambda _: None)
 
     def stopService(self) -> None:
@@ -204,9 +204,9 @@ class ControlService(service.Service):
 
     def _adopt(self, listener: int, connection: int) -> None:
         # The greeting service beside this one serves it (tcpgreet.tap).
-        self.parent.getServiceNamed("greeter").adoptConnection(listener, connection)
+        self.parent.getServiceNamed("greeter").adopt_connection(listener, connection)
 
-    def _supervisorGone(self) -> None:
+    def _supervisor_gone(self) -> None:
         if self._stopping:
             return
         self._stopping = True

@@ -6,7 +6,7 @@ Both sides parse every C{--listen} string with the ordinary machinery
 its own, so every endpoint type, its options, TLS contexts and the PROXY
 wrapper come out exactly as in a single process:
 
-  - in the supervisor, L{HoldingReactor} binds: a reuseport group of one
+  - in the supervisor, L{WorkerSocketBinder} binds: a reuseport group of one
     socket per worker for a TCP listener (C{tcp}, C{tcp6}, C{ssl}, and
     those under C{haproxy:}), one socket for a UNIX listener, and a copy of
     the socket systemd passed for a C{systemd} listener.  It serves no
@@ -148,10 +148,11 @@ def bind_unix(path: str | bytes, backlog: int, mode: int, want_pid: bool) -> Hel
     return HeldListener([skt], unix_path=path if _in_filesystem(path) else None, lock=lock)
 
 
-class HoldingReactor:
+class WorkerSocketBinder:
     """
-    The reactor as the supervisor's endpoints see it: listening binds the
-    sockets the workers will accept from, and nothing more.  The factory an
+    What the supervisor's endpoints listen through, in the reactor's
+    place: listening binds the sockets the workers will accept from, and
+    nothing more; it is no reactor, and runs nothing.  The factory an
     endpoint passes is never used: the workers build their own.
 
     @ivar steer: whether a TCP listener's group steers each client address

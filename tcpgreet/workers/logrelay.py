@@ -87,7 +87,7 @@ class LogRelay:
         self.pid = pid
         self._prefix = f"[worker {worker}, pid {pid}] "
 
-    def jsonLine(self, line: bytes) -> None:
+    def json_line(self, line: bytes) -> None:
         """One line of the worker's standard output: a JSON event, normally."""
         if not line or line.isspace():
             return
@@ -96,7 +96,7 @@ class LogRelay:
         except ValueError:
             record = None
         if not isinstance(record, dict):
-            self.textLine(line, LogLevel.info)
+            self.text_line(line, LogLevel.info)
             return
         # What is left of the record once these are out are the event's fields.
         namespace = str(record.pop("namespace", None) or "tcpgreet.worker")
@@ -112,7 +112,7 @@ class LogRelay:
         record["pid"] = self.pid
         _logger(namespace).emit(level, _escape(self._prefix + message), **record)
 
-    def textLine(self, line: bytes, level: LogLevel = LogLevel.error) -> None:
+    def text_line(self, line: bytes, level: LogLevel = LogLevel.error) -> None:
         """
         A line that is not a JSON event: standard error (a start-up error,
         or what Python prints when it cannot log), or a stray write.

@@ -157,7 +157,7 @@ class WorkerProcess(ProcessProtocol):
 
     def _relay(self, childFD: int, lines) -> None:
         # Standard output carries JSON events, standard error plain text.
-        emit = self.relay.jsonLine if childFD == 1 else self.relay.textLine
+        emit = self.relay.json_line if childFD == 1 else self.relay.text_line
         for line in lines:
             emit(line)
 
@@ -182,10 +182,10 @@ class StandIn:
     @ivar handed: connections handed to a live worker so far.
     """
 
-    def __init__(self, reactor, handOver: Callable[[StandIn, socket.socket, tuple], None],
+    def __init__(self, reactor, hand_over: Callable[[StandIn, socket.socket, tuple], None],
                  listener: int, skt: socket.socket, steered: bool) -> None:
         self._reactor = reactor
-        self._handOver = handOver
+        self._hand_over = hand_over
         self.listener = listener
         self._socket = skt
         self.steered = steered
@@ -228,7 +228,7 @@ class StandIn:
                 self._reactor.removeReader(self)
                 self._paused = self._reactor.callLater(STAND_IN_PAUSE, self.start)
                 return
-            self._handOver(self, socket.socket(fileno=fd), address)
+            self._hand_over(self, socket.socket(fileno=fd), address)
 
 
 class WorkerSupervisor(GreetService):
@@ -236,7 +236,7 @@ class WorkerSupervisor(GreetService):
     A greeting service whose connections are served by worker processes.
 
     It listens as L{GreetService} does, on endpoints whose listening only
-    binds (L{tcpgreet.workers.handover.HoldingReactor}); its drain is the workers'
+    binds (L{tcpgreet.workers.handover.WorkerSocketBinder}); its drain is the workers'
     drain, its reload theirs.  Its factory describes what each worker runs
     and serves no connection itself.
 
@@ -244,7 +244,7 @@ class WorkerSupervisor(GreetService):
     @ivar restarts: how many times a worker was restarted.
     @ivar totals: the counters of every worker, past ones included, as of
         the last L{gather}.
-    @ivar openConnections: connections open in all workers, as of then.
+    @ivar open_connections: connections open in all workers, as of then.
     """
 
     name = "supervisor"
@@ -262,14 +262,14 @@ class WorkerSupervisor(GreetService):
         self.workers: dict[int, Worker] = {}
         self.restarts = 0
         self.totals = Stats()
-        self.openConnections = 0
+        self.open_connections = 0
         self._retired = Stats()
         self._backoff = {number: RestartBackoff() for number in range(1, count + 1)}
         self._restarting: dict[int, IDelayedCall] = {}  # by worker number
-        self._standIns: dict[int, list[StandIn]] = {}  # by number, for workers down
+        self._stand_ins: dict[int, list[StandIn]] = {}  # by number, for workers down
         self._unsteered = 0  # the next live worker an unsteered connection goes to
-        self._shuttingDown = False
-        self._nobodyServes = RateLimitedLog(
+        self._shutting_down = False
+        self._nobody_serves = RateLimitedLog(
             log, "closed {count} connection(s) in the last {interval:g} s: "
             "no worker is serving", level=LogLevel.error, clock=reactor)
 
@@ -280,18 +280,18 @@ class WorkerSupervisor(GreetService):
         for number in range(1, self.count + 1):
             self._start(number)
 
-    def logStartup(self) -> None:
-        fields = self.startupFields()
+    def log_startup(self) -> None:
+        fields = self.startup_fields()
         log.info(startup_format(self.count, proxied="trusted_proxies" in fields), **fields,
-                 workers=self.count, per_worker=self.connectionsPerProcess())
+                 workers=self.count, per_worker=self.connections_per_process())
 
-    def connectionsPerProcess(self) -> int:
+    def connections_per_process(self) -> int:
         return per_worker(self.factory.limits.max_connections, self.count)
 
     def _start(self, number: int) -> None:
         """Start worker C{number}; on failure, try again later."""
         self._restarting.pop(number, None)
-        reactor = self._reactor_()
+        reactor = self._reactor
         worker = Worker(number)
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with here, there:
@@ -310,7 +310,7 @@ class WorkerSupervisor(GreetService):
             except OSError as e:  # fork failed: out of memory or processes
                 log.error("cannot start worker {worker}: {error}", worker=number,
                           error=e.strerror or str(e))
-                self._restartLater(number, self._backoff[number].delay(None))
+                self._restart_later(number, self._backoff[number].delay(None))
                 return
             worker.process.closeStdin()
             worker.pid = worker.process.pid
@@ -328,9 +328,9 @@ class WorkerSupervisor(GreetService):
         return environment
 
     def _ready(self, worker: Worker) -> None:
-        worker.served_since = self._reactor_().seconds()
+        worker.served_since = self._reactor.seconds()
         log.info("worker {worker} (pid {pid}) ready", worker=worker.number, pid=worker.pid)
-        self._standDown(worker.number)
+        self._stand_down(worker.number)
         if worker.reload_pending:
             worker.reload_pending = False
             worker.signal("HUP")
@@ -343,13 +343,13 @@ class WorkerSupervisor(GreetService):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
         how = exit_description(reason)
-        if self._shuttingDown:
+        if self._shutting_down:
             if not (reason.check(ProcessDone) or
                     getattr(reason.value, "signal", None) == signal.SIGTERM):
                 log.warn("worker {worker} (pid {pid}) {how} while stopping",
                          worker=worker.number, pid=worker.pid, how=how)
         else:
-            now = self._reactor_().seconds()
+            now = self._reactor.seconds()
             served = None if worker.served_since is None else now - worker.served_since
             delay = self._backoff[worker.number].delay(served)
             self.restarts += 1
@@ -362,41 +362,41 @@ class WorkerSupervisor(GreetService):
             else:
                 log.warn("worker {worker} (pid {pid}) {how}; restarting it",
                          worker=worker.number, pid=worker.pid, how=how, delay=delay)
-            self._restartLater(worker.number, delay)
-            self._standIn(worker.number)
+            self._restart_later(worker.number, delay)
+            self._stand_in(worker.number)
         worker.ended.callback(None)
 
     # -- standing in for a worker that is down -------------------------------
 
-    def _standIn(self, number: int) -> None:
+    def _stand_in(self, number: int) -> None:
         """Accept from worker C{number}'s own sockets until it serves again."""
-        if number in self._standIns:
+        if number in self._stand_ins:
             return
-        standIns = [StandIn(self._reactor_(), self.handOver, index,
+        stand_ins = [StandIn(self._reactor, self.hand_over, index,
                             held.socket_for(number - 1), held.steered)
                     for index, held in enumerate(self.ports)
                     if isinstance(held, HeldListener) and not held.shared]
-        if not standIns:
+        if not stand_ins:
             return
-        self._standIns[number] = standIns
+        self._stand_ins[number] = stand_ins
         log.info("until worker {worker} serves again, the others serve the connections "
                  "that reach its sockets", worker=number)
-        for standIn in standIns:
-            standIn.start()
+        for stand_in in stand_ins:
+            stand_in.start()
 
-    def _standDown(self, number: int, back: bool = True) -> None:
+    def _stand_down(self, number: int, back: bool = True) -> None:
         """Stop standing in for worker C{number}: it is C{back}, or all stop."""
-        standIns = self._standIns.pop(number, [])
-        for standIn in standIns:
-            standIn.stop()
-        if standIns and back:
+        stand_ins = self._stand_ins.pop(number, [])
+        for stand_in in stand_ins:
+            stand_in.stop()
+        if stand_ins and back:
             log.info("worker {worker} serves again; the others served {handed} of its "
                      "connection(s) meanwhile", worker=number,
-                     handed=sum(standIn.handed for standIn in standIns))
+                     handed=sum(stand_in.handed for stand_in in stand_ins))
 
-    def handOver(self, standIn: StandIn, connection: socket.socket, address: tuple) -> None:
+    def hand_over(self, stand_in: StandIn, connection: socket.socket, address: tuple) -> None:
         """
-        Give C{connection}, accepted by C{standIn}, to a live worker: on a
+        Give C{connection}, accepted by C{stand_in}, to a live worker: on a
         steered listener, the same worker for every connection of a client
         (while the same workers are live), so that per-address limits stay
         exact; else each to the next.  With no live worker it is closed, so
@@ -406,22 +406,22 @@ class WorkerSupervisor(GreetService):
                 if worker.served_since is not None and worker.channel.transport is not None]
         if not live:
             connection.close()
-            self._nobodyServes.note()
+            self._nobody_serves.note()
             return
-        if standIn.steered:
+        if stand_in.steered:
             target = live[steering_key(address[0]) % len(live)]
         else:
             target = live[self._unsteered % len(live)]
             self._unsteered += 1
-        standIn.handed += 1
+        stand_in.handed += 1
         # The descriptor must stay open until the worker has its copy.
-        handed = target.channel.adopt(standIn.listener, connection.fileno())
+        handed = target.channel.adopt(stand_in.listener, connection.fileno())
         handed.addBoth(lambda _: connection.close())
 
-    def _restartLater(self, number: int, delay: float) -> None:
-        if self._shuttingDown:
+    def _restart_later(self, number: int, delay: float) -> None:
+        if self._shutting_down:
             return
-        self._restarting[number] = self._reactor_().callLater(delay, self._start, number)
+        self._restarting[number] = self._reactor.callLater(delay, self._start, number)
 
     # -- signals -----------------------------------------------------------
 
@@ -441,12 +441,12 @@ class WorkerSupervisor(GreetService):
         return True
 
     def stopService(self) -> Deferred:
-        self._shuttingDown = True
+        self._shutting_down = True
         for call in self._restarting.values():
             call.cancel()
         self._restarting.clear()
-        for number in list(self._standIns):  # before their sockets close
-            self._standDown(number, back=False)
+        for number in list(self._stand_ins):  # before their sockets close
+            self._stand_down(number, back=False)
         return super().stopService()
 
     def drain(self) -> Deferred:
@@ -462,9 +462,9 @@ class WorkerSupervisor(GreetService):
                  count=len(workers), timeout=self.drain_timeout)
         for worker in workers:
             worker.signal("TERM")
-        reactor = self._reactor_()
+        reactor = self._reactor
         deadline = self.drain_timeout + KILL_MARGIN
-        killer = reactor.callLater(deadline, self._killRemaining, deadline)
+        killer = reactor.callLater(deadline, self._kill_remaining, deadline)
 
         def stopped(result):
             if killer.active():
@@ -474,11 +474,11 @@ class WorkerSupervisor(GreetService):
 
         return DeferredList([worker.ended for worker in workers]).addCallback(stopped)
 
-    def signalledWhileStopping(self, name: str) -> None:
+    def signalled_while_stopping(self, name: str) -> None:
         log.info("{signal} while stopping: still waiting for {count} worker(s)",
                  signal=name, count=len(self.workers))
 
-    def _killRemaining(self, after: float) -> None:
+    def _kill_remaining(self, after: float) -> None:
         for worker in list(self.workers.values()):
             log.warn("worker {worker} (pid {pid}) still running {seconds:g} s after SIGTERM: "
                      "killing it", worker=worker.number, pid=worker.pid, seconds=after)
@@ -489,13 +489,13 @@ class WorkerSupervisor(GreetService):
     def gather(self) -> Deferred:
         """
         Ask every worker for its counters and update L{totals} and
-        L{openConnections}.  A worker that does not answer within
+        L{open_connections}.  A worker that does not answer within
         L{STATS_TIMEOUT} counts with what it said last; the last word of a
         worker that exited stays in the totals, so no counter goes back.
         """
         asked = []
         for worker in list(self.workers.values()):
-            answer = worker.channel.stats(STATS_TIMEOUT, self._reactor_())
+            answer = worker.channel.stats(STATS_TIMEOUT, self._reactor)
             asked.append(answer.addCallbacks(partial(self._answered, worker),
                                              lambda failure: None))
         return DeferredList(asked).addCallback(lambda _: self._sum())
@@ -507,4 +507,4 @@ class WorkerSupervisor(GreetService):
     def _sum(self) -> None:
         workers = list(self.workers.values())
         self.totals = total([self._retired, *(worker.stats for worker in workers)])
-        self.openConnections = sum(worker.open for worker in workers)
+        self.open_connections = sum(worker.open for worker in workers)
