@@ -9,7 +9,7 @@ with C{verifyObject}.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress, IProtocolFactory, ITCPTransport
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, ITCPTransport
 from zope.interface import Attribute, Interface
 
 
@@ -27,7 +27,7 @@ class IDirectFactory(IProtocolFactory):
     it asked for then takes effect only afterwards.
     """
 
-    def connectionWaiting(protocol):  # noqa: N805 (zope: no self)
+    def connectionWaiting(protocol: IProtocol) -> None:  # noqa: N805 (zope: no self)
         """
         The connection of C{protocol}, served on a L{tcpgreet._port.DirectTransport}, now
         needs the reactor (it was handed to a C{tcp.Server}), and may stay
@@ -75,5 +75,5 @@ class IProxiedFactory(Interface):
     def done(connection: object) -> None:  # noqa: N805
         """C{connection} (here: its header reader) is no longer in progress."""
 
-    def buildProtocol(addr: IAddress, reserved: bool = False):  # noqa: N805
+    def buildProtocol(addr: IAddress, reserved: bool = False) -> IProtocol | None:  # noqa: N805
         """The protocol for the client the header names, its place held already."""
