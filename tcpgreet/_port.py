@@ -105,7 +105,7 @@ class ListeningReactor(PortReactor, Protocol):
 Accept = Callable[[], tuple[int, Any]]
 
 
-def _c_accept(skt: socket.socket) -> Accept:
+def c_accept(skt: socket.socket) -> Accept:
     """
     C{skt}'s C{_accept}: the C accept, without the enum conversions
     C{socket.accept} does for every connection.
@@ -683,7 +683,7 @@ class GreetPort(tcp.Port):
         # conversions for every connection; the listening socket's own
         # numbers, read once, are all a connected socket needs.
         if accept is None:
-            accept = _c_accept(self.socket)
+            accept = c_accept(self.socket)
         family, kind = self._socketKind
         Socket = self._acceptedSocket
         factory = self.factory
@@ -753,7 +753,7 @@ class GreetPort(tcp.Port):
             try:
                 # What waits cannot exceed the backlog.
                 for _ in range(self.backlog or 4096):
-                    os.close(_c_accept(self.socket)()[0])
+                    os.close(c_accept(self.socket)()[0])
                     shed += 1
             except OSError:
                 pass

@@ -28,7 +28,7 @@ from tcpgreet.client.probe import ProbeRun, ProbeSettings
 from tcpgreet.client.report import Report
 
 if TYPE_CHECKING:
-    from tcpgreet.client.probe import ProbeReactor
+    from tcpgreet.client.probe import IProbeReactor
 
 # Descriptors kept for what is not a probe: standard streams, the
 # reactor's own, a targets file, the name service's files.
@@ -148,7 +148,7 @@ def allow_descriptors(parallel: int, per_probe: int, report: Report) -> int:
     return fits
 
 
-async def run_fleet(reactor: ProbeReactor, options: ClientOptions, report: Report,
+async def run_fleet(reactor: IProbeReactor, options: ClientOptions, report: Report,
                     settings_from: Callable[[ClientOptions, Target], ProbeSettings]) -> int:
     """Probe every target the options name; the worst exit status."""
     per_probe = 2 if options["all-addresses"] else 1

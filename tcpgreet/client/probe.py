@@ -60,14 +60,14 @@ if TYPE_CHECKING:  # TLS is imported only by the probes that speak it
     from tcpgreet.client.outcome import TLSInfo
     from tcpgreet.client.tls import FirstBytesTLS, TLSClient
 
-    class ProbeReactor(IReactorTime, IReactorTCP, IReactorUNIX, IReactorThreads,
-                       IReactorCore):
-        """
-        What a probe run needs of its reactor: a clock, TCP and UNIX
-        connections, threads for the resolver, and shutdown triggers.  For
-        annotations only: no reactor declares it, and any that provides all
-        of these interfaces (every posix reactor does) is one.
-        """
+
+class IProbeReactor(IReactorTime, IReactorTCP, IReactorUNIX, IReactorThreads, IReactorCore):
+    """
+    What a probe run needs of its reactor: a clock, TCP and UNIX
+    connections, threads for the resolver, and shutdown triggers.  (No
+    reactor declares it: any that provides all of these interfaces, as
+    every posix reactor does, is one.)
+    """
 
 _T = TypeVar("_T")
 
@@ -88,7 +88,7 @@ class Connection(TypingProtocol):
 
 
 # The name resolver a probe uses: host, port and family to addresses.
-Resolver = Callable[["ProbeReactor", str, "int | None", int], Coroutine[Any, Any, list[str]]]
+Resolver = Callable[[IProbeReactor, str, "int | None", int], Coroutine[Any, Any, list[str]]]
 
 # Seconds a connection we closed after its banner gets to finish closing.
 GOODBYE_TIMEOUT = 2.0
@@ -484,7 +484,7 @@ def happy_eyeballs(addresses: list[str]) -> list[str]:
     return ordered + six[shorter:] + four[shorter:]
 
 
-async def _addresses(reactor: ProbeReactor, settings: ProbeSettings, resolver: Resolver,
+async def _addresses(reactor: IProbeReactor, settings: ProbeSettings, resolver: Resolver,
                      deadline: float) -> tuple[list[str], float | None]:
     """
     The addresses to try and the time the name took (C{None} when there was
@@ -506,7 +506,7 @@ async def _addresses(reactor: ProbeReactor, settings: ProbeSettings, resolver: R
     return happy_eyeballs(addresses), reactor.seconds() - began
 
 
-async def probe(reactor: ProbeReactor, settings: ProbeSettings,
+async def probe(reactor: IProbeReactor, settings: ProbeSettings,
                 resolver: Resolver = resolve) -> ProbeResult:
     """
     One probe of C{settings.host}: its addresses are tried in turn (see
@@ -563,7 +563,7 @@ class _Race:
     dropped; L{outcome} then gives the winner's banner, or its failure.
     """
 
-    def __init__(self, reactor: ProbeReactor, settings: ProbeSettings, addresses: list[str],
+    def __init__(self, reactor: IProbeReactor, settings: ProbeSettings, addresses: list[str],
                  deadline: float) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -643,7 +643,7 @@ class _Race:
             self.winner.deferred.cancel()
 
 
-async def probe_all(reactor: ProbeReactor, settings: ProbeSettings,
+async def probe_all(reactor: IProbeReactor, settings: ProbeSettings,
                     resolver: Resolver = resolve) -> list[ProbeResult]:
     """
     C{--all-addresses}: one attempt at every address the name has, at once,
@@ -683,7 +683,7 @@ async def probe_all(reactor: ProbeReactor, settings: ProbeSettings,
         raise
 
 
-def _attempt(reactor: ProbeReactor, settings: ProbeSettings, address: str,
+def _attempt(reactor: IProbeReactor, settings: ProbeSettings, address: str,
              remaining: float) -> GreetClientFactory:
     """One connection attempt at C{address}, given up after C{remaining} seconds."""
     attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
@@ -709,7 +709,7 @@ def _stage(attempt: GreetClientFactory) -> str:
     return READ
 
 
-def _connect(reactor: ProbeReactor, settings: ProbeSettings, address: str,
+def _connect(reactor: IProbeReactor, settings: ProbeSettings, address: str,
              factory: GreetClientFactory, timeout: float) -> IConnector:
     # The probe's factory, with what goes beneath it on the wire.
     outermost: ClientFactory[Any] = factory
@@ -747,7 +747,7 @@ def _facts(attempt: GreetClientFactory) -> dict[str, Any]:
 
 
 # One probe of the settings' target, or of each of its addresses.
-Probe = Callable[["ProbeReactor", ProbeSettings],
+Probe = Callable[[IProbeReactor, ProbeSettings],
                  Coroutine[Any, Any, "ProbeResult | list[ProbeResult]"]]
 
 
@@ -767,7 +767,7 @@ class ProbeRun:
     probe_one = staticmethod(probe)
     probe_all = staticmethod(probe_all)
 
-    def __init__(self, reactor: ProbeReactor, settings: ProbeSettings, checks: Checks,
+    def __init__(self, reactor: IProbeReactor, settings: ProbeSettings, checks: Checks,
                  report: Report, count: int = 1, interval: float = 1.0,
                  probe: Probe | None = None) -> None:
         self.reactor = reactor
