@@ -96,8 +96,10 @@ class ListeningReactor(PortReactor, Protocol):
     TCP.  Whatever else an endpoint asks for is passed through untyped.
     """
 
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int,
-                        factory: IProtocolFactory) -> IListeningPort: ...
+    # Any: IReactorSocket wants the socket module's enum and a ServerFactory,
+    # the reactors themselves take any family number and protocol factory.
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: Any,
+                        factory: Any) -> IListeningPort: ...
 
 
 # An accepting callable: the listening socket's C-level accept, or a

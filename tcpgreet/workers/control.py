@@ -37,7 +37,7 @@ log = Logger(namespace="tcpgreet.control")
 
 
 
-class IChannelReactor(IReactorSocket, IReactorCore):
+class IChannelReactor(IReactorCore, IReactorSocket):
     """
     What a worker's end of the channel needs of its reactor: to adopt the
     socket it inherits, and to stop when the supervisor is gone.  (No
