@@ -35,26 +35,84 @@ import os
 import socket
 import struct
 import termios
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
 
 from twisted.internet import abstract, error, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
+    IDelayedCall,
     IHalfCloseableProtocol,
+    IListeningPort,
     ILoggingContext,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProducer,
+    IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorTime,
+    IReadDescriptor,
     ISystemHandle,
     ITLSTransport,
+    IWriteDescriptor,
 )
-from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger, globalLogPublisher
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from tcpgreet.interfaces import IAdoptingPort, IDirectFactory, IDirectTransport
 from tcpgreet.logs import RateLimitedLog
 
 log = Logger()
+
+
+class PortReactor(Protocol):
+    """
+    What a L{GreetPort} needs of its reactor: the part of C{IReactorFDSet}
+    that C{tcp.Port} reads through, and C{IReactorTime}'s C{callLater} for
+    its pauses and its close.  A protocol, because no one Twisted interface
+    has both and no reactor declares an interface that joins them.
+    """
+
+    def addReader(self, reader: IReadDescriptor) -> None: ...
+
+    def removeReader(self, reader: IReadDescriptor) -> None: ...
+
+    def removeWriter(self, writer: IWriteDescriptor) -> None: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object,
+                  **kw: object) -> IDelayedCall: ...
+
+
+class ListeningReactor(PortReactor, Protocol):
+    """
+    The reactor L{GreetReactor} stands in front of: a L{PortReactor} that
+    also adopts sockets (C{IReactorSocket}) for the listeners that are not
+    TCP.  Whatever else an endpoint asks for is passed through untyped.
+    """
+
+    # Any: IReactorSocket wants the socket module's enum and a ServerFactory,
+    # the reactors themselves take any family number and protocol factory.
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: Any,
+                        factory: Any) -> IListeningPort: ...
+
+
+# An accepting callable: the listening socket's C-level accept, or a
+# connection adopted from elsewhere (GreetPort.adoptConnection).
+Accept = Callable[[], tuple[int, Any]]
+
+
+def c_accept(skt: socket.socket) -> Accept:
+    """
+    C{skt}'s C{_accept}: the C accept, without the enum conversions
+    C{socket.accept} does for every connection.
+    """
+    return skt._accept  # type: ignore[attr-defined]  # _socket.socket's, not in typeshed
 
 # Retry accepting after this long when the system is out of descriptors or
 # buffers and shedding did not help: long enough not to spin, short enough
@@ -120,7 +178,8 @@ class DirectTransport:
                  "_writable", "_writeDisconnected", "_writeDisconnecting", "protocol",
                  "server", "socket")
 
-    def __init__(self, skt: socket.socket, protocol, addr: tuple, port: GreetPort) -> None:
+    def __init__(self, skt: socket.socket, protocol: IProtocol, addr: tuple[Any, ...],
+                 port: GreetPort) -> None:
         self.socket = skt
         self.protocol = protocol
         self._addr = addr
@@ -182,7 +241,8 @@ class DirectTransport:
             self.socket.shutdown(_SHUT_WR)
         except OSError:
             pass
-        protocol = self.protocol
+        # Any: providedBy is no type guard, and a cast would cost a call here.
+        protocol: Any = self.protocol
         if not _half_closeable(protocol):
             protocol = IHalfCloseableProtocol(protocol, None)
             if protocol is None:
@@ -225,7 +285,7 @@ class DirectTransport:
         if sent < len(data):
             self.upgrade().write(data[sent:])
 
-    def writeSequence(self, data) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         data = list(data)
         for chunk in data:
             if not isinstance(chunk, bytes):
@@ -279,7 +339,8 @@ class DirectTransport:
             with contextlib.suppress(OSError):
                 skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         skt.close()
-        protocol, self.protocol = self.protocol, None
+        protocol = self.protocol
+        self.protocol = None  # type: ignore[assignment]  # the cycle broken: nothing reads it now
         protocol.connectionLost(reason)
 
     # -- handing over to the reactor --------------------------------------
@@ -300,7 +361,8 @@ class DirectTransport:
         port.sessionno += 1
         self.server = server = port.transport(
             self.getHandle(), protocol, self._addr, port, port.sessionno, port.reactor)
-        protocol.transport = server
+        # IProtocol names no transport; every protocol has one.
+        cast(TwistedProtocol, protocol).transport = server
         self._writable = False
         if self._writeDisconnected:
             # The FIN is out: tell the transport its write side is gone (as
@@ -313,7 +375,8 @@ class DirectTransport:
             server.abortConnection()
         elif self._disconnecting:
             server.loseConnection()
-        port.factory.connectionWaiting(protocol)
+        # Only a direct factory's connections get a DirectTransport.
+        cast(IDirectFactory, port.factory).connectionWaiting(protocol)
         return server
 
     def _handed_over(self) -> tcp.Server | None:
@@ -324,7 +387,7 @@ class DirectTransport:
             return None
         return self.upgrade()
 
-    def registerProducer(self, producer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         server = self._handed_over()
         if server is None:
             producer.stopProducing()  # as a disconnected tcp.Server does
@@ -348,7 +411,8 @@ class DirectTransport:
     def stopProducing(self) -> None:
         self.loseConnection()
 
-    def startTLS(self, contextFactory, normal: bool = True) -> None:
+    def startTLS(self, contextFactory: IOpenSSLClientConnectionCreator
+                 | IOpenSSLServerConnectionCreator, normal: bool = True) -> None:
         server = self._handed_over()
         if server is None:
             raise error.ConnectionDone("the connection is closed")
@@ -374,10 +438,10 @@ class DirectTransport:
             return bool(self.server.disconnected)
         return self._closed
 
-    def getPeer(self):
+    def getPeer(self) -> IPv4Address | IPv6Address:
         return self._port._buildAddr(self._addr)
 
-    def getHost(self):
+    def getHost(self) -> IPv4Address | IPv6Address:
         """This connection's own address (not the listener's, which may be 0.0.0.0)."""
         if self.server is not None:
             return self.server.getHost()
@@ -421,7 +485,7 @@ def _lost_failure(e: OSError) -> Failure:
     return Failure(error.ConnectionLost(e.strerror or str(e)))
 
 
-def _numeric(addr: tuple) -> tuple:
+def _numeric(addr: tuple[Any, ...]) -> tuple[Any, ...]:
     """A socket address with an IPv6 scope kept in its host, as Twisted has it."""
     if len(addr) == 4 and addr[3]:
         host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
@@ -460,7 +524,8 @@ class _ReserveDescriptor:
 _reserve = _ReserveDescriptor()
 
 
-def _log_with_reserve_free(event: dict) -> None:
+@provider(ILogObserver)
+def _log_with_reserve_free(event: LogEvent) -> None:
     """
     Log C{event} with the reserve descriptor given up meanwhile.  Accept
     errors are logged while the process is out of descriptors, and an
@@ -484,7 +549,7 @@ _PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _SKIP_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.EINTR}
 
 
-def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
     """The family and socket address to bind, as Twisted's TCP port has them."""
     if abstract.isIPv6Address(interface):
         # Keeps a scope (fe80::1%eth0), as Twisted does.
@@ -510,21 +575,27 @@ class GreetPort(tcp.Port):
         they are rather than as C{::ffff:} addresses.
     """
 
+    # Made with one; tcp.Port declares it optional, as a class default.
+    factory: Factory[Any]
     ipv6Only = False
     _direct = False
     # What an accepted socket is made into: a DirectTransport works on the
     # bare C socket, and wraps it only when it must (getHandle).
     _accepted_socket: type = socket.socket
-    _paused = None
+    _paused: IDelayedCall | None = None
     _socket_kind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
     _address = "a port not listening"  # for log lines: where it listens
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, port: int, factory: IProtocolFactory, backlog: int = 50,
+                 interface: str = "", reactor: PortReactor | None = None) -> None:
+        super().__init__(port, factory, backlog, interface, reactor)
+        # The reactor tcp.Port settled on (typed as its descriptor set), as
+        # the clock it also is (see PortReactor).
+        self._clock = cast(IReactorTime, self.reactor)
         self._accept_errors = RateLimitedLog(
             _accept_log, "accept failed: {error} ({count} in the last {interval:g} s); "
             "closed {shed} waiting connection(s); {action}",
-            clock=self.reactor, sums=("shed",))
+            clock=self._clock, sums=("shed",))
 
     def startListening(self) -> None:
         """
@@ -541,7 +612,7 @@ class GreetPort(tcp.Port):
         self.factory.doStart()
         self.connected = True
         self.socket = skt
-        self.fileno = skt.fileno
+        self.fileno = skt.fileno  # type: ignore[method-assign]  # as tcp.Port: the socket's own
         self.numberAccepts = 100
         self._direct = IDirectFactory.providedBy(self.factory)
         self._accepted_socket = _socket.socket if self._direct else socket.socket
@@ -559,6 +630,7 @@ class GreetPort(tcp.Port):
 
     def _bind(self) -> socket.socket:
         """A socket bound to this port's address and listening."""
+        assert self.port is not None  # None only when made from a descriptor, never bound
         skt = None
         try:
             skt = self.createInternetSocket()
@@ -604,7 +676,7 @@ class GreetPort(tcp.Port):
             return
         self._accept_batch(1, lambda: (skt.detach(), addr))
 
-    def _accept_batch(self, limit: int, accept=None) -> int:
+    def _accept_batch(self, limit: int, accept: Accept | None = None) -> int:
         """
         Accept and serve up to C{limit} connections (from C{accept}, the
         listening socket's by default); how many were accepted.
@@ -613,7 +685,7 @@ class GreetPort(tcp.Port):
         # conversions for every connection; the listening socket's own
         # numbers, read once, are all a connected socket needs.
         if accept is None:
-            accept = self.socket._accept
+            accept = c_accept(self.socket)
         family, kind = self._socket_kind
         Socket = self._accepted_socket
         factory = self.factory
@@ -632,7 +704,7 @@ class GreetPort(tcp.Port):
                 self._accept_failed(e)
                 break
             accepted += 1
-            transport = None
+            transport: DirectTransport | tcp.Server | None = None
             try:
                 if len(addr) == 4 and addr[3]:
                     # An IPv6 link-local peer: keep its scope in the host.
@@ -657,7 +729,7 @@ class GreetPort(tcp.Port):
                 self._discard(skt, transport)
         return accepted
 
-    def _discard(self, skt: socket.socket, transport) -> None:
+    def _discard(self, skt: socket.socket, transport: DirectTransport | tcp.Server | None) -> None:
         """
         End a connection whose set-up failed, through its transport if it
         has one (so its protocol hears of it and what it counted is
@@ -683,7 +755,7 @@ class GreetPort(tcp.Port):
             try:
                 # What waits cannot exceed the backlog.
                 for _ in range(self.backlog or 4096):
-                    os.close(self.socket._accept()[0])
+                    os.close(c_accept(self.socket)()[0])
                     shed += 1
             except OSError:
                 pass
@@ -698,7 +770,7 @@ class GreetPort(tcp.Port):
             else f"pausing accepts for {ACCEPT_PAUSE:g} s at a time")
         if not closing:
             self.stopReading()
-            self._paused = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+            self._paused = self._clock.callLater(ACCEPT_PAUSE, self._resume)
 
     def _resume(self) -> None:
         self._paused = None
@@ -706,7 +778,7 @@ class GreetPort(tcp.Port):
         if self.connected and not self.disconnecting:
             self.startReading()
 
-    def loseConnection(self, connDone=None):
+    def loseConnection(self, connDone: Failure | None = None) -> Deferred[None] | None:
         if self._paused is not None and self._paused.active():
             self._paused.cancel()
             self._paused = None
@@ -716,7 +788,7 @@ class GreetPort(tcp.Port):
 
     stopListening = loseConnection
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         # The kernel has completed the handshake of the connections still in
         # the backlog, and closing the listening socket would reset them:
         # serve them, right before it closes (the drain then covers them).
@@ -731,7 +803,7 @@ class GreetPort(tcp.Port):
         super().connectionLost(reason)
 
 
-def listen(reactor, port: int, factory: IProtocolFactory, backlog: int = 50,
+def listen(reactor: PortReactor, port: int, factory: IProtocolFactory, backlog: int = 50,
            interface: str = "", ipv6_only: bool = False) -> GreetPort:
     """Like C{reactor.listenTCP}, with a L{GreetPort} (see L{GreetPort.ipv6Only})."""
     p = GreetPort(port, factory, backlog, interface, reactor)
@@ -740,7 +812,8 @@ def listen(reactor, port: int, factory: IProtocolFactory, backlog: int = 50,
     return p
 
 
-def adopt(reactor, fileno: int, family: int, factory: IProtocolFactory) -> GreetPort:
+def adopt(reactor: PortReactor, fileno: int, family: int,
+          factory: IProtocolFactory) -> GreetPort:
     """Like C{reactor.adoptStreamPort}, for an inherited TCP socket."""
     p = GreetPort._fromListeningDescriptor(reactor, fileno, family, factory)
     p.startListening()
@@ -759,35 +832,39 @@ class GreetReactor:
         clients only (L{GreetPort.ipv6Only}).
     """
 
-    def __init__(self, reactor, ipv6_only: bool = False) -> None:
+    def __init__(self, reactor: ListeningReactor, ipv6_only: bool = False) -> None:
         self._reactor = reactor
         self._ipv6_only = ipv6_only
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
-    def listenTCP(self, portNumber: int, factory, backlog: int = 50, interface: str = ""):
+    def listenTCP(self, portNumber: int, factory: IProtocolFactory, backlog: int = 50,
+                  interface: str = "") -> IListeningPort:
         return listen(self._reactor, portNumber, factory, backlog, interface,
                            ipv6_only=self._ipv6_only)
 
-    def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
-                  interface: str = ""):
+    def listenSSL(self, portNumber: int, factory: IProtocolFactory,
+                  contextFactory: IOpenSSLServerConnectionCreator, backlog: int = 50,
+                  interface: str = "") -> IListeningPort:
         # What the reactor's own listenSSL does, on our port.
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         listening = self.listenTCP(portNumber, TLSMemoryBIOFactory(contextFactory, False, factory),
                                    backlog, interface)
-        listening._type = "TLS"
+        cast(tcp.Port, listening)._type = "TLS"  # what every listenTCP here gives
         return listening
 
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int,
+                        factory: IProtocolFactory) -> IListeningPort:
         actual = socket_family(fileDescriptor)
         if actual != addressFamily and {actual, addressFamily} <= _INET:
             # systemd's ListenStream=PORT is an IPv6 socket that also takes
             # IPv4; read as the family the string names, every address
             # would come out garbled.
             log.warn("inherited socket {fd} is {actual}, not {named}; using {actual}",
-                     fd=fileDescriptor, actual=actual.name, named=addressFamily.name)
+                     fd=fileDescriptor, actual=actual.name,
+                     named=socket.AddressFamily(addressFamily).name)
             addressFamily = actual
         if addressFamily in _INET:
             return adopt(self._reactor, fileDescriptor, addressFamily, factory)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # for the annotations alone
 Unready = Callable[[], str | None]
 
 
-def _plain(request, code: int, text: str) -> bytes:
+def _plain(request: IRequest, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     # A probe's answer is about this instant: no cache may keep it.
@@ -39,7 +40,7 @@ def _plain(request, code: int, text: str) -> bytes:
 class HealthPage(Resource):
     """C{/healthz}: 200 whenever the reactor gets to answer, drain or not."""
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         return _plain(request, 200, "ok")
 
 
@@ -50,7 +51,7 @@ class ReadyPage(Resource):
         super().__init__()
         self._unready = unready
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         reason = self._unready()
         if reason is None:
             return _plain(request, 200, "ready")

@@ -9,7 +9,9 @@ with C{verifyObject}.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress, IProtocolFactory, ITCPTransport
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, ITCPTransport
 from zope.interface import Attribute, Interface
 
 
@@ -27,7 +29,8 @@ class IDirectFactory(IProtocolFactory):
     it asked for then takes effect only afterwards.
     """
 
-    def connectionWaiting(protocol):  # noqa: N805 (zope: no self)
+    # Any: it is a protocol this factory built, of the class it builds.
+    def connectionWaiting(protocol: Any) -> None:  # noqa: N805 (zope: no self)
         """
         The connection of C{protocol}, served on a L{tcpgreet._port.DirectTransport}, now
         needs the reactor (it was handed to a C{tcp.Server}), and may stay
@@ -75,5 +78,5 @@ class IProxiedFactory(Interface):
     def done(connection: object) -> None:  # noqa: N805
         """C{connection} (here: its header reader) is no longer in progress."""
 
-    def buildProtocol(addr: IAddress, reserved: bool = False):  # noqa: N805
+    def buildProtocol(addr: IAddress, reserved: bool = False) -> IProtocol | None:  # noqa: N805
         """The protocol for the client the header names, its place held already."""

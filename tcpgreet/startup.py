@@ -21,6 +21,7 @@ import os
 import sys
 
 from twisted.application import service
+from twisted.python import usage
 
 # The daemon's word that every service started; anything else is the line
 # to print.
@@ -99,7 +100,7 @@ class Launcher:
 _launcher: Launcher | None = None
 
 
-def daemonizing(twistd_options) -> bool:
+def daemonizing(twistd_options: usage.Options | None) -> bool:
     """
     Whether twistd, whose options are C{twistd_options} (a plugin's
     options' C{parent}; L{None} when not run by twistd), will fork a daemon.

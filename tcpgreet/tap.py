@@ -37,13 +37,13 @@ from tcpgreet.limits import ConnectionLimits, TokenBuckets
 from tcpgreet.logs import IObserverReactor
 from tcpgreet.proxy import Network, TrustedProxies
 from tcpgreet.server import DEFAULT_TIMEOUT, GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, IServiceReactor
+from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService
 from tcpgreet.startup import fail
 from tcpgreet.stats import Stats
 from tcpgreet.workers.arguments import WorkerRole, worker_arguments
-from tcpgreet.workers.control import ControlService
+from tcpgreet.workers.control import ControlService, IChannelReactor
 from tcpgreet.workers.handover import InheritedReactor, WorkerSocketBinder
-from tcpgreet.workers.supervisor import WorkerSupervisor
+from tcpgreet.workers.supervisor import ISupervisorReactor, WorkerSupervisor
 
 if TYPE_CHECKING:
     from tcpgreet import metrics
@@ -310,7 +310,7 @@ class Options(usage.Options):
             raise SystemExit(f"tcpgreet: {e} (see: twistd tcpgreet --help)") from None
 
 
-class IServingReactor(IObserverReactor, IServiceReactor):
+class IServingReactor(IObserverReactor, ISupervisorReactor, IChannelReactor):
     """
     What the services L{makeService} builds need of the reactor, as far as
     their types say: timers, calls from signal handlers and other threads,

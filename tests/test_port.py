@@ -137,6 +137,25 @@ class AdoptionTests(TestCase):
         self.assertEqual(data, b"127.0.0.3\r\n")
         self.assertEqual((factory.stats.accepted, factory.limits.open), (1, 0))
 
+    def test_an_inherited_socket_of_another_family_is_adopted_as_what_it_is(self):
+        # IReactorSocket's address family is an int: a plain one must do as
+        # well as the socket module's enum, in the warning that names it too.
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        with socket.socket(socket.AF_INET6) as inherited:
+            inherited.bind(("::1", 0))
+            inherited.listen()
+            inherited.setblocking(False)  # as systemd's are: the port accepts until EAGAIN
+            listening = port.GreetReactor(reactor).adoptStreamPort(
+                inherited.fileno(), int(socket.AF_INET), Factory())
+        self.addCleanup(listening.stopListening)
+        self.assertEqual(listening.getHost().host, "::1")
+        warnings = [formatEvent(event) for event in events if "inherited socket" in
+                    event.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("is AF_INET6, not AF_INET; using AF_INET6", warnings[0])
+
 
 @implementer(IHalfCloseableProtocol)
 class HalfCloseAndListen(Protocol):

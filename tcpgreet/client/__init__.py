@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from twisted.internet import task
 from twisted.python import usage
@@ -37,6 +37,9 @@ from tcpgreet.client.report import (
     Report,
     discard_the_rest,
 )
+
+if TYPE_CHECKING:
+    from tcpgreet.client.probe import IProbeReactor
 
 
 def settings_from(options: ClientOptions, target: Target | None = None) -> ProbeSettings:
@@ -96,7 +99,7 @@ def report_for(options: ClientOptions, out: BinaryIO, err: BinaryIO) -> Report:
     return PluginReport(out, err, checks=options.checks, timeout=options["timeout"], **style)
 
 
-async def run(reactor, options: ClientOptions, out: BinaryIO | None = None,
+async def run(reactor: IProbeReactor, options: ClientOptions, out: BinaryIO | None = None,
               err: BinaryIO | None = None) -> int:
     """Probe as C{options} say; the exit status."""
     err = err if err is not None else sys.stderr.buffer
@@ -136,6 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     task.react(_react, [options])
 
 
-async def _react(reactor, options: ClientOptions) -> None:
+async def _react(reactor: IProbeReactor, options: ClientOptions) -> None:
     # task.react exits with the code of a SystemExit raised from main.
     raise SystemExit(await run(reactor, options))

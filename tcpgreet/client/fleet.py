@@ -17,6 +17,7 @@ import resource
 import sys
 from collections.abc import Callable, Iterator
 from itertools import chain
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -25,6 +26,9 @@ from tcpgreet.client.options import ClientOptions, Target
 from tcpgreet.client.outcome import OK, STATE_NAMES, UNKNOWN
 from tcpgreet.client.probe import ProbeRun, ProbeSettings
 from tcpgreet.client.report import Report
+
+if TYPE_CHECKING:
+    from tcpgreet.client.probe import IProbeReactor
 
 # Descriptors kept for what is not a probe: standard streams, the
 # reactor's own, a targets file, the name service's files.
@@ -144,7 +148,7 @@ def allow_descriptors(parallel: int, per_probe: int, report: Report) -> int:
     return fits
 
 
-async def run_fleet(reactor, options: ClientOptions, report: Report,
+async def run_fleet(reactor: IProbeReactor, options: ClientOptions, report: Report,
                     settings_from: Callable[[ClientOptions, Target], ProbeSettings]) -> int:
     """Probe every target the options name; the worst exit status."""
     per_probe = 2 if options["all-addresses"] else 1

@@ -15,11 +15,14 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from twisted.python import usage
 
 from tcpgreet.client.outcome import CRITICAL, OK, WARNING, Checks
+
+if TYPE_CHECKING:  # OpenSSL only when asked for
+    from twisted.internet.ssl import Certificate
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 27679
@@ -250,7 +253,7 @@ def proxy_source(text: str) -> tuple[str, int]:
     return address(host), port
 
 
-def load_ca(path: str):
+def load_ca(path: str) -> tuple[Certificate, ...]:
     """C{--ca}: the certificates in a PEM file (L{tcpgreet.client.tls.load_ca})."""
     from tcpgreet.client.tls import load_ca as load  # OpenSSL only when asked for
 
@@ -285,7 +288,7 @@ def _naming(option: str, convert: Callable[[str], object]) -> Callable[[str], ob
     return coerce
 
 
-_FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+_FAMILY_NAMES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 
 
 def _address_family(host: str) -> int | None:
@@ -475,6 +478,7 @@ class ClientOptions(usage.Options):
 
     def postOptions(self) -> None:
         self._refuse_conflicts()
+        first: Target | None
         if self._many is None:
             first = self.target(self["host"], self["port"])
             self.targets = [first]

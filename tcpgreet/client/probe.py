@@ -11,13 +11,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, error, task
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorCore,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IReactorUNIX,
+    ITransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -45,7 +57,38 @@ from tcpgreet.client.report import (
 )
 
 if TYPE_CHECKING:  # TLS is imported only by the probes that speak it
+    from tcpgreet.client.outcome import TLSInfo
     from tcpgreet.client.tls import FirstBytesTLS, TLSClient
+
+
+class IProbeReactor(IReactorTime, IReactorTCP, IReactorUNIX, IReactorThreads, IReactorCore):
+    """
+    What a probe run needs of its reactor: a clock, TCP and UNIX
+    connections, threads for the resolver, and shutdown triggers.  (No
+    reactor declares it: any that provides all of these interfaces, as
+    every posix reactor does, is one.)
+    """
+
+_T = TypeVar("_T")
+
+
+class Connection(TypingProtocol):
+    """
+    What a probe needs of its transport.  TCP's, a UNIX socket's, the TLS
+    layer's and the PROXY header sender's (which forwards) all abort, but
+    only the first two are an C{ITCPTransport}, the one interface that says
+    so: the others are an C{ITransport} that has C{abortConnection} too.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+
+# The name resolver a probe uses: host, port and family to addresses.
+Resolver = Callable[[IProbeReactor, str, "int | None", int], Coroutine[Any, Any, list[str]]]
 
 # Seconds a connection we closed after its banner gets to finish closing.
 GOODBYE_TIMEOUT = 2.0
@@ -100,21 +143,26 @@ class GreetClientProtocol(Protocol, TimeoutMixin):
     newline.
     """
 
+    # Both set before connectionMade: by the factory, by the connection.
+    factory: GreetClientFactory
+    transport: ITransport
+
     def connectionMade(self) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._stopped = False
         self._last_byte_at: float | None = None
-        self.factory.connected(self.transport)
+        self.factory.connected(cast(Connection, self.transport))
         if self.factory.send:
             self.transport.write(self.factory.send)
 
-    def callLater(self, period: float, call: Callable[[], object]):
+    def callLater(self, period: float, call: Callable[[], object]) -> IDelayedCall:
         # The idle timer runs on the factory's reactor, a fake one in tests.
         return self.factory.clock.callLater(period, call)
 
     def handshakeCompleted(self) -> None:
-        self.factory.handshake_completed(self.transport)
+        # Only the TLS layer (see TLSClient.wrap) completes handshakes.
+        self.factory.handshake_completed(cast("FirstBytesTLS", self.transport))
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
@@ -131,7 +179,7 @@ class GreetClientProtocol(Protocol, TimeoutMixin):
                 return
         if len(data) > room:
             self._keep(data[:room])
-            self.transport.abortConnection()
+            cast(Connection, self.transport).abortConnection()
             self._stop("max-bytes")
             return
         self._keep(data)
@@ -164,7 +212,7 @@ class GreetClientProtocol(Protocol, TimeoutMixin):
         self.factory.finished(self.received(), reason)
 
 
-class GreetClientFactory(ClientFactory):
+class GreetClientFactory(ClientFactory[GreetClientProtocol]):
     """
     One attempt at one address: L{deferred} fires with the banner, or fails
     with L{ProbeError}; the times and facts of the attempt stay here.
@@ -174,8 +222,8 @@ class GreetClientFactory(ClientFactory):
     protocol = GreetClientProtocol
     noisy = False
 
-    def __init__(self, clock, max_bytes: int = DEFAULT_MAX_BYTES, *, first_line: bool = False,
-                 send: bytes = b"", tls: TLSClient | None = None,
+    def __init__(self, clock: IReactorTime, max_bytes: int = DEFAULT_MAX_BYTES, *,
+                 first_line: bool = False, send: bytes = b"", tls: TLSClient | None = None,
                  idle: float | None = None) -> None:
         self.clock = clock
         self.max_bytes = max_bytes
@@ -189,34 +237,34 @@ class GreetClientFactory(ClientFactory):
         self.handshake_at: float | None = None
         self.first_byte_at: float | None = None
         self.ended_at: float | None = None
-        self.tls_info = None
+        self.tls_info: TLSInfo | None = None
         self.tls_failed = False
         self.ended_by: str | None = None
         self.stopped = False
         self.banner = b""
-        self.connector = None
+        self.connector: IConnector | None = None
         self.address: str | None = None
-        self.transport = None
+        self.transport: Connection | None = None
         self.reader: GreetClientProtocol | None = None
         # Told when the connection is made: the race of a name's addresses.
         self.on_connected: Callable[[GreetClientFactory], None] | None = None
-        self._goodbye = None
+        self._goodbye: IDelayedCall | None = None
 
     @property
     def truncated(self) -> bool:
         return self.ended_by == "max-bytes"
 
-    def buildProtocol(self, addr) -> GreetClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> GreetClientProtocol | None:
         self.reader = super().buildProtocol(addr)
         return self.reader
 
-    def connected(self, transport) -> None:
+    def connected(self, transport: Connection) -> None:
         self.connected_at = self.clock.seconds()
         self.transport = transport
         if self.on_connected is not None:
             self.on_connected(self)
 
-    def handshake_completed(self, transport) -> None:
+    def handshake_completed(self, transport: FirstBytesTLS) -> None:
         from tcpgreet.client.tls import handshake_info
 
         self.handshake_at = self.clock.seconds()
@@ -271,7 +319,7 @@ class GreetClientFactory(ClientFactory):
         return (self.tls is not None and self.handshake_at is not None and bool(banner)
                 and reason.check(error.ConnectionLost) is not None)
 
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if not self.deferred.called:
             refused = reason.check(error.ConnectionRefusedError) is not None
             self.deferred.errback(ProbeError(describe(reason), refused=refused))
@@ -306,7 +354,7 @@ class GreetClientFactory(ClientFactory):
             return "timed out waiting for a banner (a TLS server waits for the client: try --tls?)"
         return "timed out waiting for a banner"
 
-    def _cancel(self, deferred: defer.Deferred) -> None:
+    def _cancel(self, deferred: defer.Deferred[bytes]) -> None:
         self._drop()
 
     def _drop(self) -> None:
@@ -332,7 +380,7 @@ class GreetClientFactory(ClientFactory):
 
     def _tls_layer(self) -> FirstBytesTLS:
         # With --tls, the protocol's transport is the TLS layer TLSClient.wrap made.
-        return self.transport
+        return cast("FirstBytesTLS", self.transport)
 
 
 def describe(reason: Failure) -> str:
@@ -359,13 +407,14 @@ def _lower(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-_FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+_FAMILY_NAMES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 # What the resolver answers for a name without addresses (of one family).
 _NO_ADDRESS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
                getattr(socket, "EAI_ADDRFAMILY", socket.EAI_NONAME)}
 
 
-async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC) -> list[str]:
+async def resolve(reactor: IReactorThreads, host: str, port: int | None,
+                  family: int = socket.AF_UNSPEC) -> list[str]:
     """
     The addresses C{host} resolves to, in the order the resolver gives them
     (which honours /etc/gai.conf), without duplicates.
@@ -381,14 +430,15 @@ async def resolve(reactor, host: str, port: int, family: int = socket.AF_UNSPEC)
     return addresses
 
 
-def _getaddrinfo(reactor, host: str, port: int, family: int) -> defer.Deferred[list]:
+def _getaddrinfo(reactor: IReactorThreads, host: str, port: int | None,
+                 family: int) -> defer.Deferred[list[Any]]:
     from twisted.internet.threads import deferToThreadPool
 
     return deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
                              host, port, family, socket.SOCK_STREAM)
 
 
-async def _unresolved(reactor, host: str, port: int, family: int,
+async def _unresolved(reactor: IReactorThreads, host: str, port: int | None, family: int,
                       failure: socket.gaierror) -> str:
     """
     Why C{host} has no address, in words, for a line that starts with the
@@ -427,14 +477,15 @@ def happy_eyeballs(addresses: list[str]) -> list[str]:
     """
     six = [address for address in addresses if ":" in address]
     four = [address for address in addresses if ":" not in address]
-    ordered = []
+    ordered: list[str] = []
     for pair in zip(six, four, strict=False):
         ordered.extend(pair)
     shorter = min(len(six), len(four))
     return ordered + six[shorter:] + four[shorter:]
 
 
-async def _addresses(reactor, settings: ProbeSettings, resolver, deadline: float):
+async def _addresses(reactor: IProbeReactor, settings: ProbeSettings, resolver: Resolver,
+                     deadline: float) -> tuple[list[str], float | None]:
     """
     The addresses to try and the time the name took (C{None} when there was
     no name: an address, a UNIX socket); or a failed result's facts.
@@ -455,7 +506,8 @@ async def _addresses(reactor, settings: ProbeSettings, resolver, deadline: float
     return happy_eyeballs(addresses), reactor.seconds() - began
 
 
-async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResult:
+async def probe(reactor: IProbeReactor, settings: ProbeSettings,
+                resolver: Resolver = resolve) -> ProbeResult:
     """
     One probe of C{settings.host}: its addresses are tried in turn (see
     L{happy_eyeballs}) until one connects; C{settings.timeout} bounds
@@ -465,7 +517,7 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
     started = reactor.seconds()
     deadline = started + settings.timeout
 
-    def result(**facts) -> ProbeResult:
+    def result(**facts: Any) -> ProbeResult:
         facts.setdefault("total", reactor.seconds() - started)
         return ProbeResult(host=settings.host, port=settings.port, started=started, **facts)
 
@@ -491,6 +543,7 @@ async def probe(reactor, settings: ProbeSettings, resolver=resolve) -> ProbeResu
         return result(address=attempt.address, tried=tried, resolve=resolved,
                       error=str(e), stage=_stage(attempt), empty=e.empty,
                       banner=attempt.banner or None, **_facts(attempt))
+    assert attempt.ended_at is not None  # set before the attempt's Deferred fires
     return result(address=attempt.address, tried=tried, resolve=resolved, banner=banner,
                   total=attempt.ended_at - started, **_facts(attempt))
 
@@ -510,7 +563,7 @@ class _Race:
     dropped; L{outcome} then gives the winner's banner, or its failure.
     """
 
-    def __init__(self, reactor, settings: ProbeSettings, addresses: list[str],
+    def __init__(self, reactor: IProbeReactor, settings: ProbeSettings, addresses: list[str],
                  deadline: float) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -521,7 +574,7 @@ class _Race:
         self.winner: GreetClientFactory | None = None
         self.outcome: defer.Deferred[bytes] = defer.Deferred(self._drop_winner)
         self._running: list[GreetClientFactory] = []
-        self._next_timer = None
+        self._next_timer: IDelayedCall | None = None
         self._cancelled = False
         self._won: defer.Deferred[GreetClientFactory | None] = defer.Deferred(self._give_up)
 
@@ -562,7 +615,7 @@ class _Race:
                 other.deferred.cancel()
         self._won.callback(attempt)
 
-    def _ended(self, outcome, attempt: GreetClientFactory) -> None:
+    def _ended(self, outcome: bytes | Failure, attempt: GreetClientFactory) -> None:
         self._running.remove(attempt)
         if attempt is self.winner:
             if isinstance(outcome, Failure):
@@ -571,12 +624,12 @@ class _Race:
                 self.outcome.callback(outcome)
             return
         if self.winner is None and isinstance(outcome, Failure):
-            if outcome.check(ProbeError):
+            if isinstance(outcome.value, ProbeError):
                 self.failure = outcome.value
             self._start_next()
         # Else a loser, dropped: its end is of no interest.
 
-    def _give_up(self, deferred: defer.Deferred) -> None:
+    def _give_up(self, deferred: defer.Deferred[GreetClientFactory | None]) -> None:
         """The probe is cancelled before a connection: drop every attempt."""
         self._cancelled = True  # Deferred.cancel gives the CancelledError
         self.pending.clear()
@@ -585,12 +638,13 @@ class _Race:
         for attempt in list(self._running):
             attempt.deferred.cancel()
 
-    def _drop_winner(self, deferred: defer.Deferred) -> None:
+    def _drop_winner(self, deferred: defer.Deferred[bytes]) -> None:
         if self.winner is not None:
             self.winner.deferred.cancel()
 
 
-async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[ProbeResult]:
+async def probe_all(reactor: IProbeReactor, settings: ProbeSettings,
+                    resolver: Resolver = resolve) -> list[ProbeResult]:
     """
     C{--all-addresses}: one attempt at every address the name has, at once,
     each its own result (of the same name, resolved once); a name that does
@@ -606,7 +660,7 @@ async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[
 
     async def one(address: str) -> ProbeResult:
         attempt = _attempt(reactor, settings, address, deadline - reactor.seconds())
-        facts = {"host": settings.host, "port": settings.port, "started": started,
+        facts: dict[str, Any] = {"host": settings.host, "port": settings.port, "started": started,
                  "address": address, "tried": (address,), "resolve": resolved}
         try:
             banner = await attempt.deferred
@@ -616,6 +670,7 @@ async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[
                                stage=_stage(attempt), empty=e.empty, refused=e.refused,
                                banner=attempt.banner or None,
                                **(_facts(attempt) if connected else {}), **facts)
+        assert attempt.ended_at is not None  # set before the attempt's Deferred fires
         return ProbeResult(total=attempt.ended_at - started, banner=banner,
                            **_facts(attempt), **facts)
 
@@ -628,7 +683,7 @@ async def probe_all(reactor, settings: ProbeSettings, resolver=resolve) -> list[
         raise
 
 
-def _attempt(reactor, settings: ProbeSettings, address: str,
+def _attempt(reactor: IProbeReactor, settings: ProbeSettings, address: str,
              remaining: float) -> GreetClientFactory:
     """One connection attempt at C{address}, given up after C{remaining} seconds."""
     attempt = GreetClientFactory(reactor, settings.max_bytes, first_line=settings.first_line,
@@ -636,7 +691,7 @@ def _attempt(reactor, settings: ProbeSettings, address: str,
     attempt.connector = _connect(reactor, settings, address, attempt, remaining)
     timer = reactor.callLater(remaining, attempt.give_up)
 
-    def stop_timer(outcome):
+    def stop_timer(outcome: _T) -> _T:
         if timer.active():
             timer.cancel()
         return outcome
@@ -654,40 +709,51 @@ def _stage(attempt: GreetClientFactory) -> str:
     return READ
 
 
-def _connect(reactor, settings: ProbeSettings, address: str, factory: GreetClientFactory,
-             timeout: float):
+def _connect(reactor: IProbeReactor, settings: ProbeSettings, address: str,
+             factory: GreetClientFactory, timeout: float) -> IConnector:
+    # The probe's factory, with what goes beneath it on the wire.
+    outermost: ClientFactory[Any] = factory
     if settings.unix is not None:
         if settings.proxy is not None:
             from tcpgreet.client.proxyheader import ProxyHeaderSender
 
-            factory = ProxyHeaderSender(factory, settings.proxy, None)
-        return reactor.connectUNIX(address, factory, timeout=timeout)
+            outermost = ProxyHeaderSender(factory, settings.proxy, None)
+        return reactor.connectUNIX(address, outermost, timeout=timeout)
+    assert settings.port is not None  # only a UNIX socket has none
     bind = (settings.source, 0) if settings.source else None
     if settings.tls is not None:
-        factory = settings.tls.wrap(factory)
+        outermost = settings.tls.wrap(factory)
     if settings.proxy is not None:
         # Below TLS: the header is the first thing on the wire.
         from tcpgreet.client.proxyheader import ProxyHeaderSender
 
-        factory = ProxyHeaderSender(factory, settings.proxy, settings.proxy_source)
-    return reactor.connectTCP(address, settings.port, factory, timeout=timeout,
+        outermost = ProxyHeaderSender(outermost, settings.proxy, settings.proxy_source)
+    return reactor.connectTCP(address, settings.port, outermost, timeout=timeout,
                               bindAddress=bind)
 
 
-def _facts(attempt: GreetClientFactory) -> dict:
+def _facts(attempt: GreetClientFactory) -> dict[str, Any]:
     # Connect and handshake times count from the start of the attempt that
     # answered: they measure that address, not the name service or the
     # addresses that failed before it.  The total is the whole probe's.
     return {
-        "connect": attempt.connected_at - attempt.started_at,
-        "handshake": (None if attempt.handshake_at is None
-                      else attempt.handshake_at - attempt.started_at),
-        "first_byte": (None if attempt.first_byte_at is None
-                       else attempt.first_byte_at - attempt.started_at),
+        "connect": _since(attempt.connected_at, attempt.started_at),
+        "handshake": _since(attempt.handshake_at, attempt.started_at),
+        "first_byte": _since(attempt.first_byte_at, attempt.started_at),
         "tls": attempt.tls_info,
         "truncated": attempt.truncated,
         "ended_by": attempt.ended_by,
     }
+
+
+# One probe of the settings' target, or of each of its addresses.
+Probe = Callable[[IProbeReactor, ProbeSettings],
+                 Coroutine[Any, Any, "ProbeResult | list[ProbeResult]"]]
+
+
+def _since(moment: float | None, start: float) -> float | None:
+    """The seconds from C{start} to C{moment}, if it came."""
+    return None if moment is None else moment - start
 
 
 class ProbeRun:
@@ -701,9 +767,9 @@ class ProbeRun:
     probe_one = staticmethod(probe)
     probe_all = staticmethod(probe_all)
 
-    def __init__(self, reactor, settings: ProbeSettings, checks: Checks, report: Report,
-                 count: int = 1, interval: float = 1.0,
-                 probe: Callable | None = None) -> None:
+    def __init__(self, reactor: IProbeReactor, settings: ProbeSettings, checks: Checks,
+                 report: Report, count: int = 1, interval: float = 1.0,
+                 probe: Probe | None = None) -> None:
         self.reactor = reactor
         self.settings = settings
         self.checks = checks
@@ -712,12 +778,12 @@ class ProbeRun:
         self.interval = interval
         if probe is None:
             probe = self.probe_all if settings.all_addresses else self.probe_one
-        self.probe = probe
+        self.probe: Probe = probe
         self.summary = Summary(settings.host, settings.port, by_address=settings.all_addresses,
                                best=settings.best_address)
         self.interrupted = False
         self.finished: defer.Deferred[None] = defer.Deferred()
-        self._waiting: defer.Deferred | None = None
+        self._waiting: defer.Deferred[Any] | None = None
 
     async def run(self) -> int:
         """Run the probes; the exit status they earned."""
@@ -744,7 +810,7 @@ class ProbeRun:
             self.finished.callback(None)
         return self.summary.exit_status
 
-    async def _unless_interrupted(self, waiting: defer.Deferred):
+    async def _unless_interrupted(self, waiting: defer.Deferred[_T]) -> _T | None:
         """What C{waiting} gives, or C{None} once L{interrupt} cancels it."""
         self._waiting = waiting
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from twisted.internet.interfaces import IProtocolFactory, ITCPTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 # Version 2 starts with these 12 bytes, which no version 1 line can.
@@ -65,6 +66,12 @@ _BUILDERS = {"v1": version_1, "v2": version_2}
 class _SendsHeaderFirst(ProtocolWrapper):
     """Writes the header on the bare connection, then lets the probe (or TLS) begin."""
 
+    # Set before connectionMade, by the factory and by the connection.  A
+    # UNIX socket's transport has the same methods; it only ever gets the
+    # LOCAL header, which names no address.
+    factory: ProxyHeaderSender
+    transport: ITCPTransport
+
     def connectionMade(self) -> None:
         self.transport.write(self.factory.header(self.transport))
         super().connectionMade()
@@ -81,12 +88,13 @@ class ProxyHeaderSender(WrappingFactory):
     protocol = _SendsHeaderFirst
     noisy = False
 
-    def __init__(self, wrapped, version: str, source: tuple[str, int] | None) -> None:
+    def __init__(self, wrapped: IProtocolFactory, version: str,
+                 source: tuple[str, int] | None) -> None:
         super().__init__(wrapped)
         self.version = version
         self.source = source
 
-    def header(self, transport) -> bytes:
+    def header(self, transport: ITCPTransport) -> bytes:
         if self.version == "v2-local":
             return LOCAL
         own, peer = transport.getHost(), transport.getPeer()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO
 
 from tcpgreet.client.outcome import (
     STATE_NAMES,
@@ -118,7 +118,7 @@ class Output:
             discard_the_rest(self.stream)
 
 
-def discard_the_rest(stream: BinaryIO) -> None:
+def discard_the_rest(stream: IO[Any]) -> None:
     """
     Point C{stream} at /dev/null once its reader has gone, so that Python's
     flush at exit does not complain about the broken pipe.
@@ -362,11 +362,7 @@ class PluginReport(Report):
 
     def finish(self, summary: Summary, interrupted: bool) -> None:
         state = summary.exit_status
-        where = target(summary.host, summary.port)
-        if summary.worst is None:
-            text = f"interrupted before a probe of {where} completed"
-        else:
-            text = self._text(summary, where)
+        text = self._text(summary, target(summary.host, summary.port))
         # A "|" in a banner or a pattern would start the performance data.
         text = text.replace("|", "\\x7c")
         self.out.write(f"TCP {STATE_NAMES[state]} - {text}{self._performance(summary)}\n")
@@ -376,6 +372,8 @@ class PluginReport(Report):
             # --all-addresses: each address in turn, for the name's one line.
             return "; ".join(self._text(tally, target(summary.host, summary.port, address))
                              for address, tally in summary.addresses.items())
+        if summary.worst is None:
+            return f"interrupted before a probe of {where} completed"
         result, verdict = summary.worst
         if summary.probes == 1 and result.name_failed:
             return f"{result.host}: {result.error}"

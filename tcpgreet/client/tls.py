@@ -15,8 +15,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import error, ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -61,13 +60,14 @@ class TLSClient:
         self.host = host
         self.ca = ca
         self.insecure = insecure
+        self.creator: IOpenSSLClientConnectionCreator
         if insecure:
             self.creator = UnverifiedTLS(host)
         else:
             trust = ssl.trustRootFromCertificates(list(ca)) if ca else ssl.platformTrust()
             self.creator = ssl.optionsForClientTLS(host, trust)
 
-    def wrap(self, factory: Factory) -> TLSMemoryBIOFactory:
+    def wrap(self, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
         """
         C{factory} over TLS, for C{connectTCP}: what C{connectSSL} does,
         keeping the first bytes the server sends (L{FirstBytesTLS}).
@@ -98,9 +98,10 @@ class TLSClient:
             names = _names(chain[0].to_cryptography() if chain else None)
             return f"TLS certificate is not valid for {self.host}" + (
                 f" (it names {names})" if names else "")
-        if not reason.check(SSL.Error):
+        failed = reason.value
+        if not isinstance(failed, SSL.Error):
             return None
-        reasons = _openssl_reasons(reason.value)
+        reasons = _openssl_reasons(failed)
         if "certificate verify failed" in reasons:
             why = self._why_untrusted(connection) or "certificate verify failed"
             return f"TLS certificate not trusted: {why} (see --ca, --insecure)"
@@ -133,6 +134,10 @@ class TLSClient:
 def handshake_info(connection: SSL.Connection) -> TLSInfo:
     """What a completed handshake established."""
     certificate = connection.get_peer_certificate(as_cryptography=True)
+    if certificate is None:
+        # A completed handshake authenticates the server by its certificate:
+        # OpenSSL offers no anonymous cipher suite by default.
+        raise SSL.Error("the server sent no certificate")
     return TLSInfo(
         version=connection.get_protocol_version_name(),
         cipher=connection.get_cipher_name() or "",
@@ -177,7 +182,7 @@ class UnverifiedTLS:
         self._context = ssl.CertificateOptions().getContext()
         self.server_name = None if _is_address(host) else idna.encode(host, uts46=True)
 
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
         if self.server_name is not None:

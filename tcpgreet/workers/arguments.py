@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from twisted.python import usage
+
 _ROLE = ("--worker", "--worker-control", "--worker-fds")
 
 
@@ -46,7 +48,7 @@ def per_worker(max_connections: int, workers: int) -> int:
     return max(1, max_connections // workers)
 
 
-def worker_arguments(options, descriptions: list[str]) -> list[str]:
+def worker_arguments(options: usage.Options, descriptions: list[str]) -> list[str]:
     """
     The options every worker runs with, from the supervisor's parsed
     L{tcpgreet.tap.Options}: its own, with a --listen for each of

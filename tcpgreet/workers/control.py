@@ -15,19 +15,35 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application import service
 from twisted.internet import fdesc
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IReactorCore, IReactorSocket, IReactorTime, ITransport
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from tcpgreet.server import GreetFactory
 from tcpgreet.stats import Stats
 
+if TYPE_CHECKING:
+    from tcpgreet.service import GreetService
+
 # The namespace the log has always given these lines, whatever the module.
 log = Logger(namespace="tcpgreet.control")
+
+
+
+class IChannelReactor(IReactorCore, IReactorSocket):
+    """
+    What a worker's end of the channel needs of its reactor: to adopt the
+    socket it inherits, and to stop when the supervisor is gone.  (No
+    reactor declares it: any that provides both interfaces is one.)
+    """
+
 
 _BY_REASON = amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])
 
@@ -35,7 +51,7 @@ _BY_REASON = amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())]
 class GetStats(amp.Command):
     """The supervisor asks a worker for its counters and open connections."""
 
-    arguments: list = []
+    arguments = []
     response = [
         *((name.encode(), amp.Integer()) for name in Stats.COUNTERS),
         (b"rejected", _BY_REASON),
@@ -52,8 +68,8 @@ class Ready(amp.Command):
     signal handlers in place.
     """
 
-    arguments: list = []
-    response: list = []
+    arguments = []
+    response = []
 
 
 class Adopt(amp.Command):
@@ -64,10 +80,10 @@ class Adopt(amp.Command):
     """
 
     arguments = [(b"listener", amp.Integer()), (b"connection", amp.Descriptor())]
-    response: list = []
+    response = []
 
 
-def stats_response(stats: Stats, open_connections: int) -> dict:
+def stats_response(stats: Stats, open_connections: int) -> dict[str, Any]:
     """L{GetStats}'s answer for C{stats}."""
     return {
         **{name: getattr(stats, name) for name in Stats.COUNTERS},
@@ -79,7 +95,7 @@ def stats_response(stats: Stats, open_connections: int) -> dict:
     }
 
 
-def stats_from_response(response: dict) -> tuple[Stats, int]:
+def stats_from_response(response: dict[str, Any]) -> tuple[Stats, int]:
     """The L{Stats} and open connections of a L{GetStats} answer."""
     stats = Stats()
     for name in Stats.COUNTERS:
@@ -93,14 +109,15 @@ def stats_from_response(response: dict) -> tuple[Stats, int]:
     return stats, response["open"]
 
 
-def adopt_channel(reactor, fileDescriptor: int, protocol: amp.AMP) -> None:
+def adopt_channel(reactor: IReactorSocket, fileDescriptor: int, protocol: amp.AMP) -> None:
     """
     Run C{protocol} over the connected socket at C{fileDescriptor}, which
     the caller may close afterwards (the reactor keeps a copy).
     """
     fdesc.setNonBlocking(fileDescriptor)
+    # Twisted's annotation wants a ServerFactory; any IProtocolFactory serves.
     reactor.adoptStreamConnection(fileDescriptor, socket.AF_UNIX,
-                                  Factory.forProtocol(lambda: protocol))
+                                  Factory.forProtocol(lambda: protocol))  # type: ignore[arg-type]
 
 
 class _Channel(amp.AMP):
@@ -110,10 +127,10 @@ class _Channel(amp.AMP):
     logs what matters (a worker's exit, a supervisor gone).
     """
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
@@ -126,11 +143,11 @@ class SupervisorChannel(_Channel):
         self._ready = ready
 
     @Ready.responder
-    def ready(self) -> dict:
+    def ready(self) -> dict[str, Any]:
         self._ready()
         return {}
 
-    def stats(self, timeout: float, clock) -> Deferred:
+    def stats(self, timeout: float, clock: IReactorTime) -> Deferred[tuple[Stats, int]]:
         """
         The worker's L{Stats} and open connections; fails if it does not
         answer within C{timeout} seconds.
@@ -139,7 +156,7 @@ class SupervisorChannel(_Channel):
         asked.addTimeout(timeout, clock)
         return asked.addCallback(stats_from_response)
 
-    def adopt(self, listener: int, connection: int) -> Deferred:
+    def adopt(self, listener: int, connection: int) -> Deferred[dict[str, Any]]:
         """
         Hand the worker C{connection} (a descriptor), accepted on its
         socket of C{listener}; the descriptor must stay open until the
@@ -162,15 +179,15 @@ class WorkerChannel(_Channel):
         self._adopt = adopt
 
     @GetStats.responder
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return stats_response(self._factory.stats, self._factory.limits.open)
 
     @Adopt.responder
-    def adopt(self, listener: int, connection: int) -> dict:
+    def adopt(self, listener: int, connection: int) -> dict[str, Any]:
         self._adopt(listener, connection)
         return {}
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._lost()
 
@@ -182,8 +199,11 @@ class ControlService(service.Service):
     """
 
     name = "control"
+    # Set by setServiceParent, before the channel can ask for anything.
+    parent: service.IServiceCollection
 
-    def __init__(self, fileDescriptor: int, factory: GreetFactory, reactor) -> None:
+    def __init__(self, fileDescriptor: int, factory: GreetFactory,
+                 reactor: IChannelReactor) -> None:
         self.fileDescriptor = fileDescriptor
         self.channel = WorkerChannel(factory, self._supervisor_gone, self._adopt)
         self._reactor = reactor
@@ -204,7 +224,8 @@ class ControlService(service.Service):
 
     def _adopt(self, listener: int, connection: int) -> None:
         # The greeting service beside this one serves it (tcpgreet.tap).
-        self.parent.getServiceNamed("greeter").adopt_connection(listener, connection)
+        greeter = cast("GreetService", self.parent.getServiceNamed("greeter"))
+        greeter.adopt_connection(listener, connection)
 
     def _supervisor_gone(self) -> None:
         if self._stopping:

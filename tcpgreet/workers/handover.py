@@ -29,20 +29,32 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import address, fdesc, tcp, unix
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
-from tcpgreet._port import GreetReactor, socket_family
+from tcpgreet._port import GreetReactor, ListeningReactor, PortReactor, socket_family
 from tcpgreet.endpoints import split_description
 from tcpgreet.workers.reuseport import bind_group
 
 # Where systemd puts the first socket it passes (sd_listen_fds(3)).
 SYSTEMD_FIRST_FD = 3
+
+# The socket class, under a name HeldListener's socket property cannot hide.
+Socket = socket.socket
 
 
 @implementer(IListeningPort)
@@ -76,7 +88,7 @@ class HeldListener:
         """Whether every worker accepts from the same socket."""
         return len(self.sockets) == 1
 
-    def socket_for(self, index: int) -> socket.socket:
+    def socket_for(self, index: int) -> Socket:
         """The socket worker C{index} (from 0) accepts from."""
         return self.sockets[0 if self.shared else index]
 
@@ -91,7 +103,7 @@ class HeldListener:
         kind = address.IPv6Address if skt.family == socket.AF_INET6 else address.IPv4Address
         return kind("TCP", name[0], name[1])
 
-    def stopListening(self) -> Deferred:
+    def stopListening(self) -> Deferred[None]:
         """
         Close the supervisor's copies.  A socket lives on in the workers
         still holding it, which serve their queue before they close it, as
@@ -161,33 +173,37 @@ class WorkerSocketBinder:
         clients only (for the default listener's IPv6 half).
     """
 
-    def __init__(self, reactor, workers: int, steer: bool, ipv6_only: bool = False) -> None:
+    def __init__(self, reactor: IReactorTime, workers: int, steer: bool,
+                 ipv6_only: bool = False) -> None:
+        # Endpoints ask nothing else of it but listening, which this does,
+        # and a clock (the PROXY header reader's), which it passes through.
         self._reactor = reactor
         self._workers = workers
         self.steer = steer
         self.ipv6_only = ipv6_only
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
-    def listenTCP(self, portNumber: int, factory, backlog: int = 50,
+    def listenTCP(self, portNumber: int, factory: IProtocolFactory, backlog: int = 50,
                   interface: str = "") -> HeldListener:
         return HeldListener(bind_group(interface, portNumber, backlog, self._workers,
                                        steer=self.steer, ipv6_only=self.ipv6_only),
                             steered=self.steer)
 
-    def listenSSL(self, portNumber: int, factory, contextFactory, backlog: int = 50,
+    def listenSSL(self, portNumber: int, factory: IProtocolFactory,
+                  contextFactory: IOpenSSLServerConnectionCreator, backlog: int = 50,
                   interface: str = "") -> HeldListener:
         # Parsing the string has proved the key and certificate usable; each
         # worker builds its TLS context from them again.
         return self.listenTCP(portNumber, factory, backlog, interface)
 
-    def listenUNIX(self, address: str, factory, backlog: int = 50, mode: int = 0o666,
-                   wantPID: int = 0) -> HeldListener:
+    def listenUNIX(self, address: str, factory: IProtocolFactory, backlog: int = 50,
+                   mode: int = 0o666, wantPID: int = 0) -> HeldListener:
         return bind_unix(address, backlog, mode, bool(wantPID))
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int,
-                        factory) -> HeldListener:
+                        factory: IProtocolFactory) -> HeldListener:
         # The endpoint closes fileDescriptor once this returns: keep a copy.
         copy = socket.socket(fileno=os.dup(fileDescriptor))
         copy.setblocking(False)  # shared by every worker: accept must never block
@@ -257,23 +273,28 @@ class SharedUNIXPort(unix.Port):
     accepts.
     """
 
+    # Made with one; tcp.Port declares it optional, as a class default.
+    factory: Factory[Any]
+
     @classmethod
-    def adopt(cls, reactor, fileDescriptor: int, factory) -> SharedUNIXPort:
+    def adopt(cls, reactor: PortReactor, fileDescriptor: int,
+              factory: IProtocolFactory) -> SharedUNIXPort:
         listening = cls._fromListeningDescriptor(reactor, fileDescriptor, factory)
         listening.startListening()
         return listening
 
     def startListening(self) -> None:
         skt, self._preexistingSocket = self._preexistingSocket, None
+        assert skt is not None  # made by adopt, from the descriptor
         self._shouldShutdown = False
         self.factory.doStart()
         self.connected = True
         self.socket = skt
-        self.fileno = skt.fileno
+        self.fileno = skt.fileno  # type: ignore[method-assign]  # as tcp.Port: the socket's own
         self.numberAccepts = 100
         self.startReading()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         # tcp.Port's clean-up only: the path and its lock are not ours.
         tcp.Port.connectionLost(self, reason)
 
@@ -286,25 +307,27 @@ class InheritedReactor(GreetReactor):
     its descriptor itself, under the number the supervisor gave it.
     """
 
-    def __init__(self, reactor, fileDescriptor: int) -> None:
+    def __init__(self, reactor: ListeningReactor, fileDescriptor: int) -> None:
         super().__init__(reactor)
         self._fd = fileDescriptor
 
-    def listenTCP(self, portNumber: int, factory, backlog: int = 50, interface: str = ""):
+    def listenTCP(self, portNumber: int, factory: IProtocolFactory, backlog: int = 50,
+                  interface: str = "") -> IListeningPort:
         return self._adopt(factory)
 
     # listenSSL is GreetReactor's: TLS over self.listenTCP.
 
-    def listenUNIX(self, address: str, factory, backlog: int = 50, mode: int = 0o666,
-                   wantPID: int = 0):
+    def listenUNIX(self, address: str, factory: IProtocolFactory, backlog: int = 50,
+                   mode: int = 0o666, wantPID: int = 0) -> IListeningPort:
         return self._adopt(factory)
 
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory):
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int,
+                        factory: IProtocolFactory) -> IListeningPort:
         if addressFamily == socket.AF_UNIX:
             return SharedUNIXPort.adopt(self._reactor, fileDescriptor, factory)
         return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
 
-    def _adopt(self, factory):
+    def _adopt(self, factory: IProtocolFactory) -> IListeningPort:
         fd = self._fd
         fdesc.setNonBlocking(fd)
         try:

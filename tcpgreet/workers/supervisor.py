@@ -22,20 +22,36 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorCore,
+    IReactorFDSet,
+    IReactorProcess,
+    IReactorSocket,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcpgreet._port import PortReactor, c_accept
 from tcpgreet.logs import RateLimitedLog
 from tcpgreet.server import GreetFactory
-from tcpgreet.service import DEFAULT_DRAIN_TIMEOUT, GreetService, startup_format
+from tcpgreet.service import (
+    DEFAULT_DRAIN_TIMEOUT,
+    GreetService,
+    IServiceReactor,
+    startup_format,
+)
 from tcpgreet.stats import Stats, total
 from tcpgreet.workers.arguments import WorkerRole, per_worker, role_arguments
 from tcpgreet.workers.control import SupervisorChannel, adopt_channel
@@ -56,6 +72,8 @@ MAX_DELAY = 30.0
 # this margin, it is killed.
 KILL_MARGIN = 5.0
 
+_T = TypeVar("_T")
+
 # How long a scrape of /metrics waits for a worker's counters.
 STATS_TIMEOUT = 1.0
 
@@ -67,6 +85,17 @@ STAND_IN_PAUSE = 0.1
 # The environment variables systemd passes sockets with: a worker gets its
 # own (see tcpgreet.workers.__main__).
 _SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+class ISupervisorReactor(IReactorCore, IServiceReactor, IReactorProcess, IReactorSocket,
+                         IReactorFDSet):
+    """
+    What a L{WorkerSupervisor} needs of its reactor: a greeting service's
+    (it runs, keeps time, takes calls from signal handlers), and to spawn
+    its workers, talk to them over adopted sockets, and read the sockets it
+    stands in on.  (No reactor declares it: any that provides all of these
+    interfaces is one.)
+    """
 
 
 class RestartBackoff:
@@ -121,14 +150,16 @@ class Worker:
     def __init__(self, number: int) -> None:
         self.number = number
         self.pid: int | None = None
-        self.process = None
-        self.channel: SupervisorChannel | None = None
+        # Both set once the process is spawned, before the supervisor counts
+        # the worker among its workers.
+        self.process: IProcessTransport
+        self.channel: SupervisorChannel
         self.served_since: float | None = None
         self.stats = Stats()
         self.open = 0
         self.reload_pending = False
         self.exited = False
-        self.ended: Deferred = Deferred()
+        self.ended: Deferred[None] = Deferred()
 
     def signal(self, name: str) -> None:
         """Send signal C{name} ("TERM", "HUP", "KILL"), unless it is gone already."""
@@ -139,11 +170,14 @@ class Worker:
 class WorkerProcess(ProcessProtocol):
     """A worker as the reactor sees it: its log on two pipes, then its exit."""
 
-    def __init__(self, worker: Worker, ended) -> None:
+    # Set when the process starts, before anything comes from its pipes.
+    transport: IProcessTransport
+    relay: LogRelay
+
+    def __init__(self, worker: Worker, ended: Callable[[Worker, Failure], None]) -> None:
         self.worker = worker
         self._ended = ended
         self._lines = {1: Lines(), 2: Lines()}
-        self.relay: LogRelay | None = None
 
     def connectionMade(self) -> None:
         self.relay = LogRelay(self.worker.number, self.transport.pid)
@@ -155,7 +189,7 @@ class WorkerProcess(ProcessProtocol):
         if childFD in self._lines:
             self._relay(childFD, self._lines[childFD].rest())
 
-    def _relay(self, childFD: int, lines) -> None:
+    def _relay(self, childFD: int, lines: Iterable[bytes]) -> None:
         # Standard output carries JSON events, standard error plain text.
         emit = self.relay.json_line if childFD == 1 else self.relay.text_line
         for line in lines:
@@ -182,7 +216,8 @@ class StandIn:
     @ivar handed: connections handed to a live worker so far.
     """
 
-    def __init__(self, reactor, hand_over: Callable[[StandIn, socket.socket, tuple], None],
+    def __init__(self, reactor: PortReactor,
+                 hand_over: Callable[[StandIn, socket.socket, tuple[Any, ...]], None],
                  listener: int, skt: socket.socket, steered: bool) -> None:
         self._reactor = reactor
         self._hand_over = hand_over
@@ -208,13 +243,14 @@ class StandIn:
     def logPrefix(self) -> str:
         return "stand-in"
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         """The reactor let go of the socket; the supervisor still holds it."""
 
     def doRead(self) -> None:
+        accept = c_accept(self._socket)
         for _ in range(STAND_IN_BATCH):
             try:
-                fd, address = self._socket._accept()
+                fd, address = accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -248,10 +284,12 @@ class WorkerSupervisor(GreetService):
     """
 
     name = "supervisor"
+    _reactor: ISupervisorReactor
 
     def __init__(self, factory: GreetFactory,
                  endpoints: list[tuple[str, IStreamServerEndpoint]], count: int,
-                 arguments: list[str], greeting_file: str | None = None, reactor=None,
+                 arguments: list[str], greeting_file: str | None = None, *,
+                 reactor: ISupervisorReactor,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  executable: str = sys.executable) -> None:
         super().__init__(factory, endpoints, greeting_file=greeting_file, reactor=reactor,
@@ -296,7 +334,8 @@ class WorkerSupervisor(GreetService):
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with here, there:
             plan = handover(
-                [(description, port) for (description, _), port
+                # Its endpoints listen through a HoldingReactor: each port is held.
+                [(description, cast(HeldListener, port)) for (description, _), port
                  in zip(self.endpoints, self.ports, strict=True)],
                 number - 1, there.fileno())
             role = WorkerRole(number, plan.control_fd, tuple(plan.listen_fds))
@@ -466,7 +505,7 @@ class WorkerSupervisor(GreetService):
         deadline = self.drain_timeout + KILL_MARGIN
         killer = reactor.callLater(deadline, self._kill_remaining, deadline)
 
-        def stopped(result):
+        def stopped(result: _T) -> _T:
             if killer.active():
                 killer.cancel()
             log.info("all workers stopped")
