@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcpgreet.deadlines import Deadlines
 from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.interfaces import IDirectFactory, IDirectTransport, IProxiedFactory
 from tcpgreet.limits import ConnectionLimits
@@ -176,6 +177,8 @@ class GreetProtocol(Protocol):
 
     @ivar peer: the client's address, as the factory admitted it.
     @ivar written: greeting bytes handed to the transport so far.
+    @ivar waited: the connection outlived the accept pass, and the factory
+        holds it, with a deadline (see L{GreetFactory.connectionWaiting}).
     """
 
     peer: IAddress | None = None
@@ -188,7 +191,7 @@ class GreetProtocol(Protocol):
     closing = False
     handshook = False
     cutShort: str | None = None
-    _timer = None
+    waited = False
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -205,7 +208,7 @@ class GreetProtocol(Protocol):
             self.greetingWritten()
         else:
             self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
-        if self.connected and self._timer is None and not _direct(self.transport):
+        if self.connected and not self.waited and not _direct(self.transport):
             # Still open: the transport cannot finish within this call.  A
             # direct transport finishes after it returns, or hands the
             # connection to the reactor and then says so (through
@@ -237,10 +240,10 @@ class GreetProtocol(Protocol):
         # its EOF, briefly: a close that meets the client's bytes is answered
         # with a reset, and a reset can destroy a greeting not yet read.
         self.writeDone = True
-        if self.readDone or (not self.heard and self._timer is None):
+        if self.readDone or (not self.heard and not self.waited):
             self.transport.loseConnection()
-        elif self._timer is not None and self._timer.active():
-            self._timer.reset(min(LINGER, self.factory.timeout))
+        elif self.waited:
+            self.factory.connectionLingering(self)
 
     def readConnectionLost(self) -> None:
         # The client has finished sending; its greeting may still be going.
@@ -264,8 +267,6 @@ class GreetProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
         self.factory.connectionFinished(self, reason)
 
 
@@ -279,8 +280,9 @@ class GreetFactory(Factory):
         single reference swap, so every connection gets one greeting whole.
     @ivar connections: the number of the latest connection (C{{connection}}).
     @ivar waiting: connections that outlived the accept pass (each with a
-        timer that aborts it after C{timeout} seconds), and connections
-        whose PROXY header is still to come; a drain waits for them.
+        deadline, C{timeout} seconds after, when it is cut short), and
+        connections whose PROXY header is still to come; a drain waits for
+        them.  One timer serves every deadline (L{Deadlines}).
     """
 
     protocol = GreetProtocol
@@ -296,7 +298,7 @@ class GreetFactory(Factory):
         self.timeout = timeout
         self.connections = 0
         self.stats = Stats()
-        self.waiting: set = set()
+        self.waiting: Deadlines = Deadlines(self._deadlinePassed, reactor)
         self._idle: list[Deferred] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
@@ -389,8 +391,22 @@ class GreetFactory(Factory):
         says so at the end of C{connectionMade}, or, on a direct transport,
         the port (L{IDirectFactory}).
         """
-        self.waiting.add(protocol)
-        protocol._timer = self.reactor().callLater(self.timeout, protocol.cut, TIMEOUT)
+        if self._reactor is None:
+            self.waiting.clock = self.reactor()
+        protocol.waited = True
+        self.waiting.expire_after(protocol, self.timeout)
+
+    def connectionLingering(self, protocol: GreetProtocol) -> None:
+        """
+        The greeting of a connection held here is out, and its client may
+        still be talking: wait for its EOF a little longer (L{LINGER}, or
+        the timeout if that is shorter), counted from now.
+        """
+        if self.waiting.deadline_of(protocol) is not None:
+            self.waiting.expire_after(protocol, min(LINGER, self.timeout))
+
+    def _deadlinePassed(self, protocol: GreetProtocol) -> None:
+        protocol.cut(TIMEOUT)
 
     def done(self, connection) -> None:
         """
@@ -438,7 +454,7 @@ class GreetFactory(Factory):
                 stats.lost += 1
         if not self.quiet:
             self._logFinished(protocol, outcome, why, duration, tls)
-        if self.waiting:
+        if protocol.waited:
             # Last, so that whoever waits for the connections to finish (a
             # drain, see whenIdle) finds this one counted and logged.
             self.done(protocol)
