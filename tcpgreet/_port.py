@@ -41,8 +41,10 @@ from twisted.internet.interfaces import (
     IConsumer,
     IHalfCloseableProtocol,
     ILoggingContext,
+    IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorFDSet,
     ISystemHandle,
     ITLSTransport,
 )
@@ -494,6 +496,51 @@ def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple
     return socket.AF_INET, (interface, port)
 
 
+class HeldServer(tcp.Server):
+    """
+    A L{tcp.Server} that makes its log prefix (C{logstr}) and C{repr}
+    (C{repstr}) when they are asked for, from the parts Twisted makes them
+    of, instead of keeping both strings for as long as the connection
+    lasts: some 150 bytes of every held connection, for strings that are
+    hardly ever read.  Twisted's C{__init__} still sets them; a value it
+    would make again is dropped, any other (nobody sets one today) kept.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: IProtocol, client: tuple[object, ...],
+                 server: tcp.Port, sessionno: int, reactor: IReactorFDSet) -> None:
+        # What the strings are made of, as tcp.Server.__init__ takes it:
+        # the protocol's prefix now, the listening port's number while it
+        # listens (Twisted forgets it once the port closes).
+        self._protocolPrefix = self._getLogPrefix(protocol)
+        self._protocolName = protocol.__class__.__name__
+        self._portNumber = server._realPortNumber if server is not None else None
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+
+    def _madeLogstr(self) -> str:
+        return f"{self._protocolPrefix},{self.sessionno},{self.hostname}"
+
+    def _madeRepstr(self) -> str:
+        return f"<{self._protocolName} #{self.sessionno} on {self._portNumber}>"
+
+    @property
+    def logstr(self) -> str:
+        return self.__dict__.get("_logstr") or self._madeLogstr()
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        if value != self._madeLogstr():
+            self.__dict__["_logstr"] = value
+
+    @property
+    def repstr(self) -> str:
+        return self.__dict__.get("_repstr") or self._madeRepstr()
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        if value != self._madeRepstr():
+            self.__dict__["_repstr"] = value
+
+
 @implementer(IAdoptingPort)
 class GreetPort(tcp.Port):
     """
@@ -511,6 +558,7 @@ class GreetPort(tcp.Port):
     """
 
     ipv6Only = False
+    transport = HeldServer
     _direct = False
     # What an accepted socket is made into: a DirectTransport works on the
     # bare C socket, and wraps it only when it must (getHandle).
