@@ -522,23 +522,29 @@ class HeldServer(tcp.Server):
     def _madeRepstr(self) -> str:
         return f"<{self._protocolName} #{self.sessionno} on {self._portNumber}>"
 
+    # A value set that differs from the one made.  (Not looked up in
+    # __dict__: asked for, CPython makes each instance a dict object of its
+    # own, some 60 bytes more.)
+    _logstr: str | None = None
+    _repstr: str | None = None
+
     @property
     def logstr(self) -> str:
-        return self.__dict__.get("_logstr") or self._madeLogstr()
+        return self._logstr or self._madeLogstr()
 
     @logstr.setter
     def logstr(self, value: str) -> None:
         if value != self._madeLogstr():
-            self.__dict__["_logstr"] = value
+            self._logstr = value
 
     @property
     def repstr(self) -> str:
-        return self.__dict__.get("_repstr") or self._madeRepstr()
+        return self._repstr or self._madeRepstr()
 
     @repstr.setter
     def repstr(self, value: str) -> None:
         if value != self._madeRepstr():
-            self.__dict__["_repstr"] = value
+            self._repstr = value
 
 
 @implementer(IAdoptingPort)
