@@ -511,16 +511,16 @@ class HeldServer(tcp.Server):
         # What the strings are made of, as tcp.Server.__init__ takes it:
         # the protocol's prefix now, the listening port's number while it
         # listens (Twisted forgets it once the port closes).
-        self._protocolPrefix = self._getLogPrefix(protocol)
-        self._protocolName = protocol.__class__.__name__
-        self._portNumber = server._realPortNumber if server is not None else None
+        self._protocol_prefix = self._getLogPrefix(protocol)
+        self._protocol_name = protocol.__class__.__name__
+        self._port_number = server._realPortNumber if server is not None else None
         super().__init__(sock, protocol, client, server, sessionno, reactor)
 
-    def _madeLogstr(self) -> str:
-        return f"{self._protocolPrefix},{self.sessionno},{self.hostname}"
+    def _made_logstr(self) -> str:
+        return f"{self._protocol_prefix},{self.sessionno},{self.hostname}"
 
-    def _madeRepstr(self) -> str:
-        return f"<{self._protocolName} #{self.sessionno} on {self._portNumber}>"
+    def _made_repstr(self) -> str:
+        return f"<{self._protocol_name} #{self.sessionno} on {self._port_number}>"
 
     # A value set that differs from the one made.  (Not looked up in
     # __dict__: asked for, CPython makes each instance a dict object of its
@@ -530,20 +530,20 @@ class HeldServer(tcp.Server):
 
     @property
     def logstr(self) -> str:
-        return self._logstr or self._madeLogstr()
+        return self._logstr or self._made_logstr()
 
     @logstr.setter
     def logstr(self, value: str) -> None:
-        if value != self._madeLogstr():
+        if value != self._made_logstr():
             self._logstr = value
 
     @property
     def repstr(self) -> str:
-        return self._repstr or self._madeRepstr()
+        return self._repstr or self._made_repstr()
 
     @repstr.setter
     def repstr(self, value: str) -> None:
-        if value != self._madeRepstr():
+        if value != self._made_repstr():
             self._repstr = value
 
 

@@ -65,7 +65,7 @@ class Deadlines(MutableSet[Item], Generic[Item]):
         # is found by skipping every one deleted before it.
         self._removed = 0
         self._timer: IDelayedCall | None = None
-        self._timerFor = 0.0  # the deadline the timer is set for
+        self._timer_for = 0.0  # the deadline the timer is set for
 
     # -- the set --------------------------------------------------------
 
@@ -101,7 +101,7 @@ class Deadlines(MutableSet[Item], Generic[Item]):
                 self._dated -= 1
                 self._removed += 1
                 if not self._dated:
-                    self._noDeadlines()
+                    self._no_deadlines()
                 return
 
     # -- deadlines ------------------------------------------------------
@@ -124,10 +124,10 @@ class Deadlines(MutableSet[Item], Generic[Item]):
         timer = self._timer
         if timer is None:
             self._timer = clock.callLater(delay, self._fire)
-            self._timerFor = deadline
-        elif deadline < self._timerFor:
+            self._timer_for = deadline
+        elif deadline < self._timer_for:
             timer.reset(delay)
-            self._timerFor = deadline
+            self._timer_for = deadline
 
     def deadline_of(self, item: Item) -> float | None:
         """When C{item} expires (in the clock's seconds), or L{None}: never."""
@@ -143,7 +143,7 @@ class Deadlines(MutableSet[Item], Generic[Item]):
         assert clock is not None  # it set the timer
         # Everything due by the deadline the timer was set for is due, even
         # if the clock, rounding, says a hair less.
-        now = max(clock.seconds(), self._timerFor)
+        now = max(clock.seconds(), self._timer_for)
         due: list[tuple[float, Item]] = []
         undated = self._undated
         for group in self._groups.values():
@@ -178,7 +178,7 @@ class Deadlines(MutableSet[Item], Generic[Item]):
             self._removed = 0
         heads = [next(iter(group.values())) for group in self._groups.values() if group]
         if not heads:
-            self._noDeadlines()
+            self._no_deadlines()
             return
         earliest = min(heads)
         clock = self.clock
@@ -186,12 +186,12 @@ class Deadlines(MutableSet[Item], Generic[Item]):
         delay = max(0.0, earliest - clock.seconds())
         if self._timer is None:
             self._timer = clock.callLater(delay, self._fire)
-            self._timerFor = earliest
-        elif earliest < self._timerFor:
+            self._timer_for = earliest
+        elif earliest < self._timer_for:
             self._timer.reset(delay)
-            self._timerFor = earliest
+            self._timer_for = earliest
 
-    def _noDeadlines(self) -> None:
+    def _no_deadlines(self) -> None:
         """No deadline is left: no timer, and no groups full of holes."""
         if self._timer is not None:
             self._timer.cancel()

@@ -243,7 +243,7 @@ class GreetProtocol(Protocol):
         if self.readDone or (not self.heard and not self.waited):
             self.transport.loseConnection()
         elif self.waited:
-            self.factory.connectionLingering(self)
+            self.factory.connection_lingering(self)
 
     def readConnectionLost(self) -> None:
         # The client has finished sending; its greeting may still be going.
@@ -298,7 +298,7 @@ class GreetFactory(Factory):
         self.timeout = timeout
         self.connections = 0
         self.stats = Stats()
-        self.waiting: Deadlines = Deadlines(self._deadlinePassed, reactor)
+        self.waiting: Deadlines = Deadlines(self._deadline_passed, reactor)
         self._idle: list[Deferred] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
@@ -396,7 +396,7 @@ class GreetFactory(Factory):
         protocol.waited = True
         self.waiting.expire_after(protocol, self.timeout)
 
-    def connectionLingering(self, protocol: GreetProtocol) -> None:
+    def connection_lingering(self, protocol: GreetProtocol) -> None:
         """
         The greeting of a connection held here is out, and its client may
         still be talking: wait for its EOF a little longer (L{LINGER}, or
@@ -405,7 +405,7 @@ class GreetFactory(Factory):
         if self.waiting.deadline_of(protocol) is not None:
             self.waiting.expire_after(protocol, min(LINGER, self.timeout))
 
-    def _deadlinePassed(self, protocol: GreetProtocol) -> None:
+    def _deadline_passed(self, protocol: GreetProtocol) -> None:
         protocol.cut(TIMEOUT)
 
     def done(self, connection) -> None:
