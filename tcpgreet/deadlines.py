@@ -14,16 +14,16 @@ close) joins the connections with that delay, in their own order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, MutableSet
+from collections.abc import Callable, Iterator, MutableSet
 from operator import itemgetter
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
 
-Item = TypeVar("Item", bound=Hashable)
+Item = TypeVar("Item")
 
 _deadline = itemgetter(0)
 
@@ -93,11 +93,13 @@ class Deadlines(MutableSet[Item], Generic[Item]):
         if item not in self:
             self._undated[item] = None
 
-    def discard(self, item: Item) -> None:
-        if self._undated.pop(item, _ABSENT) is not _ABSENT:
+    def discard(self, item: object) -> None:
+        # Whoever is done with a connection may ask about any object.
+        key = cast(Item, item)
+        if self._undated.pop(key, _ABSENT) is not _ABSENT:
             return
         for group in self._groups.values():
-            if group.pop(item, _ABSENT) is not _ABSENT:
+            if group.pop(key, _ABSENT) is not _ABSENT:
                 self._dated -= 1
                 self._removed += 1
                 if not self._dated:
