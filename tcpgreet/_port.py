@@ -53,6 +53,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorFDSet,
     IReactorTime,
     IReadDescriptor,
     ISystemHandle,
@@ -559,6 +560,57 @@ def bind_address(interface: str, port: int) -> tuple[socket.AddressFamily, tuple
     return socket.AF_INET, (interface, port)
 
 
+class HeldServer(tcp.Server):
+    """
+    A L{tcp.Server} that makes its log prefix (C{logstr}) and C{repr}
+    (C{repstr}) when they are asked for, from the parts Twisted makes them
+    of, instead of keeping both strings for as long as the connection
+    lasts: some 150 bytes of every held connection, for strings that are
+    hardly ever read.  Twisted's C{__init__} still sets them; a value it
+    would make again is dropped, any other (nobody sets one today) kept.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: IProtocol, client: tuple[object, ...],
+                 server: tcp.Port, sessionno: int, reactor: IReactorFDSet) -> None:
+        # What the strings are made of, as tcp.Server.__init__ takes it:
+        # the protocol's prefix now, the listening port's number while it
+        # listens (Twisted forgets it once the port closes).
+        self._protocol_prefix = self._getLogPrefix(protocol)
+        self._protocol_name = protocol.__class__.__name__
+        self._port_number = server._realPortNumber if server is not None else None
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+
+    def _made_logstr(self) -> str:
+        return f"{self._protocol_prefix},{self.sessionno},{self.hostname}"
+
+    def _made_repstr(self) -> str:
+        return f"<{self._protocol_name} #{self.sessionno} on {self._port_number}>"
+
+    # A value set that differs from the one made.  (Not looked up in
+    # __dict__: asked for, CPython makes each instance a dict object of its
+    # own, some 60 bytes more.)
+    _logstr: str | None = None
+    _repstr: str | None = None
+
+    @property
+    def logstr(self) -> str:
+        return self._logstr or self._made_logstr()
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        if value != self._made_logstr():
+            self._logstr = value
+
+    @property
+    def repstr(self) -> str:
+        return self._repstr or self._made_repstr()
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        if value != self._made_repstr():
+            self._repstr = value
+
+
 @implementer(IAdoptingPort)
 class GreetPort(tcp.Port):
     """
@@ -578,6 +630,7 @@ class GreetPort(tcp.Port):
     # Made with one; tcp.Port declares it optional, as a class default.
     factory: Factory[Any]
     ipv6Only = False
+    transport = HeldServer
     _direct = False
     # What an accepted socket is made into: a DirectTransport works on the
     # bare C socket, and wraps it only when it must (getHandle).

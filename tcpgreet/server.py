@@ -22,7 +22,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
-    IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     INegotiated,
@@ -35,6 +34,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcpgreet.deadlines import Deadlines
 from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.interfaces import IDirectFactory, IDirectTransport, IProxiedFactory
 from tcpgreet.limits import ConnectionLimits
@@ -227,6 +227,8 @@ class GreetProtocol(Protocol):
 
     @ivar peer: the client's address, as the factory admitted it.
     @ivar written: greeting bytes handed to the transport so far.
+    @ivar waited: the connection outlived the accept pass, and the factory
+        holds it, with a deadline (see L{GreetFactory.connectionWaiting}).
     """
 
     factory: GreetFactory
@@ -242,7 +244,7 @@ class GreetProtocol(Protocol):
     closing = False
     handshook = False
     cut_short: str | None = None
-    _timer: IDelayedCall | None = None
+    waited = False
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -259,7 +261,7 @@ class GreetProtocol(Protocol):
             self.greeting_written()
         else:
             self.transport.registerProducer(_ChunkedGreeting(self, greeting), False)
-        if self.connected and self._timer is None and not _direct(self.transport):
+        if self.connected and not self.waited and not _direct(self.transport):
             # Still open: the transport cannot finish within this call.  A
             # direct transport finishes after it returns, or hands the
             # connection to the reactor and then says so (through
@@ -291,10 +293,10 @@ class GreetProtocol(Protocol):
         # its EOF, briefly: a close that meets the client's bytes is answered
         # with a reset, and a reset can destroy a greeting not yet read.
         self.write_done = True
-        if self.read_done or (not self.heard and self._timer is None):
+        if self.read_done or (not self.heard and not self.waited):
             self.transport.loseConnection()
-        elif self._timer is not None and self._timer.active():
-            self._timer.reset(min(LINGER, self.factory.timeout))
+        elif self.waited:
+            self.factory.connection_lingering(self)
 
     def readConnectionLost(self) -> None:
         # The client has finished sending; its greeting may still be going.
@@ -318,8 +320,6 @@ class GreetProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
         self.factory.connection_finished(self, reason)
 
 
@@ -341,8 +341,9 @@ class GreetFactory(_Factory):
         single reference swap, so every connection gets one greeting whole.
     @ivar connections: the number of the latest connection (C{{connection}}).
     @ivar waiting: connections that outlived the accept pass (each with a
-        timer that aborts it after C{timeout} seconds), and connections
-        whose PROXY header is still to come; a drain waits for them.
+        deadline, C{timeout} seconds after, when it is cut short), and
+        connections whose PROXY header is still to come; a drain waits for
+        them.  One timer serves every deadline (L{Deadlines}).
     """
 
     protocol = GreetProtocol
@@ -358,7 +359,7 @@ class GreetFactory(_Factory):
         self.timeout = timeout
         self.connections = 0
         self.stats = Stats()
-        self.waiting: set[InProgress] = set()
+        self.waiting: Deadlines[InProgress] = Deadlines(self._deadline_passed, reactor)
         self._idle: list[Deferred[None]] = []
         self._clock = clock if clock is not None else Clock()
         self._reactor = reactor
@@ -455,8 +456,20 @@ class GreetFactory(_Factory):
         says so at the end of C{connectionMade}, or, on a direct transport,
         the port (L{IDirectFactory}).
         """
-        self.waiting.add(protocol)
-        protocol._timer = self._reactor.callLater(self.timeout, protocol.cut, TIMEOUT)
+        protocol.waited = True
+        self.waiting.expire_after(protocol, self.timeout)
+
+    def connection_lingering(self, protocol: GreetProtocol) -> None:
+        """
+        The greeting of a connection held here is out, and its client may
+        still be talking: wait for its EOF a little longer (L{LINGER}, or
+        the timeout if that is shorter), counted from now.
+        """
+        if self.waiting.deadline_of(protocol) is not None:
+            self.waiting.expire_after(protocol, min(LINGER, self.timeout))
+
+    def _deadline_passed(self, protocol: InProgress) -> None:
+        protocol.cut(TIMEOUT)
 
     def done(self, connection: object) -> None:
         """
@@ -496,7 +509,7 @@ class GreetFactory(_Factory):
                 stats.lost += 1
         if not self.quiet:
             self._log_finished(protocol, outcome, why, duration, tls)
-        if self.waiting:
+        if protocol.waited:
             # Last, so that whoever waits for the connections to finish (a
             # drain, see when_idle) finds this one counted and logged.
             self.done(protocol)

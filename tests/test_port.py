@@ -94,6 +94,50 @@ class DirectPathTests(TestCase):
         self.assertEqual(factory.stats.greeted, 1)
 
 
+@implementer(ILoggingContext)
+class NamedProtocol(Protocol):
+    def logPrefix(self):
+        return "named"
+
+
+class HeldServerTests(SynchronousTestCase):
+    """
+    The transport a held connection gets keeps no log prefix or repr of its
+    own, and gives the ones tcp.Server gives.
+    """
+
+    def transports(self, protocol_class=Protocol):
+        listening = port.GreetPort(0, Factory(), reactor=MemoryReactorClock())
+        listening._realPortNumber = 27679
+        built = []
+        for kind in (tcp.Server, port.HeldServer):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+            built.append(kind(ours, protocol_class(), ("192.0.2.7", 40001), listening, 12,
+                              MemoryReactorClock()))
+        return listening, built
+
+    def test_the_same_prefix_and_repr_with_no_string_kept(self):
+        for protocol_class in (Protocol, NamedProtocol):
+            listening, (stock, held) = self.transports(protocol_class)
+            self.assertEqual(held.logPrefix(), stock.logPrefix())
+            self.assertEqual(repr(held), repr(stock))
+            made = (held.logPrefix(), repr(held))
+            self.assertEqual([name for name, value in vars(held).items() if value in made], [])
+            listening._realPortNumber = None  # the port closed: the repr stays
+            self.assertEqual(repr(held), repr(stock))
+
+    def test_a_string_set_otherwise_is_kept(self):
+        _, (_, held) = self.transports()
+        held.logstr = "elsewhere"
+        held.repstr = "<elsewhere>"
+        self.assertEqual((held.logPrefix(), repr(held)), ("elsewhere", "<elsewhere>"))
+
+    def test_the_port_builds_them(self):
+        self.assertIs(port.GreetPort.transport, port.HeldServer)
+
+
 class QuietStartTests(TestCase):
     def test_no_line_of_its_own_at_start_or_stop(self):
         # The service's start-up line says what listens where, once;

@@ -281,7 +281,7 @@ class CloseTests(SynchronousTestCase):
         protocol, transport = open_connection(self.factory)
         # The reactor-less path: writeConnectionLost before the factory
         # gave the connection a deadline.
-        protocol._timer = None
+        protocol.waited = False
         protocol.writeConnectionLost()
         self.assertTrue(transport.disconnecting)
 

@@ -64,6 +64,14 @@ INTERNALS = {
         "the connection class a GreetPort builds for the slow path",
     "twisted.internet.tcp:Port.sessionno":
         "numbered as Twisted numbers the connections it builds",
+    "twisted.internet.abstract:FileDescriptor._getLogPrefix":
+        "a held connection's log prefix, made as tcp.Server makes it, when asked",
+    "twisted.internet.tcp:Server.logstr":
+        "set by tcp.Server.__init__; a HeldServer makes it when asked instead",
+    "twisted.internet.tcp:Server.repstr":
+        "set by tcp.Server.__init__; a HeldServer makes it when asked instead",
+    "twisted.internet.tcp:Server.hostname":
+        "what a held connection's log prefix is made of",
     # The control channel (tcpgreet/workers/control.py) skips AMP's log line for
     # every connection by calling the protocol below it.
     "twisted.protocols.amp:BinaryBoxProtocol.makeConnection":
