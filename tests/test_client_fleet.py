@@ -134,8 +134,8 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(expected["closed"][:4], (False, "CRITICAL", "connection refused",
                                                   "connect"))
         self.assertEqual(expected["silent"][:4], (False, "CRITICAL", "timed out waiting for a "
-                                                  "banner (a TLS server waits for the client: "
-                                                  "try --tls?)", "read"))
+                                                  "banner (does the server wait for the client? "
+                                                  "try --send or --tls)", "read"))
         seen = Counter()
         for probe in probes:
             kind = kinds[(probe["target"], probe["port"])]
