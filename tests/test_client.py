@@ -240,8 +240,8 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_silence_until_the_deadline(self):
         for send, tls, message in [
-            (b"", None, "timed out waiting for a banner (a TLS server waits for the "
-                        "client: try --tls?)"),
+            (b"", None, "timed out waiting for a banner (does the server wait for the "
+                        "client? try --send or --tls)"),
             # A TLS server would have answered what was sent, or closed.
             (b"QUIT\r\n", None, "timed out waiting for a banner"),
             (b"", FakeTLS(), "timed out in the TLS handshake: the server sent nothing "

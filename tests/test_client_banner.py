@@ -2,18 +2,20 @@
 Where a banner ends, against real processes on loopback: a server that
 closes without a byte (socat, tcpgreet refusing by a limit, a PROXY-protocol
 listener probed without a header), servers that greet and then wait (a
-scripted one, and a real OpenSSH sshd), a banner in pieces, and a timeout
-after part of one; in the text, probe-line, --plugin and --json forms.
+scripted one, and a real OpenSSH sshd), one that waits for a request
+(Python's http.server), a banner in pieces, and a timeout after part of
+one; in the text, probe-line, --plugin and --json forms.
 """
 
 import json
 import re
 import socket
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from .clientprocess import run, start_talker
-from .helpers import Program, require_tool, start_server
+from .helpers import NEUTRAL_CWD, Program, require_tool, start_server
 from .sshd import start_sshd
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -184,6 +186,33 @@ class PartialBannerTests(SynchronousTestCase):
         self.assertEqual(probe["error"], f"timed out after {probe['bytes']} bytes")
         self.assertTrue("220-slow and steady..........".startswith(probe["banner"]), probe)
         self.assertEqual(len(probe["banner"]), probe["bytes"])
+
+
+class RequestFirstTests(SynchronousTestCase):
+    """
+    A server that says nothing until the client speaks (Python's
+    http.server): no banner, and the line says what to try, --send first.
+    """
+
+    def setUp(self):
+        server = Program([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1",
+                          "--directory", NEUTRAL_CWD, "0"])
+        self.addCleanup(server.stop)
+        port = server.wait_for(r"^Serving HTTP on 127\.0\.0\.1 port (\d+) ", timeout=15).group(1)
+        self.target = ["127.0.0.1", port]
+
+    def test_silence_suggests_send(self):
+        result = run("--timeout", "1", *self.target)
+        self.assertEqual((result.returncode, result.stdout), (2, b""))
+        self.assertEqual(result.stderr.decode(),
+                         f"tcpgreet-client: 127.0.0.1 port {self.target[1]}: failed at read: "
+                         "timed out waiting for a banner (does the server wait for the client? "
+                         "try --send or --tls)\n")
+
+    def test_a_request_gets_the_answer(self):
+        result = run("--send", "GET / HTTP/1.0\\r\\n\\r\\n", "--first-line", *self.target)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertRegex(result.stdout, rb"^HTTP/1\.[01] 200 OK\n$")
 
 
 def closed_port() -> int:

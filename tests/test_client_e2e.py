@@ -272,8 +272,8 @@ class HostileServerTests(SynchronousTestCase):
         result = run("--json", "--timeout", "1", *server.target)
         [probe, _] = records(result)
         self.assertEqual((result.returncode, probe["error"], probe["connect_ms"] is not None),
-                         (2, "timed out waiting for a banner (a TLS server waits for the "
-                             "client: try --tls?)", True))
+                         (2, "timed out waiting for a banner (does the server wait for the "
+                             "client? try --send or --tls)", True))
         self.assertGreaterEqual(probe["total_ms"], 1000)
         self.assertLess(probe["total_ms"], 1500)
         self.assertLess(result.elapsed, 1 + 10, "start-up included, not much later")
@@ -284,8 +284,8 @@ class HostileServerTests(SynchronousTestCase):
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
                          f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at read: "
-                         "timed out waiting for "
-                         "a banner (a TLS server waits for the client: try --tls?)\n")
+                         "timed out waiting for a banner (does the server wait for the "
+                         "client? try --send or --tls)\n")
 
     def test_reset_is_critical(self):
         def reset(connection):

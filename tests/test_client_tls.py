@@ -245,8 +245,8 @@ class MismatchTests(SynchronousTestCase):
         self.assertEqual((result.returncode, result.stdout), (2, b""))
         self.assertEqual(result.stderr.decode(),
                          f"tcpgreet-client: 127.0.0.1 port {server.port}: failed at read: "
-                         "timed out waiting "
-                         "for a banner (a TLS server waits for the client: try --tls?)\n")
+                         "timed out waiting for a banner (does the server wait for the "
+                         "client? try --send or --tls)\n")
 
     def test_plain_probe_answered_in_tls(self):
         # A handshake record too short to be a hello: the server answers

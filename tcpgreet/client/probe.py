@@ -349,9 +349,10 @@ class GreetClientFactory(ClientFactory[GreetClientProtocol]):
                                      handshake_done=False)
                     or "timed out in the TLS handshake")
         if self.tls is None and not self.send:
-            # A TLS server says nothing until the client's hello; so does a
-            # server that is stuck.
-            return "timed out waiting for a banner (a TLS server waits for the client: try --tls?)"
+            # A server that waits for a request (HTTP) says nothing, as does
+            # a TLS server waiting for the client's hello, or a stuck one.
+            return ("timed out waiting for a banner (does the server wait for the client? "
+                    "try --send or --tls)")
         return "timed out waiting for a banner"
 
     def _cancel(self, deferred: defer.Deferred[bytes]) -> None:
