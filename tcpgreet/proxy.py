@@ -144,6 +144,25 @@ def _valid(address: IAddress | None) -> bool:
     return version == _VERSIONS.get(type(address)) and 0 <= address.port <= 65535
 
 
+def _canonical(info: ProxyInfo) -> ProxyInfo:
+    """
+    C{info} with its IPv6 addresses in their one canonical text form: a v2
+    header carries 16 bytes, which Twisted's parser writes out in full
+    (C{2001:db8:0:0:0:0:0:7}), and a v1 header whatever the proxy wrote;
+    the greeting, the log and the per-address limits all want the form
+    the client's own socket would have given (C{2001:db8::7}).
+    """
+    source, destination = info.source, info.destination
+    if not isinstance(source, IPv6Address) or not isinstance(destination, IPv6Address):
+        return info
+    return type(info)(info.header,
+                      IPv6Address(source.type, ipaddress.ip_address(source.host).compressed,
+                                  source.port),
+                      IPv6Address(destination.type,
+                                  ipaddress.ip_address(destination.host).compressed,
+                                  destination.port))
+
+
 class _V1Parser(V1Parser):
     """
     Twisted's v1 parser, taking also the shortest header there is, C{PROXY
@@ -232,10 +251,11 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             if len(self._parser.buffer) > MAX_HEADER:
                 self._drop("header too long")
             return
-        if info.source is not None and not (_valid(info.source) and
-                                            _valid(info.destination)):
-            self._drop("invalid address")
-            return
+        if info.source is not None:
+            if not (_valid(info.source) and _valid(info.destination)):
+                self._drop("invalid address")
+                return
+            info = _canonical(info)
         self._connect(info, remaining)
 
     def _connect(self, info: ProxyInfo, remaining: bytes | None) -> None:

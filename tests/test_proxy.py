@@ -123,6 +123,21 @@ class ProxyTests(SynchronousTestCase):
             wrapper.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.greeter.stats.rejected, {})
 
+    def test_ipv6_clients_are_named_as_their_sockets_would_name_them(self):
+        # A v2 header carries the 16 bytes; v1 whatever the proxy wrote.
+        addresses = (socket.inet_pton(socket.AF_INET6, "2001:db8::7") +
+                     socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!HH", 40003, 27679))
+        v2_tcp6 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x21" + struct.pack("!H", len(addresses))
+                   + addresses)
+        v1_long = b"PROXY TCP6 2001:DB8:0:0:0:0:0:7 0:0:0:0:0:0:0:1 40003 27679\r\n"
+        for header in (v2_tcp6, v1_long):
+            wrapper, transport = self.connect()
+            wrapper.dataReceived(header)
+            self.assertEqual(transport.value(), b"hi 2001:db8::7:40003\r\n", header)
+            self.assertEqual(wrapper.getPeer(), IPv6Address("TCP", "2001:db8::7", 40003))
+            self.assertEqual(wrapper.getHost(), IPv6Address("TCP", "::1", 27679))
+            wrapper.connectionLost(Failure(error.ConnectionDone()))
+
     def test_an_address_of_the_other_family_is_dropped(self):
         # TCP4 names IPv4 addresses only, TCP6 IPv6 ones: either way round
         # the header is a lie about its own format.
