@@ -165,6 +165,15 @@ class ImageTests(SynchronousTestCase):
         self.assertTrue(inspected["HostConfig"]["ReadonlyRootfs"])
         self.assertEqual(uids(inspected["State"]["Pid"]), [12345] * 4)
 
+        # README's preStop for clusters without the sleep action runs the
+        # environment's Python, which has no pip (README: "no pip in that
+        # environment").
+        python = "/opt/tcpgreet/bin/python3"
+        self.podman("exec", name, python, "-c", "import time; time.sleep(0)")
+        no_pip = self.podman("exec", name, python, "-c", "import pip", check=False)
+        self.assertNotEqual(no_pip.returncode, 0, "pip is in the image's environment")
+        self.assertIn("No module named 'pip'", no_pip.stderr)
+
         # A client that does not read holds its greeting in progress, so
         # SIGTERM finds a drain to do.
         with socket.create_connection(("127.0.0.1", greet), timeout=10) as slow:
