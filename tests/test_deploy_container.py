@@ -129,6 +129,16 @@ class ImageTests(SynchronousTestCase):
         self.assertEqual(set(inspected["Config"]["ExposedPorts"]),
                          {f"{GREET}/tcp", f"{METRICS}/tcp"})
 
+    def test_a_rebuild_with_other_arguments_relabels(self):
+        # The same build context, another revision: podman's layer cache
+        # must not hand back the labels of the build before.
+        revision = "fedcba9876543210"
+        self.assertNotEqual(container.BUILD_ARGS["REVISION"], revision)
+        rebuilt = container.image(self, self.podman, REVISION=revision)
+        [inspected] = json.loads(self.podman("image", "inspect", rebuilt).stdout)
+        self.assertEqual(inspected["Labels"][f"{LABEL}revision"], revision)
+        self.assertEqual(inspected["Labels"][f"{LABEL}source"], container.BUILD_ARGS["SOURCE"])
+
     def run_container(self, *args: str, volume: str = "") -> tuple[Program, str]:
         name = f"tcpgreet-test-{uuid.uuid4().hex[:12]}"
         command = self.podman.command(
