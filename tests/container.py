@@ -217,17 +217,18 @@ def build_context(testcase) -> Path:
     return context
 
 
-def image(testcase, program: Podman) -> str:
+def image(testcase, program: Podman, **build_args: str) -> str:
     """
     The id of L{IMAGE}, built from this checkout on L{BASE_IMAGE} (once per
     test process; podman's layer cache makes later builds quick), with
-    L{BUILD_ARGS}.
+    L{BUILD_ARGS}, or with C{build_args} in place of some of them (built
+    afresh at each call).
     """
-    if _built:
+    if _built and not build_args:
         return _built[0]
     base = base_image(testcase, program)
     context = build_context(testcase)
-    arguments = {"BASE": base, "WHEELS": "wheels", **BUILD_ARGS}
+    arguments = {"BASE": base, "WHEELS": "wheels", **BUILD_ARGS, **build_args}
     # The tag is for whoever looks at podman's store; the tests use the
     # image's id, because another run on this machine may move the tag to
     # its own build at any moment.
@@ -241,8 +242,10 @@ def image(testcase, program: Podman) -> str:
     if built.returncode != 0:
         raise AssertionError(f"podman build exited with {built.returncode}:\n"
                              + "\n".join((built.stdout + built.stderr).splitlines()[-40:]))
-    _built.append(identity.read_text().strip())
-    return _built[0]
+    built_id = identity.read_text().strip()
+    if not build_args:
+        _built.append(built_id)
+    return built_id
 
 
 def containerfile(path: Path = CONTAINERFILE) -> list[tuple[str, str]]:

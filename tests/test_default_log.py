@@ -356,7 +356,9 @@ class EndToEndTests(TestCase):
         return process
 
     def test_standard_output(self):
-        server = helpers.start_server(self)
+        # A port of its own: the default one may be taken by anything else
+        # on the machine, and the log is the subject here, not the port.
+        server = helpers.start_server(self, "--listen", "tcp:0:interface=127.0.0.1")
         _greet(server.port)
         line = server.wait_for(r"greeted").string
         self.assertRegex(line, GREETED_LINE)

@@ -129,6 +129,16 @@ class ImageTests(SynchronousTestCase):
         self.assertEqual(set(inspected["Config"]["ExposedPorts"]),
                          {f"{GREET}/tcp", f"{METRICS}/tcp"})
 
+    def test_a_rebuild_with_other_arguments_relabels(self):
+        # The same build context, another revision: podman's layer cache
+        # must not hand back the labels of the build before.
+        revision = "fedcba9876543210"
+        self.assertNotEqual(container.BUILD_ARGS["REVISION"], revision)
+        rebuilt = container.image(self, self.podman, REVISION=revision)
+        [inspected] = json.loads(self.podman("image", "inspect", rebuilt).stdout)
+        self.assertEqual(inspected["Labels"][f"{LABEL}revision"], revision)
+        self.assertEqual(inspected["Labels"][f"{LABEL}source"], container.BUILD_ARGS["SOURCE"])
+
     def run_container(self, *args: str, volume: str = "") -> tuple[Program, str]:
         name = f"tcpgreet-test-{uuid.uuid4().hex[:12]}"
         command = self.podman.command(
@@ -164,6 +174,15 @@ class ImageTests(SynchronousTestCase):
         [inspected] = json.loads(self.podman("inspect", name).stdout)
         self.assertTrue(inspected["HostConfig"]["ReadonlyRootfs"])
         self.assertEqual(uids(inspected["State"]["Pid"]), [12345] * 4)
+
+        # README's preStop for clusters without the sleep action runs the
+        # environment's Python, which has no pip (README: "no pip in that
+        # environment").
+        python = "/opt/tcpgreet/bin/python3"
+        self.podman("exec", name, python, "-c", "import time; time.sleep(0)")
+        no_pip = self.podman("exec", name, python, "-c", "import pip", check=False)
+        self.assertNotEqual(no_pip.returncode, 0, "pip is in the image's environment")
+        self.assertIn("No module named 'pip'", no_pip.stderr)
 
         # A client that does not read holds its greeting in progress, so
         # SIGTERM finds a drain to do.

@@ -21,6 +21,8 @@ PROXIED = "haproxy:tcp:0:interface=127.0.0.1"
 LOCAL = "tcp:0:interface=127.0.0.1"
 # Every 127/8 address is loopback: clients HAProxy (127.0.0.1) relays.
 LIMITED = "127.0.0.2"
+# Where HAProxy's connections to the instances come from.
+HAPROXY = "127.0.0.1"
 GREETED = "tcpgreet_connections_greeted_total"
 REFUSED = ("tcpgreet_connections_rejected_total", (("reason", "max-per-ip"),))
 # Enough tries for round-robin to reach both instances several times over.
@@ -46,9 +48,11 @@ def others(count: int) -> list[str]:
 
 class ScaleOutTests(SynchronousTestCase):
     def setUp(self):
-        # Each instance names itself and the client it sees.
+        # Each instance names itself and the client it sees, and, as README
+        # has it, takes PROXY headers from HAProxy's address alone.
         self.instances = [
-            start_server(self, "--listen", PROXIED, "--greeting", f"{n} {{peer_host}}",
+            start_server(self, "--listen", PROXIED, "--trusted-proxy", HAPROXY,
+                         "--greeting", f"{n} {{peer_host}}",
                          "--max-per-ip", "1", "--timeout", "30", "--metrics", LOCAL)
             for n in (1, 2)]
         self.metrics = [f"{metrics_base(server)}/metrics" for server in self.instances]
