@@ -26,7 +26,7 @@ from .helpers import (
     run_default,
     unused_dual_port,
 )
-from .test_workers_e2e import READY
+from .workers.test_e2e import READY
 
 DEFAULT = b"Thank you for connecting\r\n"
 ATTEMPTS = 5

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from .haproxy import start_haproxy
 from .helpers import start_server
 from .test_health import metrics_base
-from .test_workers_e2e import scrape
+from .workers.test_e2e import scrape
 
 PROXIED = "haproxy:tcp:0:interface=127.0.0.1"
 LOCAL = "tcp:0:interface=127.0.0.1"

@@ -21,7 +21,7 @@ from tcpgreet import health, tap
 
 from .helpers import start_server
 from .test_faults import MiB, greeting_file
-from .test_workers_e2e import LOCAL, hold, start_workers
+from .workers.test_e2e import LOCAL, hold, start_workers
 
 
 def probe(url: str, timeout: float = 10.0) -> tuple[int, str]:

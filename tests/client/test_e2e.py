@@ -17,7 +17,7 @@ from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import (
+from ..clientprocess import (
     CLIENT,
     ClientProcess,
     Finished,
@@ -26,7 +26,7 @@ from .clientprocess import (
     run_measured,
     sends,
 )
-from .helpers import (
+from ..helpers import (
     NEUTRAL_CWD,
     Server,
     has_ipv6_loopback,

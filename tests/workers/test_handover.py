@@ -29,7 +29,7 @@ from tcpgreet.workers.handover import (
     systemd_name,
 )
 
-from . import tls
+from .. import tls
 
 
 def held(description, workers=2, steer=False):

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.workers.reuseport import bind_group, steering_key, steering_program
 
-from .helpers import has_ipv6_loopback
+from ..helpers import has_ipv6_loopback
 
 
 def accepted_by(group, source, port, host="127.0.0.1"):

@@ -19,10 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet.client.proxyheader import LOCAL, SIGNATURE, ProxyHeaderSender, version_1, version_2
 
-from . import tls
-from .clientprocess import run
-from .haproxy import start_haproxy
-from .helpers import start_server
+from .. import tls
+from ..clientprocess import run
+from ..haproxy import start_haproxy
+from ..helpers import start_server
 
 GREETING = "hello {peer_host} {peer_port}"
 

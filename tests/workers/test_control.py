@@ -26,7 +26,7 @@ from tcpgreet.workers.control import (
     stats_response,
 )
 
-from .test_server import finish, open_connection
+from ..test_server import finish, open_connection
 
 
 def some_stats(seed=1):

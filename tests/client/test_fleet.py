@@ -17,8 +17,8 @@ from collections import Counter
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import CLIENT, ClientProcess, SocketServer, run, run_measured, sends
-from .helpers import NEUTRAL_CWD, Server, temporary_file
+from ..clientprocess import CLIENT, ClientProcess, SocketServer, run, run_measured, sends
+from ..helpers import NEUTRAL_CWD, Server, temporary_file
 
 # Addresses of their own for each kind of target, all on loopback.
 SERVER_ADDRESSES = ["127.0.1.1", "127.0.1.2", "127.0.1.3", "127.0.1.4"]

@@ -14,9 +14,9 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .clientprocess import run, start_talker
-from .helpers import NEUTRAL_CWD, Program, require_tool, start_server
-from .sshd import start_sshd
+from ..clientprocess import run, start_talker
+from ..helpers import NEUTRAL_CWD, Program, require_tool, start_server
+from ..sshd import start_sshd
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 # check_tcp's time=, then each stage's time (connect=, firstbyte=, ...).

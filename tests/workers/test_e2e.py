@@ -22,9 +22,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from . import confine, netns_steering
-from .haproxy import start_haproxy
-from .helpers import (
+from .. import confine, netns_steering
+from ..haproxy import start_haproxy
+from ..helpers import (
     TWISTD,
     Server,
     assert_fails_in_one_line,
@@ -38,17 +38,17 @@ from .helpers import (
     wait_for_exit,
     wait_until,
 )
-from .test_deploy_haproxy import FORGED, sent_to
-from .test_deploy_systemd import (
+from ..test_deploy_haproxy import FORGED, sent_to
+from ..test_deploy_systemd import (
     DEPLOY,
     FIRST_GREETING_TIMEOUT,
     LOOPBACK,
     socket_activate,
     unit_settings,
 )
-from .test_faults import MiB, greeting_file
+from ..test_faults import MiB, greeting_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 LOCAL = "tcp:0:interface=127.0.0.1"
 DEFAULT = b"Thank you for connecting\r\n"
 READY = r"worker (\d+) \(pid (\d+)\) ready"

@@ -22,11 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcpgreet.client.probe import GreetClientFactory
 from tcpgreet.client.tls import TLSClient, UnverifiedTLS, load_ca, looks_like_tls
 
-from . import tls
-from .certificates import make_certificate
-from .clientprocess import SocketServer, run
-from .helpers import start_server, temporary_file
-from .sshd import start_sshd
+from .. import tls
+from ..certificates import make_certificate
+from ..clientprocess import SocketServer, run
+from ..helpers import start_server, temporary_file
+from ..sshd import start_sshd
 
 GREETING = b"Thank you for connecting\n"
 

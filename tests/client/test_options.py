@@ -14,8 +14,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from tcpgreet.client.options import ClientOptions, escaped, parse_target
 from tcpgreet.client.outcome import CRITICAL, OK, WARNING, Checks
 
-from .certificates import make_certificate
-from .helpers import temporary_file
+from ..certificates import make_certificate
+from ..helpers import temporary_file
 
 
 def parse(*args):

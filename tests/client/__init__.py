@@ -1,0 +1,1 @@
+"""Tests of tcpgreet.client, one module of tests per module where it has one."""
