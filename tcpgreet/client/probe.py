@@ -212,7 +212,15 @@ class GreetClientProtocol(Protocol, TimeoutMixin):
         self.factory.finished(self.received(), reason)
 
 
-class GreetClientFactory(ClientFactory[GreetClientProtocol]):
+if TYPE_CHECKING:
+    # Twisted's ClientFactory is generic in its annotations; at run time,
+    # only in releases newer than the oldest tcpgreet supports.
+    _ClientFactory = ClientFactory[GreetClientProtocol]
+else:
+    _ClientFactory = ClientFactory
+
+
+class GreetClientFactory(_ClientFactory):
     """
     One attempt at one address: L{deferred} fires with the banner, or fails
     with L{ProbeError}; the times and facts of the attempt stay here.
