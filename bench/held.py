@@ -13,6 +13,8 @@ the kernel's, not the process's, and are not in it.)
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import resource
 import socket
 import struct
@@ -111,8 +113,12 @@ def measure(launch: Launch, connections: int, placement: Placement,
             client = socket.socket()
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             client.setblocking(False)
-            client.connect_ex((HOST, server.port))
             clients.append(client)
+            status = client.connect_ex((HOST, server.port))
+            if status not in (0, errno.EINPROGRESS):
+                # Else the wait below would only say that fewer arrived.
+                raise BenchError(f"--held: connection {count} of {connections} failed at "
+                                 f"once: {os.strerror(status)}{server.tail()}")
             if count % STEP == 0 or count == connections:
                 want = count if count == connections else count - STEP
                 _wait(lambda want=want: _descriptors(server.pid) - base_descriptors >= want,
