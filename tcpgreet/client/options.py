@@ -267,6 +267,15 @@ def address(text: str) -> str:
         raise ValueError("not an IPv4 or IPv6 address") from None
 
 
+def is_address(host: str) -> bool:
+    """Whether C{host} is an IPv4 or IPv6 address, not a name."""
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _named(parameters: list[list]) -> list[list]:
     """
     C{optParameters} whose conversion errors name the option and the value

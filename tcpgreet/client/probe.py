@@ -13,7 +13,6 @@ import errno
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from typing import Protocol as TypingProtocol
 
@@ -40,6 +39,7 @@ from tcpgreet.client.options import (
     DEFAULT_MAX_BYTES,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
+    is_address,
 )
 from tcpgreet.client.outcome import (
     CONNECT,
@@ -462,20 +462,12 @@ async def _unresolved(reactor: IReactorThreads, host: str, port: int | None, fam
             pass
         else:
             kind = _FAMILY_NAMES[family]
-            return f"is not an {kind} address" if _is_address(host) else f"has no {kind} address"
+            return f"is not an {kind} address" if is_address(host) else f"has no {kind} address"
     if failure.errno == socket.EAI_NONAME:
         return "name not resolved"
     if failure.errno in _NO_ADDRESS:
         return "has no address"
     return f"name not resolved: {_lower(failure.strerror or str(failure))}"
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def happy_eyeballs(addresses: list[str]) -> list[str]:
@@ -501,7 +493,7 @@ async def _addresses(reactor: IProbeReactor, settings: ProbeSettings, resolver: 
     """
     if settings.unix is not None:
         return [settings.unix], None
-    if _is_address(settings.host):
+    if is_address(settings.host):
         # Nothing to resolve: no thread, no name-service time.
         return [settings.host], None
     began = reactor.seconds()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import ssl as stdlib_ssl
-from ipaddress import ip_address
 
 import idna
 from cryptography import x509
@@ -22,6 +21,7 @@ from zope.interface import implementer
 
 # looks_like_tls and speaks_tls live with the outcome, so that a plain probe,
 # which asks them of every banner, need not import OpenSSL.
+from tcpgreet.client.options import is_address
 from tcpgreet.client.outcome import TLSInfo, looks_like_tls, speaks_tls  # noqa: F401
 from tcpgreet.client.report import render_line
 
@@ -180,7 +180,7 @@ class UnverifiedTLS:
 
     def __init__(self, host: str) -> None:
         self._context = ssl.CertificateOptions().getContext()
-        self.server_name = None if _is_address(host) else idna.encode(host, uts46=True)
+        self.server_name = None if is_address(host) else idna.encode(host, uts46=True)
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -188,14 +188,6 @@ class UnverifiedTLS:
         if self.server_name is not None:
             connection.set_tlsext_host_name(self.server_name)
         return connection
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _openssl_reasons(error: SSL.Error) -> list[str]:
