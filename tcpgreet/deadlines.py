@@ -52,8 +52,7 @@ class Deadlines(MutableSet[Item], Generic[Item]):
     @ivar clock: the reactor that tells the time and keeps the timer.
     """
 
-    def __init__(self, expire: Callable[[Item], object],
-                 clock: IReactorTime | None = None) -> None:
+    def __init__(self, expire: Callable[[Item], object], clock: IReactorTime) -> None:
         self.clock = clock
         self._expire = expire
         self._undated: dict[Item, None] = {}
@@ -114,8 +113,6 @@ class Deadlines(MutableSet[Item], Generic[Item]):
         the one it had, if any.
         """
         clock = self.clock
-        if clock is None:
-            raise RuntimeError("Deadlines.expire_after needs a clock")
         self.discard(item)
         deadline = clock.seconds() + delay
         group = self._groups.get(delay)
@@ -142,7 +139,6 @@ class Deadlines(MutableSet[Item], Generic[Item]):
     def _fire(self) -> None:
         self._timer = None
         clock = self.clock
-        assert clock is not None  # it set the timer
         # Everything due by the deadline the timer was set for is due, even
         # if the clock, rounding, says a hair less.
         now = max(clock.seconds(), self._timer_for)
@@ -184,7 +180,6 @@ class Deadlines(MutableSet[Item], Generic[Item]):
             return
         earliest = min(heads)
         clock = self.clock
-        assert clock is not None
         delay = max(0.0, earliest - clock.seconds())
         if self._timer is None:
             self._timer = clock.callLater(delay, self._fire)

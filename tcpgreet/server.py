@@ -265,7 +265,7 @@ class GreetProtocol(Protocol):
             # Still open: the transport cannot finish within this call.  A
             # direct transport finishes after it returns, or hands the
             # connection to the reactor and then says so (through
-            # IDirectFactory.connectionWaiting, which set the timer).
+            # IDirectFactory.connectionWaiting, which sets its deadline).
             factory.connectionWaiting(self)
 
     def greeting_written(self) -> None:
