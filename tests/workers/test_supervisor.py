@@ -102,6 +102,15 @@ class ProcessReactor(MemoryReactorClock):
         self.callLater(0, f, *args, **kwargs)
 
 
+def stop_supervisor(supervisor, reactor):
+    """Stop C{supervisor}, if running, and end the fake workers it waits for."""
+    if supervisor.running:
+        supervisor.stopService()
+        for process, *_ in reactor.spawned:
+            if not process.gone:
+                process.end(signal=signal.SIGTERM)
+
+
 class SupervisorTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = ProcessReactor()
@@ -116,11 +125,7 @@ class SupervisorTests(SynchronousTestCase):
         self.addCleanup(self.stop)
 
     def stop(self):
-        if self.supervisor.running:
-            self.supervisor.stopService()
-            for process, *_ in self.reactor.spawned:
-                if not process.gone:
-                    process.end(signal=signal.SIGTERM)
+        stop_supervisor(self.supervisor, self.reactor)
 
     def lines(self):
         return [formatEvent(event) for event in self.events]
@@ -270,11 +275,7 @@ class StandInTests(SynchronousTestCase):
         worker.channel.adopt = adopt
 
     def stop(self):
-        if self.supervisor.running:
-            self.supervisor.stopService()
-            for process, *_ in self.reactor.spawned:
-                if not process.gone:
-                    process.end(signal=signal.SIGTERM)
+        stop_supervisor(self.supervisor, self.reactor)
 
     def stand_ins(self):
         return [r for r in self.reactor.getReaders() if isinstance(r, StandIn)]
