@@ -895,7 +895,7 @@ class GreetReactor:
     def listenTCP(self, portNumber: int, factory: IProtocolFactory, backlog: int = 50,
                   interface: str = "") -> IListeningPort:
         return listen(self._reactor, portNumber, factory, backlog, interface,
-                           ipv6_only=self._ipv6_only)
+                      ipv6_only=self._ipv6_only)
 
     def listenSSL(self, portNumber: int, factory: IProtocolFactory,
                   contextFactory: IOpenSSLServerConnectionCreator, backlog: int = 50,
