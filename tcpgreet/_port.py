@@ -34,6 +34,7 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 import termios
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast
@@ -66,7 +67,12 @@ from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
-from tcpgreet.interfaces import IAdoptingPort, IDirectFactory, IDirectTransport
+from tcpgreet.interfaces import (
+    IAdoptingPort,
+    IDirectFactory,
+    IDirectTransport,
+    IStaticGreetingFactory,
+)
 from tcpgreet.logs import RateLimitedLog
 
 log = Logger()
@@ -134,6 +140,24 @@ MAX_ACCEPTS_PER_PASS = 128
 # The most a DirectTransport tries to send by itself.
 DIRECT_WRITE_LIMIT = 65536
 
+# The longest static greeting the port sends by itself (see
+# GreetPort._accept_batch).  Far below any send buffer a fresh connection
+# starts with, so that the send is all but certain to complete at once.
+STATIC_LIMIT = 4096
+
+# How long a send of the static greeting may block (SO_SNDTIMEO, which
+# accepted connections inherit from the listening socket).  The port sends
+# on the accepted descriptor as it is, in blocking mode: making it
+# non-blocking would cost the very system calls the static path saves.  A
+# fresh connection has room for a few kilobytes, so the send blocks only
+# under kernel memory pressure, and then for this long at most, once per
+# accept pass: the rest of that pass takes the protocol's path.  (Linux
+# rounds it up to one clock tick.)
+STATIC_SEND_TIMEOUT = struct.pack("@ll", 0, 1000)
+
+# Linux's; elsewhere (0) greetings and FINs leave as they may.
+_CORK: int = getattr(socket, "TCP_CORK", 0)
+
 _DONTWAIT = socket.MSG_DONTWAIT
 _ABORTED = Failure(error.ConnectionAborted())
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -143,6 +167,28 @@ _half_closeable = IHalfCloseableProtocol.providedBy
 
 
 _unread_count = array.array("i", [0])
+_write = os.write
+_close_fd = os.close
+_ioctl = fcntl.ioctl
+
+
+# Linux reports how many connections a listening socket holds ready to
+# accept in TCP_INFO, in the field that is tcpi_unacked for a connected
+# socket (ss shows it as Recv-Q).
+# Elsewhere the struct differs, or there is none (0: never asked).
+_TCP_INFO: int = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
+_TCP_LISTEN_STATE = 10
+_tcp_info_head = struct.Struct("=B7xIIIII")  # tcpi_state ... tcpi_unacked
+
+
+def _ready_to_accept(skt: socket.socket) -> int | None:
+    """How many connections wait in C{skt}'s accept queue (L{None}: unknown)."""
+    try:
+        info = skt.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _tcp_info_head.size)
+    except OSError:
+        return None
+    state, _rto, _ato, _snd_mss, _rcv_mss, ready = _tcp_info_head.unpack_from(info)
+    return ready if state == _TCP_LISTEN_STATE else None
 
 
 def _unread(skt: socket.socket) -> int:
@@ -636,8 +682,15 @@ class GreetPort(tcp.Port):
     # bare C socket, and wraps it only when it must (getHandle).
     _accepted_socket: type = socket.socket
     _paused: IDelayedCall | None = None
+    # The factory's static_greeting, when the port may send it by itself,
+    # and its static_finished.
+    _static: Callable[[], bytes | None] | None = None
+    _static_finished: Callable[[list[tuple[tuple[Any, ...], float]]], None]
     _socket_kind = (int(socket.AF_INET), int(socket.SOCK_STREAM))
     _address = "a port not listening"  # for log lines: where it listens
+    _log_prefix = "GreetPort"
+    # Whether the system says how many connections wait (_ready_to_accept).
+    _queue_known = False
 
     def __init__(self, port: int, factory: IProtocolFactory, backlog: int = 50,
                  interface: str = "", reactor: PortReactor | None = None) -> None:
@@ -669,11 +722,38 @@ class GreetPort(tcp.Port):
         self.numberAccepts = 100
         self._direct = IDirectFactory.providedBy(self.factory)
         self._accepted_socket = _socket.socket if self._direct else socket.socket
+        self._static = None
+        if IStaticGreetingFactory.providedBy(self.factory):
+            self._prepare_static(skt, cast(IStaticGreetingFactory, self.factory))
         self._socket_kind = (int(skt.family), int(skt.type))
+        self._log_prefix = super().logPrefix()
+        self._queue_known = bool(_TCP_INFO) and _ready_to_accept(skt) is not None
+        if self._queue_known:
+            self.numberAccepts = MAX_ACCEPTS_PER_PASS
         host = self.getHost()
         self._address = f"[{host.host}]:{host.port}" if ":" in host.host else \
             f"{host.host}:{host.port}"
         self.startReading()
+
+    def _prepare_static(self, skt: socket.socket, factory: IStaticGreetingFactory) -> None:
+        """
+        Set the listening socket up for a static factory: options its
+        connections inherit, and the static path if they allow it.
+        """
+        if _CORK:
+            # Every connection of a static factory ends with its greeting,
+            # so hold what is written until the FIN: the greeting and the
+            # FIN then leave in one segment, not two, which halves the
+            # kernel's work per connection on both sides.  (Anything held
+            # longer goes out after 200 ms all the same.)
+            with contextlib.suppress(OSError):
+                skt.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
+        try:
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, STATIC_SEND_TIMEOUT)
+        except OSError:
+            return  # its sends could block for ever: the protocol's path only
+        self._static = factory.static_greeting
+        self._static_finished = factory.static_finished
 
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
@@ -698,6 +778,11 @@ class GreetPort(tcp.Port):
     def _logConnectionLostMsg(self) -> None:
         """The service logs what it listens on and when it stops."""
 
+    def logPrefix(self) -> str:
+        # The reactor asks for it on every accept pass; tcp.Port formats it
+        # each time.
+        return self._log_prefix
+
     def doRead(self) -> None:
         try:
             accepted = self._accept_batch(self.numberAccepts)
@@ -707,6 +792,8 @@ class GreetPort(tcp.Port):
             # Twisted's own doRead does, log it and keep listening.
             log.failure("error accepting connections on {address}", address=self._address)
             return
+        if self._queue_known:
+            return  # each pass takes what waits (see _accept_batch)
         # Twisted's heuristic: accept more per pass while the backlog keeps
         # filling them (up to a limit), fewer when it does not.
         if accepted == self.numberAccepts:
@@ -733,54 +820,137 @@ class GreetPort(tcp.Port):
         """
         Accept and serve up to C{limit} connections (from C{accept}, the
         listening socket's by default); how many were accepted.
+
+        While the factory's greeting is static (L{IStaticGreetingFactory}),
+        each connection is sent it straight from the accepted descriptor
+        and closed: four system calls (accept, send, the check for unread
+        bytes, close) and no objects.  One that needs more (its client has
+        spoken, the send fell short) continues with a protocol from
+        L{IStaticGreetingFactory.resume_protocol}, as every other
+        connection starts with one from C{buildProtocol}.
         """
-        # socket.accept() looks the family and type up through enum
-        # conversions for every connection; the listening socket's own
-        # numbers, read once, are all a connected socket needs.
+        static_greeting = self._static
+        listening = self.socket
         if accept is None:
-            accept = c_accept(self.socket)
+            # socket.accept() looks the family and type up through enum
+            # conversions for every connection; the listening socket's own
+            # numbers, read once, are all a connected socket needs.
+            accept = c_accept(listening)
+            queue_known = self._queue_known
+        else:
+            # Accepted elsewhere: without this socket's send timeout, a send
+            # could block.
+            static_greeting = None
+            queue_known = False
+        # How many connections are known to wait: at first the one the
+        # reactor saw.  When the system can say (_ready_to_accept), the
+        # pass asks whenever those are taken, and ends when none wait:
+        # an accept that finds none costs the kernel a socket made and
+        # destroyed and Python an exception, and another pass of the
+        # reactor costs several times more than asking.
+        ready = 1 if queue_known else limit
+        static = static_greeting() if static_greeting is not None else None
+        if static is not None and len(static) > STATIC_LIMIT:
+            static = None
         family, kind = self._socket_kind
         Socket = self._accepted_socket
         factory = self.factory
         direct = self._direct
         build_addr = self._buildAddr
+        seconds = self._clock.seconds
+        # What the static path served (each client's address and the
+        # seconds it took), counted and logged at the end of the pass.
+        served: list[tuple[tuple[Any, ...], float]] = []
         accepted = 0
-        for _ in range(limit):
-            try:
-                fd, addr = accept()
-                skt = Socket(family, kind, 0, fd)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in _SKIP_ERRORS:
-                    continue
-                self._accept_failed(e)
-                break
-            accepted += 1
-            transport: DirectTransport | tcp.Server | None = None
-            try:
-                if len(addr) == 4 and addr[3]:
-                    # An IPv6 link-local peer: keep its scope in the host.
-                    host = socket.getnameinfo(addr,
-                                              socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                    addr = (host[0], *addr[1:])
-                protocol = factory.buildProtocol(build_addr(addr))
-                if protocol is None:
-                    skt.close()
-                    continue
-                if direct:
-                    transport = DirectTransport(skt, protocol, addr, self)
-                    transport.serve()
-                else:
-                    self.sessionno += 1
-                    transport = self.transport(
-                        skt, protocol, addr, self, self.sessionno, self.reactor)
-                    protocol.makeConnection(transport)
-            except Exception:
-                # One connection's failure must not cost the others theirs.
-                log.failure("error setting up a connection from {peer}", peer=addr[0])
-                self._discard(skt, transport)
+        # The time each connection's service counts from: the accept call.
+        mark = seconds()
+        try:
+            for _ in range(limit):
+                if not ready:  # those known to wait are taken: any more?
+                    ready = (_ready_to_accept(listening) or 0) if queue_known else 0
+                    if not ready:
+                        break
+                ready -= 1
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in _SKIP_ERRORS:
+                        continue
+                    self._accept_failed(e)
+                    break
+                accepted += 1
+                sent = -1  # the port sent nothing
+                if static is not None:
+                    try:
+                        sent = _write(fd, static)
+                    except OSError:
+                        # Timed out, or the client is gone already: the
+                        # protocol tries again, and reports what it finds.
+                        sent = 0
+                    if sent == len(static):
+                        try:
+                            _ioctl(fd, _FIONREAD, _unread_count, True)
+                        except OSError:
+                            _unread_count[0] = 1  # let the protocol's path find out
+                        if not _unread_count[0]:
+                            # Nothing to hear out: the close sends the FIN
+                            # after the greeting.
+                            _close_fd(fd)
+                            now = seconds()
+                            served.append((addr, now - mark))
+                            mark = now
+                            continue
+                    else:
+                        # The kernel is short of room (or the client went):
+                        # the rest of this pass does without the static path.
+                        static_greeting = None
+                self._serve(Socket(family, kind, 0, fd), addr, sent, factory, direct,
+                            build_addr)
+                # That connection may have taken the last place under a
+                # limit; the factory says again.
+                static = static_greeting() if static_greeting is not None else None
+                mark = seconds()
+        finally:
+            if served:
+                self._static_finished(served)
         return accepted
+
+    def _serve(self, skt: socket.socket, addr: tuple[Any, ...], sent: int,
+               factory: Factory[Any], direct: bool,
+               build_addr: Callable[[tuple[Any, ...]], IPv4Address | IPv6Address]) -> None:
+        """
+        Serve one accepted connection through a protocol; C{sent}: how much
+        of the static greeting the port has sent it already (-1: the port
+        sent it nothing).
+        """
+        transport: DirectTransport | tcp.Server | None = None
+        try:
+            if len(addr) == 4 and addr[3]:
+                # An IPv6 link-local peer: keep its scope in the host.
+                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                addr = (host[0], *addr[1:])
+            if sent >= 0:
+                protocol = cast(IStaticGreetingFactory, factory).resume_protocol(
+                    build_addr(addr), sent)
+            else:
+                protocol = factory.buildProtocol(build_addr(addr))
+            if protocol is None:
+                skt.close()
+                return
+            if direct:
+                transport = DirectTransport(skt, protocol, addr, self)
+                transport.serve()
+            else:
+                self.sessionno += 1
+                transport = self.transport(
+                    skt, protocol, addr, self, self.sessionno, self.reactor)
+                protocol.makeConnection(transport)
+        except Exception:
+            # One connection's failure must not cost the others theirs.
+            log.failure("error setting up a connection from {peer}", peer=addr[0])
+            self._discard(skt, transport)
 
     def _discard(self, skt: socket.socket, transport: DirectTransport | tcp.Server | None) -> None:
         """

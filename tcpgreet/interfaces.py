@@ -39,6 +39,46 @@ class IDirectFactory(IProtocolFactory):
         """
 
 
+class IStaticGreetingFactory(IDirectFactory):
+    """
+    A direct factory whose connections, in the plain case, need nothing but
+    the same few bytes sent: no protocol, no log line, no per-client
+    decision.  A L{tcpgreet._port.GreetPort} then sends them itself right
+    after accept and closes, and builds a protocol only for a connection
+    that needs more: one whose client has spoken, or whose send fell short
+    (L{resume_protocol}).
+
+    Providing it also promises that every connection ends once its
+    greeting is out: the port holds back what its connections write until
+    they close their side (C{TCP_CORK}, where there is one), so that the
+    greeting and the FIN leave together.
+    """
+
+    def static_greeting() -> bytes | None:
+        """
+        What connections get now, if they need nothing else (L{None}: they
+        need their protocol: a template, a limit that must look at each).
+        Asked at the start of each accept pass, and again after any
+        connection the pass serves through a protocol, which may have taken
+        the last place under a limit.
+        """
+
+    def static_finished(served: list[tuple[tuple[Any, ...], float]]) -> None:  # noqa: N805
+        """
+        Count (and log) the connections an accept pass served with
+        L{static_greeting}, whole: each client's socket address, as accept
+        gave it, with the seconds from accept to close.
+        """
+
+    def resume_protocol(addr: IAddress, sent: int) -> IProtocol | None:  # noqa: N805
+        """
+        The protocol for a connection from C{addr} that already has the
+        first C{sent} bytes of L{static_greeting}, and needs the rest (or
+        its client has spoken, and needs to be heard out); as
+        C{buildProtocol}, L{None} if a limit refuses it.
+        """
+
+
 class IDirectTransport(ITCPTransport):
     """
     An C{ITCPTransport} of a connection that the reactor has not seen yet:

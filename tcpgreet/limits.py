@@ -102,7 +102,8 @@ class ConnectionLimits:
         self.open = 0
         # address_key(host) -> open connections; only those with some.
         self.per_ip: dict[str, int] = {}
-        self._by_address = bool(max_per_ip) or rate is not None
+        # Whether a connection's address matters to admitting it.
+        self.by_address = bool(max_per_ip) or rate is not None
 
     def admit(self, host: str | None) -> str | None:
         """
@@ -131,7 +132,7 @@ class ConnectionLimits:
 
     def admit_address(self, host: str) -> str | None:
         """Count a reserved connection in under the per-address limits."""
-        if self._by_address:
+        if self.by_address:
             key = address_key(host)
             if self.max_per_ip and self.per_ip.get(key, 0) >= self.max_per_ip:
                 return MAX_PER_IP
@@ -147,7 +148,7 @@ class ConnectionLimits:
     def release(self, host: str | None) -> None:
         """Count a connection admitted for C{host} out again."""
         self.open -= 1
-        if self._by_address and host is not None:
+        if self.by_address and host is not None:
             key = address_key(host)
             left = self.per_ip[key] - 1
             if left:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from tcpgreet.deadlines import Deadlines
 from tcpgreet.greeting import Clock, Greeting
-from tcpgreet.interfaces import IDirectFactory, IDirectTransport, IProxiedFactory
+from tcpgreet.interfaces import IDirectTransport, IProxiedFactory, IStaticGreetingFactory
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.logs import FastLogger, RateLimitedLog
 from tcpgreet.stats import Stats
@@ -72,6 +72,8 @@ _CUT_SHORT = ("{peer} port {port}: {outcome} ({reason}) after {bytes} of {length
               "{duration_ms} ms")
 _CUT_SHORT_TLS = ("{peer} port {port}: {outcome} over TLS ({reason}) after {bytes} of "
                   "{length} bytes, {duration_ms} ms")
+
+_NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 
 # Why the server cut a connection short.
 TIMEOUT = "timeout"
@@ -184,7 +186,7 @@ class _ChunkedGreeting:
     def __init__(self, protocol: GreetProtocol, greeting: bytes) -> None:
         self._protocol = protocol
         self._greeting = memoryview(greeting)
-        self._offset = 0
+        self._offset = protocol.written
 
     def resumeProducing(self) -> None:
         chunk = self._greeting[self._offset:self._offset + CHUNK]
@@ -226,7 +228,9 @@ class GreetProtocol(Protocol):
     the client sends is dropped unread.
 
     @ivar peer: the client's address, as the factory admitted it.
-    @ivar written: greeting bytes handed to the transport so far.
+    @ivar written: greeting bytes handed to the transport so far, or sent
+        by the port before there was a protocol (see
+        L{GreetFactory.resume_protocol}).
     @ivar waited: the connection outlived the accept pass, and the factory
         holds it, with a deadline (see L{GreetFactory.connectionWaiting}).
     """
@@ -256,7 +260,7 @@ class GreetProtocol(Protocol):
         if self.length > CHUNK:
             _limit_send_buffer(self.transport)
         if self.length <= CHUNK or _is_byte_stream(self.transport):
-            self.transport.write(greeting)
+            self.transport.write(greeting[self.written:] if self.written else greeting)
             self.written = self.length
             self.greeting_written()
         else:
@@ -331,7 +335,7 @@ else:
     _Factory = Factory
 
 
-@implementer(IDirectFactory, IProxiedFactory)
+@implementer(IStaticGreetingFactory, IProxiedFactory)
 class GreetFactory(_Factory):
     """
     Configuration and shared state for every L{GreetProtocol}: the greeting,
@@ -394,6 +398,58 @@ class GreetFactory(_Factory):
         protocol = GreetProtocol()
         protocol.factory = self
         protocol.peer = addr
+        return protocol
+
+    def static_greeting(self) -> bytes | None:
+        """
+        The greeting as bytes, for a port to send by itself (see
+        L{IStaticGreetingFactory}), when a connection needs nothing else:
+        no template, no per-address limit, and room under
+        C{--max-connections}, which the connection gives back as soon as
+        the port has closed it.
+        """
+        limits = self.limits
+        if limits.by_address or limits.open >= limits.max_connections:
+            return None
+        if getattr(self.greeting_for, "__func__", None) is not GreetFactory.greeting_for:
+            # Replaced, to choose each greeting: it must be asked each time.
+            return None
+        return self.greeting.static
+
+    def static_finished(self, served: list[tuple[tuple[Any, ...], float]]) -> None:
+        """
+        Count and log connections the port served with L{static_greeting}:
+        the same counts and the same line as for a connection served by its
+        protocol.
+        """
+        stats = self.stats
+        greeted = len(served)
+        length = len(self.greeting)
+        stats.accepted += greeted
+        stats.greeted += greeted
+        stats.bytes_sent += greeted * length
+        self.connections += greeted
+        observe = stats.durations.observe
+        for _address, duration in served:
+            observe(duration)
+        if self.quiet:
+            return
+        info = log.info
+        for address, duration in served:
+            if len(address) == 4 and address[3]:  # an IPv6 scope: in the host, as Twisted has it
+                address = (socket.getnameinfo(address, _NUMERIC)[0], address[1])
+            info(_GREETED, peer=address[0], port=address[1], outcome="greeted", bytes=length,
+                 duration_ms=round(duration * 1000, 3), reason=None, tls=False)
+
+    def resume_protocol(self, addr: IAddress, sent: int) -> GreetProtocol | None:
+        """
+        The protocol for a connection whose first C{sent} bytes of
+        L{static_greeting} the port has sent: it sends the rest, and hears
+        out a client that has spoken, as for any connection.
+        """
+        protocol = self.buildProtocol(addr)
+        if protocol is not None:
+            protocol.written = sent
         return protocol
 
     def reserve(self, peer: IAddress) -> bool:

@@ -6,8 +6,11 @@ hand-over to the reactor, and accept errors that neither spin nor flood.
 import _socket
 import errno
 import os
+import select
 import socket
+import struct
 import tempfile
+import time as _time
 from pathlib import Path
 
 from twisted.internet import defer, error, reactor, tcp, threads
@@ -23,6 +26,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -32,6 +36,7 @@ from bench import loadgen as load_generators
 from tcpgreet import _port as port
 from tcpgreet import greeting
 from tcpgreet.interfaces import IDirectFactory, IDirectTransport
+from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import GreetFactory
 
 from .helpers import fetch, require_tool
@@ -649,10 +654,17 @@ class FloodTests(TestCase):
         lateness: list[float] = []
         fullest = [0]
         pending = []
+        accept_batch = listening._accept_batch
+
+        def counted_batch(limit, accept=None):
+            accepted = accept_batch(limit, accept)
+            fullest[0] = max(fullest[0], accepted)
+            return accepted
+
+        listening._accept_batch = counted_batch
 
         def tick(due):
             lateness.append(reactor.seconds() - due)
-            fullest[0] = max(fullest[0], listening.numberAccepts)
             pending[:] = [reactor.callLater(self.TICK, tick, reactor.seconds() + self.TICK)]
 
         pending.append(reactor.callLater(self.TICK, tick, reactor.seconds() + self.TICK))
@@ -677,3 +689,237 @@ class FloodTests(TestCase):
             f"late (median {late[len(late) // 2] * 1000:.1f} ms, worst {late[-1] * 1000:.1f} "
             f"ms; the batch grew to {fullest[0]} accepts)")
 
+
+
+STATIC_GREETING = b"Thank you for connecting\r\n"
+
+
+class StaticPathTests(SynchronousTestCase):
+    """
+    A static factory's connections on a real loopback port, on a fake
+    reactor: the test runs each accept pass itself (C{doRead}) and, for a
+    connection handed to the reactor, its reads and writes.
+    """
+
+    def listen(self, quiet=True, **kwargs):
+        self.clock = MemoryReactorClock()
+        factory = GreetFactory(greeting.from_text(STATIC_GREETING[:-2].decode()), quiet=quiet,
+                               reactor=self.clock, **kwargs)
+        self.built = []
+        build = factory.buildProtocol
+
+        def recording_build(addr, reserved=False):
+            protocol = build(addr, reserved)
+            self.built.append(protocol)
+            return protocol
+
+        factory.buildProtocol = recording_build
+        listening = port.listen(self.clock, 0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.connectionLost, None)
+        self.listening = listening
+        return factory
+
+    def connect(self, send=b""):
+        client = socket.create_connection(("127.0.0.1", self.listening.getHost().port),
+                                          timeout=10)
+        self.addCleanup(client.close)
+        if send:
+            client.sendall(send)
+        return client
+
+    def wait_queued(self, count):
+        """Wait until C{count} connections wait to be accepted (the handshake is done)."""
+        deadline = _time.monotonic() + 10
+        while queued(self.listening.socket) != count:
+            self.assertLess(_time.monotonic(), deadline, "connections never queued")
+            select.select([], [], [], 0.001)
+
+    def run_reactor(self, client):
+        """
+        Run the fake reactor's transports until C{client} has read to EOF;
+        what it read.
+        """
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        deadline = _time.monotonic() + 10
+        while _time.monotonic() < deadline:
+            for writer in list(self.clock.getWriters()):
+                writer.doWrite()
+            for reader in list(self.clock.getReaders()):
+                if reader is not self.listening:
+                    why = reader.doRead()
+                    if why is not None:
+                        reader.connectionLost(Failure(why))
+            readable, _, _ = select.select([client], [], [], 0.01)
+            if readable:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
+        self.fail(f"no EOF; read {received!r}")
+
+    def test_sent_from_the_port_with_no_protocol_and_counted(self):
+        factory = self.listen()
+        clients = [self.connect() for _ in range(3)]
+        self.wait_queued(3)
+        self.listening.doRead()
+        for client in clients:
+            self.assertEqual(fetch_rest(client), STATIC_GREETING)
+        self.assertEqual(self.built, [])
+        stats = factory.stats
+        self.assertEqual((stats.accepted, stats.greeted, stats.lost), (3, 3, 0))
+        self.assertEqual(stats.bytes_sent, 3 * len(STATIC_GREETING))
+        self.assertEqual(stats.durations.count, 3)
+        self.assertEqual(factory.connections, 3)
+        self.assertEqual(factory.limits.open, 0)
+
+    def test_a_pass_takes_what_waits_without_an_accept_that_finds_none(self):
+        self.listen()
+        calls = []
+        real_accept = port.c_accept
+
+        def counting(skt):
+            accept = real_accept(skt)
+
+            def counted():
+                calls.append(1)
+                return accept()
+            return counted
+
+        self.patch(port, "c_accept", counting)
+        clients = [self.connect() for _ in range(5)]
+        self.wait_queued(5)
+        self.listening.doRead()
+        self.assertEqual(len(calls), 5)
+        for client in clients:
+            self.assertEqual(fetch_rest(client), STATIC_GREETING)
+
+    def test_the_greeting_and_the_fin_leave_in_one_segment(self):
+        self.listen()
+        client = self.connect()
+        self.wait_queued(1)
+        self.listening.doRead()
+        self.assertEqual(fetch_rest(client), STATIC_GREETING)
+        # The SYN-ACK, then the greeting with the FIN (uncorked: three).
+        self.assertEqual(segments_in(client), 2)
+
+    def test_a_client_that_spoke_first_is_heard_out_and_greeted_once(self):
+        factory = self.listen()
+        client = self.connect(send=b"HELO me\r\n")
+        self.wait_queued(1)
+        self.listening.doRead()
+        [protocol] = self.built
+        self.assertEqual(protocol.written, len(STATIC_GREETING))
+        self.assertEqual(self.run_reactor(client), STATIC_GREETING)
+        self.assertEqual((factory.stats.greeted, factory.limits.open), (1, 0))
+
+    def test_a_short_send_is_finished_by_the_protocol(self):
+        factory = self.listen()
+        self.patch(port, "_write", lambda fd, data: os.write(fd, data[:5]))
+        client = self.connect()
+        self.wait_queued(1)
+        self.listening.doRead()
+        [protocol] = self.built
+        self.assertEqual(fetch_rest(client), STATIC_GREETING)
+        self.assertEqual(protocol.written, len(STATIC_GREETING))
+        self.assertEqual((factory.stats.greeted, factory.stats.bytes_sent),
+                         (1, len(STATIC_GREETING)))
+
+    def test_a_send_that_times_out_leaves_the_pass_to_protocols(self):
+        factory = self.listen()
+        writes = []
+
+        def timing_out(fd, data):
+            writes.append(fd)
+            raise BlockingIOError(errno.EAGAIN, "timed out")
+
+        self.patch(port, "_write", timing_out)
+        clients = [self.connect() for _ in range(2)]
+        self.wait_queued(2)
+        self.listening.doRead()
+        self.assertEqual(len(writes), 1)  # the second was not tried
+        self.assertEqual(len(self.built), 2)
+        for client in clients:
+            self.assertEqual(fetch_rest(client), STATIC_GREETING)
+        self.assertEqual(factory.stats.greeted, 2)
+
+    def test_a_client_gone_before_the_send_is_counted_lost_by_its_protocol(self):
+        factory = self.listen()
+        client = self.connect()
+        self.wait_queued(1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, while the connection waits to be accepted
+        self.listening.doRead()
+        self.assertEqual(len(self.built), 1)
+        stats = factory.stats
+        self.assertEqual((stats.accepted, stats.greeted, stats.lost), (1, 0, 1))
+        self.assertEqual(factory.limits.open, 0)
+
+    def test_no_room_under_max_connections_is_a_refusal(self):
+        factory = self.listen(limits=ConnectionLimits(max_connections=2))
+        factory.limits.open = 2  # two connections held elsewhere
+        client = self.connect()
+        self.wait_queued(1)
+        self.listening.doRead()
+        self.assertEqual(fetch_rest(client), b"")
+        self.assertEqual(factory.stats.rejected, {"max-connections": 1})
+        self.assertEqual(factory.stats.greeted, 0)
+
+    def test_a_logged_connection_gets_the_line_of_one_served_by_its_protocol(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.listen(quiet=False)
+        static_client = self.connect()
+        self.wait_queued(1)
+        self.listening.doRead()
+        self.assertEqual(self.built, [])
+        self.assertEqual(fetch_rest(static_client), STATIC_GREETING)
+        self.patch(port, "_write", lambda fd, data: 0)  # the next one by its protocol
+        protocol_client = self.connect()
+        self.wait_queued(1)
+        self.listening.doRead()
+        self.assertEqual(len(self.built), 1)
+        self.assertEqual(fetch_rest(protocol_client), STATIC_GREETING)
+        lines = [event for event in events if event.get("outcome")]
+        self.assertEqual(len(lines), 2)
+        ports = [client.getsockname()[1] for client in (static_client, protocol_client)]
+        for line, client_port in zip(lines, ports, strict=True):
+            self.assertEqual(line["port"], client_port)
+        self.assertEqual(*[{key: line[key] for key in LINE_FIELDS} for line in lines])
+        self.assertTrue(formatEvent(lines[0]).startswith(
+            f"127.0.0.1 port {ports[0]}: greeted, 26 bytes in "), formatEvent(lines[0]))
+
+    def test_an_adopted_connection_has_its_protocol(self):
+        self.listen()
+        client = self.connect()
+        self.wait_queued(1)
+        fd, _ = self.listening.socket._accept()
+        self.listening.adoptConnection(fd)
+        self.assertEqual(len(self.built), 1)
+        self.assertEqual(fetch_rest(client), STATIC_GREETING)
+
+
+# What a greeted connection's line says, but for its client's port and times.
+LINE_FIELDS = ("log_format", "log_level", "log_namespace", "peer", "outcome", "bytes",
+               "reason", "tls")
+
+
+def fetch_rest(client):
+    """Read C{client} to EOF."""
+    received = b""
+    while chunk := client.recv(65536):
+        received += chunk
+    return received
+
+
+def queued(listening):
+    """How many connections wait in C{listening}'s accept queue (Linux's TCP_INFO)."""
+    info = listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return struct.unpack_from("=I", info, 24)[0]
+
+
+def segments_in(client):
+    """How many TCP segments C{client} has received (Linux's tcpi_segs_in)."""
+    info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
+    return struct.unpack_from("=I", info, 140)[0]

@@ -464,3 +464,87 @@ class WasGreetedTests(SynchronousTestCase):
         done = Failure(error.ConnectionDone())
         self.assertFalse(was_greeted(self.protocol(), done, tls=True))
         self.assertTrue(was_greeted(self.protocol(handshook=True), done, tls=True))
+
+
+class StaticGreetingTests(SynchronousTestCase):
+    """
+    When the factory lets its port send the greeting by itself
+    (IStaticGreetingFactory), and what it counts for those connections.
+    """
+
+    def factory(self, text="hello", quiet=True, **kwargs):
+        return GreetFactory(greeting.from_text(text), quiet=quiet,
+                            reactor=MemoryReactorClock(), **kwargs)
+
+    def test_a_quiet_static_greeting_is_offered(self):
+        self.assertEqual(self.factory().static_greeting(), b"hello\r\n")
+
+    def test_also_when_each_connection_is_logged(self):
+        self.assertEqual(self.factory(quiet=False).static_greeting(), b"hello\r\n")
+
+    def test_not_for_a_template(self):
+        self.assertIsNone(self.factory("hello {peer_host}").static_greeting())
+
+    def test_not_under_a_per_address_limit(self):
+        self.assertIsNone(self.factory(limits=ConnectionLimits(max_per_ip=2)).static_greeting())
+
+    def test_not_without_room_under_max_connections(self):
+        factory = self.factory(limits=ConnectionLimits(max_connections=1))
+        protocol, _ = connect(factory)
+        self.assertIsNone(factory.static_greeting())
+        protocol.transport.loseConnection()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(factory.static_greeting(), b"hello\r\n")
+
+    def test_not_when_the_greeting_is_chosen_per_connection(self):
+        class Chooser(GreetFactory):
+            def greeting_for(self, peer):
+                return b"mine\r\n"
+
+        chooser = Chooser(greeting.from_text("hello"), quiet=True, reactor=MemoryReactorClock())
+        self.assertIsNone(chooser.static_greeting())
+        factory = self.factory()
+        factory.greeting_for = lambda peer: b"mine\r\n"
+        self.assertIsNone(factory.static_greeting())
+
+    def test_a_reloaded_greeting_is_offered_at_once(self):
+        factory = self.factory()
+        factory.greeting = greeting.from_text("new")
+        self.assertEqual(factory.static_greeting(), b"new\r\n")
+
+    def test_what_the_port_served_is_counted(self):
+        factory = self.factory()
+        captured = CapturedLog(self)
+        factory.static_finished([(("192.0.2.7", 40001), 0.00005),
+                                 (("2001:db8::7", 40002, 0, 0), 0.002)])
+        self.assertEqual(captured.events, [])  # quiet
+        stats = factory.stats
+        self.assertEqual((stats.accepted, stats.greeted, stats.lost), (2, 2, 0))
+        self.assertEqual(stats.bytes_sent, 2 * len(b"hello\r\n"))
+        self.assertEqual(stats.durations.counts[0], 1)  # up to 100 us
+        self.assertEqual(stats.durations.count, 2)
+        self.assertEqual(factory.connections, 2)
+
+    def test_what_the_port_served_is_logged_as_by_the_protocol(self):
+        factory = self.factory(quiet=False)
+        captured = CapturedLog(self)
+        factory.static_finished([(("192.0.2.7", 40001), 0.0012345)])
+        protocol, transport = open_connection(factory)
+        transport.flushed()
+        finish(protocol)
+        events = captured.events
+        self.assertEqual(len(events), 2)
+        self.assertEqual(formatEvent(events[0]),
+                         "192.0.2.7 port 40001: greeted, 7 bytes in 1.234 ms")
+        fields = ("log_format", "log_level", "log_namespace", "peer", "port", "outcome",
+                  "bytes", "reason", "tls")
+        self.assertEqual(*[{key: line[key] for key in fields} for line in events])
+
+    def test_a_resumed_protocol_sends_only_the_rest(self):
+        factory = self.factory()
+        protocol = factory.resume_protocol(PEER, 3)
+        transport = HalfCloseTransport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value(), b"lo\r\n")
+        self.assertEqual(protocol.written, len(b"hello\r\n"))
+        self.assertEqual(factory.limits.open, 1)
