@@ -35,7 +35,7 @@ from bench import cpus
 from bench import loadgen as load_generators
 from tcpgreet import _port as port
 from tcpgreet import greeting
-from tcpgreet.interfaces import IDirectFactory, IDirectTransport
+from tcpgreet.interfaces import IDirectFactory, IDirectTransport, IStaticGreetingFactory
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import GreetFactory
 
@@ -266,6 +266,10 @@ class HandOverTests(TestCase):
 class DirectFactoryTests(TestCase):
     def test_the_greeting_factory_promises_what_a_direct_factory_must(self):
         verifyObject(IDirectFactory, GreetFactory(greeting.from_text("hi"), reactor=reactor))
+
+    def test_and_what_a_static_factory_must(self):
+        verifyObject(IStaticGreetingFactory,
+                     GreetFactory(greeting.from_text("hi"), reactor=reactor))
 
     def test_only_a_factory_that_provides_the_interface_is_served_directly(self):
         class Undeclared(Factory):
