@@ -17,6 +17,13 @@ hands the socket to an ordinary L{tcp.Server} and steps aside.  The same
 protocol-level tests run against both transports
 (tests/test_transport_contract.py) and see the same thing.
 
+A factory whose connections need nothing but the same bytes
+(L{IStaticGreetingFactory}) does not even need a protocol for most of
+them: the port writes the greeting on the accepted descriptor and closes
+it, with the greeting and the FIN in one segment (C{TCP_CORK}), and builds
+a protocol only for a connection that needs one (its client has spoken,
+the send fell short).
+
 L{GreetPort} also owns the accept loop, so accept errors cannot turn into a
 busy loop or a log flood: running out of descriptors sheds the waiting
 connections through a reserve descriptor (as Twisted does) and pauses
@@ -189,6 +196,17 @@ def _ready_to_accept(skt: socket.socket) -> int | None:
         return None
     state, _rto, _ato, _snd_mss, _rcv_mss, ready = _tcp_info_head.unpack_from(info)
     return ready if state == _TCP_LISTEN_STATE else None
+
+
+def _sendable(static_greeting: Callable[[], bytes | None] | None) -> bytes | None:
+    """
+    What the port may send by itself now: the factory's static greeting
+    (from C{static_greeting}, if any), if it is short enough.
+    """
+    if static_greeting is None:
+        return None
+    greeting = static_greeting()
+    return greeting if greeting is not None and len(greeting) <= STATIC_LIMIT else None
 
 
 def _unread(skt: socket.socket) -> int:
@@ -849,9 +867,7 @@ class GreetPort(tcp.Port):
         # destroyed and Python an exception, and another pass of the
         # reactor costs several times more than asking.
         ready = 1 if queue_known else limit
-        static = static_greeting() if static_greeting is not None else None
-        if static is not None and len(static) > STATIC_LIMIT:
-            static = None
+        static = _sendable(static_greeting)
         family, kind = self._socket_kind
         Socket = self._accepted_socket
         factory = self.factory
@@ -910,7 +926,7 @@ class GreetPort(tcp.Port):
                             build_addr)
                 # That connection may have taken the last place under a
                 # limit; the factory says again.
-                static = static_greeting() if static_greeting is not None else None
+                static = _sendable(static_greeting)
                 mark = seconds()
         finally:
             if served:

@@ -894,6 +894,19 @@ class StaticPathTests(SynchronousTestCase):
         self.assertTrue(formatEvent(lines[0]).startswith(
             f"127.0.0.1 port {ports[0]}: greeted, 26 bytes in "), formatEvent(lines[0]))
 
+    def test_a_long_greeting_is_never_sent_by_the_port(self):
+        factory = self.listen()
+        factory.greeting = greeting.from_text("x" * port.STATIC_LIMIT)
+        writes = []
+        self.patch(port, "_write", lambda fd, data: writes.append(fd) or os.write(fd, data))
+        # The first by its protocol; the port asks the factory again after it.
+        clients = [self.connect(send=b"hi"), self.connect()]
+        self.wait_queued(2)
+        self.listening.doRead()
+        self.assertEqual(writes, [])
+        self.assertEqual(len(self.built), 2)
+        self.assertEqual(len(fetch_rest(clients[1])), port.STATIC_LIMIT + 2)
+
     def test_an_adopted_connection_has_its_protocol(self):
         self.listen()
         client = self.connect()
