@@ -897,6 +897,16 @@ class GreetPort(tcp.Port):
                     self._accept_failed(e)
                     break
                 accepted += 1
+                if len(addr) == 4 and addr[3]:
+                    # An IPv6 link-local peer: its scope in the host, as
+                    # Twisted has it, for either path.
+                    try:
+                        addr = _numeric(addr)
+                    except OSError:
+                        # One connection's failure must not cost the others theirs.
+                        log.failure("error setting up a connection from {peer}", peer=addr[0])
+                        _close_fd(fd)
+                        continue
                 sent = -1  # the port sent nothing
                 if static is not None:
                     try:
@@ -943,10 +953,6 @@ class GreetPort(tcp.Port):
         """
         transport: DirectTransport | tcp.Server | None = None
         try:
-            if len(addr) == 4 and addr[3]:
-                # An IPv6 link-local peer: keep its scope in the host.
-                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                addr = (host[0], *addr[1:])
             if sent >= 0:
                 protocol = cast(IStaticGreetingFactory, factory).resume_protocol(
                     build_addr(addr), sent)

@@ -66,8 +66,9 @@ class IStaticGreetingFactory(IDirectFactory):
     def static_finished(served: list[tuple[tuple[Any, ...], float]]) -> None:  # noqa: N805
         """
         Count (and log) the connections an accept pass served with
-        L{static_greeting}, whole: each client's socket address, as accept
-        gave it, with the seconds from accept to close.
+        L{static_greeting}, whole: each client's socket address (numeric,
+        an IPv6 scope in the host, as Twisted has it), with the seconds
+        from accept to close.
         """
 
     def resume_protocol(addr: IAddress, sent: int) -> IProtocol | None:  # noqa: N805

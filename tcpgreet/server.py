@@ -73,8 +73,6 @@ _CUT_SHORT = ("{peer} port {port}: {outcome} ({reason}) after {bytes} of {length
 _CUT_SHORT_TLS = ("{peer} port {port}: {outcome} over TLS ({reason}) after {bytes} of "
                   "{length} bytes, {duration_ms} ms")
 
-_NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
-
 # Why the server cut a connection short.
 TIMEOUT = "timeout"
 DRAIN = "drain"
@@ -260,7 +258,7 @@ class GreetProtocol(Protocol):
         if self.length > CHUNK:
             _limit_send_buffer(self.transport)
         if self.length <= CHUNK or _is_byte_stream(self.transport):
-            self.transport.write(greeting[self.written:] if self.written else greeting)
+            self.transport.write(greeting[self.written:])  # the same bytes, if none went yet
             self.written = self.length
             self.greeting_written()
         else:
@@ -436,8 +434,6 @@ class GreetFactory(_Factory):
             return
         info = log.info
         for address, duration in served:
-            if len(address) == 4 and address[3]:  # an IPv6 scope: in the host, as Twisted has it
-                address = (socket.getnameinfo(address, _NUMERIC)[0], address[1])
             info(_GREETED, peer=address[0], port=address[1], outcome="greeted", bytes=length,
                  duration_ms=round(duration * 1000, 3), reason=None, tls=False)
 

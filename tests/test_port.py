@@ -894,6 +894,27 @@ class StaticPathTests(SynchronousTestCase):
         self.assertTrue(formatEvent(lines[0]).startswith(
             f"127.0.0.1 port {ports[0]}: greeted, 26 bytes in "), formatEvent(lines[0]))
 
+    def test_a_link_local_client_is_logged_with_its_scope(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.listen(quiet=False)
+        scoped = ("fe80::7", 40001, 0, socket.if_nametoindex("lo"))
+        real_accept = port.c_accept
+
+        def from_link_local(skt):
+            accept = real_accept(skt)
+            return lambda: (accept()[0], scoped)
+
+        self.patch(port, "c_accept", from_link_local)
+        client = self.connect()
+        self.wait_queued(1)
+        self.listening.doRead()
+        self.assertEqual(fetch_rest(client), STATIC_GREETING)
+        [line] = [event for event in events if event.get("outcome")]
+        self.assertEqual(line["peer"], "fe80::7%lo")  # as the protocol's path has it
+        self.assertEqual(line["peer"], port._numeric(scoped)[0])
+
     def test_a_long_greeting_is_never_sent_by_the_port(self):
         factory = self.listen()
         factory.greeting = greeting.from_text("x" * port.STATIC_LIMIT)

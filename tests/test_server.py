@@ -2,8 +2,6 @@
 GreetProtocol and GreetFactory, driven through StringTransport.
 """
 
-import socket
-
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.ssl import PrivateCertificate
@@ -14,7 +12,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpgreet import greeting
-from tcpgreet._port import _numeric
 from tcpgreet.greeting import Clock
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import (
@@ -542,15 +539,6 @@ class StaticGreetingTests(SynchronousTestCase):
         fields = ("log_format", "log_level", "log_namespace", "peer", "port", "outcome",
                   "bytes", "reason", "tls")
         self.assertEqual(*[{key: line[key] for key in fields} for line in events])
-
-    def test_a_link_local_client_is_logged_with_its_scope(self):
-        factory = self.factory(quiet=False)
-        captured = CapturedLog(self)
-        scoped = ("fe80::7", 40001, 0, socket.if_nametoindex("lo"))
-        factory.static_finished([(scoped, 0.001)])
-        [line] = captured.events
-        self.assertEqual(line["peer"], "fe80::7%lo")  # as the protocol's path has it
-        self.assertEqual(line["peer"], _numeric(scoped)[0])
 
     def test_a_resumed_protocol_sends_only_the_rest(self):
         factory = self.factory()
