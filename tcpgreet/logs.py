@@ -29,6 +29,7 @@ import json
 import json.encoder
 import os
 import signal
+import string
 import sys
 import threading
 import time
@@ -147,17 +148,67 @@ class RateLimitedLog:
                        interval=self._interval, **fields)
 
 
+def _compile(format: str) -> Callable[[Mapping], str]:
+    """
+    C{format.format_map}, as one f-string: for a format whose every field
+    is a plain name (C{{peer}}, C{{count!r}}, C{{interval:g}}), the same text
+    in half the time, since the string is parsed once here and not at every
+    event.  Any other format (an attribute, an index, a nested spec) keeps
+    C{format_map} itself.
+    """
+    constants: dict[str, str] = {}
+
+    def constant(text: str) -> str:
+        name = f"_{len(constants)}"
+        constants[name] = text
+        return "{" + name + "}"
+
+    try:
+        parsed = list(string.Formatter().parse(format))
+    except ValueError:
+        return format.format_map  # says what is wrong at every event, as before
+    source = []
+    for literal, name, spec, conversion in parsed:
+        if literal:
+            source.append(constant(literal))
+        if name is None:
+            continue
+        if not name.isidentifier() or "{" in (spec or "") or \
+                conversion not in (None, "r", "s", "a"):
+            return format.format_map
+        # An identifier has no quote in it: its repr is 'name'.
+        value = f"e[{name!r}]" + (f"!{conversion}" if conversion else "")
+        if spec:
+            value += ":" + constant(spec)
+        source.append("{" + value + "}")
+    defaults = "".join(f", {name}={name}" for name in constants)
+    return eval(f'lambda e{defaults}: f"{"".join(source)}"', dict(constants))
+
+
+class _Formats(dict):
+    """An event's format -> L{_compile}'s function for it, compiled once per format."""
+
+    def __missing__(self, format: str) -> Callable[[Mapping], str]:
+        render = _compile(format)
+        if len(self) < 1000:  # formats come from code, but a bound costs nothing
+            self[format] = render
+        return render
+
+
+_formats = _Formats()
+
+
 def _message(event: dict) -> str:
     """
     The event's text.  Format strings come from code and their fields from
     the event, so C{str.format_map} does what Twisted's formatter does, at C
-    speed; anything it cannot do (Twisted's C{{name()}} calls, a failure's
-    traceback) goes to Twisted.
+    speed (compiled, see L{_compile}); anything it cannot do (Twisted's
+    C{{name()}} calls, a failure's traceback) goes to Twisted.
     """
     format = event.get("log_format")
     if format is not None and "log_failure" not in event and "log_flattened" not in event:
         try:
-            return format.format_map(event)
+            return _formats[format](event)
         except Exception:
             pass  # Twisted's formatter will say what is wrong with the event
     return eventAsText(event, includeTimestamp=False, includeSystem=False)
@@ -208,6 +259,7 @@ def _classic_line(local_time: _SecondCache) -> Callable[[dict], str | None]:
     """
     # "[namespace#level] " for each namespace and level seen.
     systems: dict[tuple, str] = {}
+    formats = _formats
 
     def line(event: dict) -> str | None:
         # _message, inlined: this runs for every line.
@@ -216,7 +268,7 @@ def _classic_line(local_time: _SecondCache) -> Callable[[dict], str | None]:
         if format is not None and "log_failure" not in event and \
                 "log_flattened" not in event:
             try:
-                text = format.format_map(event)
+                text = formats[format](event)
             except Exception:
                 text = None  # Twisted's formatter will say what is wrong with the event
         if text is None:

@@ -168,7 +168,8 @@ class TextObserverTests(SynchronousTestCase):
     def assertSameAsTwisted(self, event):
         out = io.StringIO()
         text_observer(out, StoppedReactor())(dict(event))
-        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(dict(event)))
+        # Twisted's None: no line.
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(dict(event)) or "")
 
     def test_like_twistds_log_file(self):
         now = time.time()
@@ -183,6 +184,30 @@ class TextObserverTests(SynchronousTestCase):
                                   "log_system": "-"})
         self.assertSameAsTwisted({**base, "log_format": "missing {nothing}"})
         self.assertSameAsTwisted({**base, "log_format": "call {f()}", "f": lambda: 42})
+
+    def test_compiled_formats_write_what_format_map_writes(self):
+        fields = {"peer": "::1", "port": 5, "a": "q'\"\\", "b": 1.5, "c": None, "ü": "u",
+                  "w": 3, "seq": [1, 2]}
+        formats = ["{peer} port {port}", "", "plain", "{{x}} {a!r} {b:>10} {c!s:^6}",
+                   "{b:.3f} {b:g}%", "'\"\\ {a} }}{{", "{ü}", "{seq[0]}", "{a:{w}}",
+                   "{0}", "{}", "{", "}", "{a!x}", "{missing}", "{peer.upper}"]
+        for format in formats:
+            compiled = logs._compile(format)
+            self.assertEqual(self.outcome(compiled, fields), self.outcome(format.format_map,
+                                                                          fields), format)
+            self.assertSameAsTwisted({"log_time": time.time(), "log_namespace": "n",
+                                      "log_level": LogLevel.info, "log_format": format,
+                                      **fields})
+        # Only plain names are compiled; the rest is format_map itself.
+        self.assertNotEqual(logs._compile("{b:g} {a!r}"), "{b:g} {a!r}".format_map)
+        self.assertEqual(logs._compile("{seq[0]}"), "{seq[0]}".format_map)
+
+    @staticmethod
+    def outcome(render, fields):
+        try:
+            return render(fields)
+        except Exception as e:
+            return type(e)
 
     def test_failures_keep_their_traceback(self):
         try:
