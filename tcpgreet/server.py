@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
@@ -31,6 +32,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -432,10 +434,16 @@ class GreetFactory(_Factory):
             observe(duration)
         if self.quiet:
             return
-        info = log.info
+        # The events log.info would build, keys in its order, each built in
+        # one step: a literal costs half what keywords merged with the log_
+        # keys do, and this is the one line per connection.
+        observer, namespace, source, now = log.observer, log.namespace, log.source, time.time
         for address, duration in served:
-            info(_GREETED, peer=address[0], port=address[1], outcome="greeted", bytes=length,
-                 duration_ms=round(duration * 1000, 3), reason=None, tls=False)
+            observer({"peer": address[0], "port": address[1], "outcome": "greeted",
+                      "bytes": length, "duration_ms": round(duration * 1000, 3),
+                      "reason": None, "tls": False, "log_logger": log,
+                      "log_level": LogLevel.info, "log_namespace": namespace,
+                      "log_source": source, "log_format": _GREETED, "log_time": now()})
 
     def resume_protocol(self, addr: IAddress, sent: int) -> GreetProtocol | None:
         """

@@ -891,6 +891,9 @@ class StaticPathTests(SynchronousTestCase):
         for line, client_port in zip(lines, ports, strict=True):
             self.assertEqual(line["port"], client_port)
         self.assertEqual(*[{key: line[key] for key in LINE_FIELDS} for line in lines])
+        # In the same order too: the JSON observer writes the fields so.
+        self.assertEqual(*[list(line) for line in lines])
+        self.assertIs(lines[0]["log_logger"], lines[1]["log_logger"])
         self.assertTrue(formatEvent(lines[0]).startswith(
             f"127.0.0.1 port {ports[0]}: greeted, 26 bytes in "), formatEvent(lines[0]))
 
