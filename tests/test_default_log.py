@@ -150,9 +150,16 @@ class RotationTests(SynchronousTestCase):
     """A log file rotates where, and when, twistd's own observer rotates it."""
 
     def test_same_files_as_twistd(self):
+        self.same_files_as_twistd(logfile.LogFile)
+
+    def test_same_files_as_twistd_from_the_default_log_file(self):
+        self.same_files_as_twistd(logs.PatientLogFile)
+
+    def same_files_as_twistd(self, log_file_class):
         ours, theirs = tempfile.mkdtemp(), tempfile.mkdtemp()
         reactor = RunningReactor()
-        observer = logs.text_observer(logfile.LogFile("t.log", ours), reactor)
+        ours_file = log_file_class("t.log", ours)
+        observer = logs.text_observer(ours_file, reactor)
         twistds_file = logfile.LogFile("t.log", theirs)
         from twisted.logger import textFileLogObserver
         twistds = textFileLogObserver(twistds_file)
@@ -173,6 +180,8 @@ class RotationTests(SynchronousTestCase):
                 observer.rotate()
                 twistds_file.rotate()
             reactor.endTurn()
+            # On disk at the end of the turn, nothing left in a buffer.
+            self.assertEqual(os.path.getsize(ours_file.path), ours_file.size)
         self.assertEqual(sorted(os.listdir(ours)), ["t.log", "t.log.1", "t.log.2", "t.log.3"])
         self.assertEqual(sorted(os.listdir(ours)), sorted(os.listdir(theirs)))
         ports = []

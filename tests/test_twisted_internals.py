@@ -78,6 +78,10 @@ INTERNALS = {
         "AMP without a log line per control channel",
     "twisted.protocols.amp:BinaryBoxProtocol.connectionLost":
         "AMP without a log line per control channel",
+    # The log file (tcpgreet/logs.py).
+    "twisted.python.logfile:BaseLogFile._file":
+        "PatientLogFile writes it without the lock LogFile.write takes; Twisted "
+        "opens it unbuffered, so what is written is on disk",
     # The PROXY header reader (tcpgreet/proxy.py).
     "twisted.protocols.haproxy._v1parser:V1Parser":
         "parse a PROXY v1 header without Twisted's wrapper, which greets early",
