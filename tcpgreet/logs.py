@@ -498,7 +498,9 @@ class BatchingObserver:
             self._scheduled = True
         # callLater belongs to the reactor's thread (and, before any reactor
         # has registered one, to whoever drives the loop: a test's clock).
-        if threadable.ioThread is None or threadable.isInIOThread():
+        # threadable.isInIOThread, without its two calls to find the thread.
+        io_thread = threadable.ioThread
+        if io_thread is None or io_thread == threading.get_ident():
             reactor.callLater(0, self.flush)
         else:
             reactor.callFromThread(self.flush)
