@@ -17,9 +17,10 @@ C{duration_ms}, C{reason}, C{tls}).
 Why they exist: twistd's log file observer formats every event through
 Twisted's pure-Python formatter, computes the time zone of every timestamp
 and flushes after every line, which costs more than serving the connection
-the line is about.  These format with C{str.format_map}, reuse the
-timestamp of the current second, and write what one turn of the event loop
-logged in one system call, at the end of that turn.
+the line is about.  These format with an f-string compiled once per
+format (the text C{str.format_map} gives), reuse the timestamp of the
+current second, and write what one turn of the event loop logged in one
+system call, at the end of that turn.
 """
 
 from __future__ import annotations
@@ -189,9 +190,13 @@ class _Formats(dict):
     """An event's format -> L{_compile}'s function for it, compiled once per format."""
 
     def __missing__(self, format: str) -> Callable[[Mapping], str]:
-        render = _compile(format)
-        if len(self) < 1000:  # formats come from code, but a bound costs nothing
-            self[format] = render
+        # Formats come from code, a few dozen of them.  Past a thousand, or
+        # a long one, they are likely text made at run time (a message
+        # formatted before it was logged): compiling each would cost more
+        # than format_map, and keeping them all, memory.
+        if len(self) >= 1000 or len(format) > 1000:
+            return format.format_map
+        render = self[format] = _compile(format)
         return render
 
 

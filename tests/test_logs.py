@@ -202,6 +202,16 @@ class TextObserverTests(SynchronousTestCase):
         self.assertNotEqual(logs._compile("{b:g} {a!r}"), "{b:g} {a!r}".format_map)
         self.assertEqual(logs._compile("{seq[0]}"), "{seq[0]}".format_map)
 
+    def test_formats_made_at_run_time_are_not_compiled_without_end(self):
+        formats = logs._Formats()
+        for i in range(1000):
+            self.assertEqual(formats[f"event {i} of {{n}}"]({"n": 1000}), f"event {i} of 1000")
+        self.assertEqual(len(formats), 1000)
+        self.assertEqual(formats["one more {n}"], "one more {n}".format_map)
+        self.assertEqual(len(formats), 1000)
+        long = "x" * 1001 + "{n}"
+        self.assertEqual(logs._Formats()[long], long.format_map)
+
     @staticmethod
     def outcome(render, fields):
         try:
