@@ -75,6 +75,21 @@ _CUT_SHORT = ("{peer} port {port}: {outcome} ({reason}) after {bytes} of {length
 _CUT_SHORT_TLS = ("{peer} port {port}: {outcome} over TLS ({reason}) after {bytes} of "
                   "{length} bytes, {duration_ms} ms")
 
+
+def _greeted_event(host: str, port: int, length: int, duration: float, tls: bool) -> dict:
+    """
+    The log event of a greeted connection, on either path: the event
+    C{log.info} would build, keys in its order, built in one step.  A
+    literal costs half what keywords merged with the C{log_} keys do, and
+    this is the one line per connection.
+    """
+    return {"peer": host, "port": port, "outcome": "greeted", "bytes": length,
+            "duration_ms": round(duration * 1000, 3), "reason": None, "tls": tls,
+            "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
+            "log_source": log.source, "log_format": _GREETED_TLS if tls else _GREETED,
+            "log_time": time.time()}
+
+
 # Why the server cut a connection short.
 TIMEOUT = "timeout"
 DRAIN = "drain"
@@ -434,16 +449,9 @@ class GreetFactory(_Factory):
             observe(duration)
         if self.quiet:
             return
-        # The events log.info would build, keys in its order, each built in
-        # one step: a literal costs half what keywords merged with the log_
-        # keys do, and this is the one line per connection.
-        observer, namespace, source, now = log.observer, log.namespace, log.source, time.time
+        observer = log.observer
         for address, duration in served:
-            observer({"peer": address[0], "port": address[1], "outcome": "greeted",
-                      "bytes": length, "duration_ms": round(duration * 1000, 3),
-                      "reason": None, "tls": False, "log_logger": log,
-                      "log_level": LogLevel.info, "log_namespace": namespace,
-                      "log_source": source, "log_format": _GREETED, "log_time": now()})
+            observer(_greeted_event(address[0], address[1], length, duration, False))
 
     def resume_protocol(self, addr: IAddress, sent: int) -> GreetProtocol | None:
         """
@@ -578,9 +586,7 @@ class GreetFactory(_Factory):
                       duration: float, tls: bool) -> None:
         host, port = peer_host_port(protocol.peer)
         if why is None:
-            log.info(_GREETED_TLS if tls else _GREETED,
-                     peer=host, port=port, outcome=outcome, bytes=protocol.written,
-                     duration_ms=round(duration * 1000, 3), reason=why, tls=tls)
+            log.observer(_greeted_event(host, port, protocol.written, duration, tls))
         else:
             # A handshake that failed says TLS in its reason already: the
             # connection never got to be "over TLS".

@@ -6,12 +6,12 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet import greeting
+from tcpgreet import greeting, server
 from tcpgreet.greeting import Clock
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import (
@@ -101,6 +101,21 @@ class LogTests(SynchronousTestCase):
                          ("192.0.2.7", 40001, "greeted", 7))
         self.assertGreaterEqual(event["duration_ms"], 0)
         self.assertIsNone(event["reason"])
+
+    def test_a_greeted_line_is_the_event_twisteds_logger_would_build(self):
+        # Built in one step for speed (_greeted_event), and still Twisted's
+        # event, key for key and in its order, over TLS or not.
+        ours_events, expected = [], []
+        twisted_log = Logger(namespace=server.log.namespace, observer=expected.append)
+        for tls, format in ((False, server._GREETED), (True, server._GREETED_TLS)):
+            ours_events.append(server._greeted_event("::1", 5, 26, 0.0012345, tls))
+            twisted_log.info(format, peer="::1", port=5, outcome="greeted", bytes=26,
+                             duration_ms=1.234, reason=None, tls=tls)
+        for ours, theirs in zip(ours_events, expected, strict=True):
+            self.assertIs(ours.pop("log_logger"), server.log)
+            theirs.pop("log_logger")
+            self.assertLess(abs(ours.pop("log_time") - theirs.pop("log_time")), 60)
+            self.assertEqual(list(ours.items()), list(theirs.items()))
 
     def test_the_duration_is_the_reactors_time(self):
         # From connectionMade to connectionLost, as the reactor's clock
