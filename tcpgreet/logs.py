@@ -20,7 +20,7 @@ and flushes after every line, which costs more than serving the connection
 the line is about.  These format with an f-string compiled once per
 format (the text C{str.format_map} gives), reuse the timestamp of the
 current second, and write what one turn of the event loop logged in one
-system call, at the end of that turn.
+system call, at the end of that turn (or of a L{burst} within it).
 """
 
 from __future__ import annotations
@@ -448,12 +448,50 @@ def _write_log_file(log_file: LogFile, lines: list[str]) -> None:
     log_file.write("".join(lines[start:]))
 
 
+class _Burst:
+    """
+    Lines the reactor's thread logs in one go, such as the connections one
+    accept pass served (see C{GreetFactory.static_finished}): a
+    L{BatchingObserver} they reach writes them when the burst ends, instead
+    of scheduling a call for the end of the turn.  That is earlier than the
+    end of the turn, and the C{callLater} it saves costs as much as a line.
+
+    Used as C{with burst:}, in the reactor's thread only; bursts nest, and
+    the outermost one writes.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.waiting: list[BatchingObserver] = []
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.depth -= 1
+        if self.depth or not self.waiting:
+            return
+        waiting, self.waiting = self.waiting, []
+        error = None
+        for observer in waiting:
+            try:
+                observer.flush()
+            except Exception as e:  # the others still write theirs
+                error = error or e
+        if error is not None:
+            raise error
+
+
+burst = _Burst()
+
+
 @implementer(ILogObserver)
 class BatchingObserver:
     """
     Render each event to a line and write the lines of one turn of the event
-    loop together, flushing when the turn is over (or when C{BATCH_LIMIT}
-    bytes are pending, or at once while the event loop is not running).
+    loop together, flushing when the turn is over (or when a L{burst} of
+    them ends, when C{BATCH_LIMIT} bytes are pending, or at once while the
+    event loop is not running).
 
     C{out} is a text stream, or a twistd L{LogFile}, which rotates where
     twistd would rotate it (see L{rotate} for SIGUSR1).
@@ -506,7 +544,10 @@ class BatchingObserver:
         # threadable.isInIOThread, without its two calls to find the thread.
         io_thread = threadable.ioThread
         if io_thread is None or io_thread == threading.get_ident():
-            reactor.callLater(0, self.flush)
+            if burst.depth:
+                burst.waiting.append(self)
+            else:
+                reactor.callLater(0, self.flush)
         else:
             reactor.callFromThread(self.flush)
 

@@ -40,7 +40,7 @@ from tcpgreet.deadlines import Deadlines
 from tcpgreet.greeting import Clock, Greeting
 from tcpgreet.interfaces import IDirectTransport, IProxiedFactory, IStaticGreetingFactory
 from tcpgreet.limits import ConnectionLimits
-from tcpgreet.logs import FastLogger, RateLimitedLog
+from tcpgreet.logs import FastLogger, RateLimitedLog, burst
 from tcpgreet.stats import Stats
 
 log = FastLogger()
@@ -82,9 +82,13 @@ def _greeted_event(host: str, port: int, length: int, duration: float, tls: bool
     C{log.info} would build, keys in its order, built in one step.  A
     literal costs half what keywords merged with the C{log_} keys do, and
     this is the one line per connection.
+
+    Its duration is rounded to the nearest microsecond (a tie to the even
+    one) through an integer: C{round(ms, 3)}, which gives the same but for
+    ties, goes through decimal text at three times the cost.
     """
     return {"peer": host, "port": port, "outcome": "greeted", "bytes": length,
-            "duration_ms": round(duration * 1000, 3), "reason": None, "tls": tls,
+            "duration_ms": round(duration * 1e6) / 1000, "reason": None, "tls": tls,
             "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
             "log_source": log.source, "log_format": _GREETED_TLS if tls else _GREETED,
             "log_time": time.time()}
@@ -450,8 +454,9 @@ class GreetFactory(_Factory):
         if self.quiet:
             return
         observer = log.observer
-        for address, duration in served:
-            observer(_greeted_event(address[0], address[1], length, duration, False))
+        with burst:  # the pass is over: its lines are written now
+            for address, duration in served:
+                observer(_greeted_event(address[0], address[1], length, duration, False))
 
     def resume_protocol(self, addr: IAddress, sent: int) -> GreetProtocol | None:
         """
@@ -593,5 +598,5 @@ class GreetFactory(_Factory):
             over_tls = tls and (protocol.handshook or outcome == "aborted")
             log.info(_CUT_SHORT_TLS if over_tls else _CUT_SHORT,
                      peer=host, port=port, outcome=outcome, bytes=_bytes_out(protocol, tls),
-                     length=protocol.length, duration_ms=round(duration * 1000, 3),
+                     length=protocol.length, duration_ms=round(duration * 1e6) / 1000,
                      reason=why, tls=tls)

@@ -254,6 +254,73 @@ class TextObserverTests(SynchronousTestCase):
         self.assertGreater(len(out.getvalue()), 65536)
 
 
+class BurstTests(SynchronousTestCase):
+    """Lines logged in a burst are written when it ends, with no timer."""
+
+    def observer(self, clock):
+        writes = []
+        out = io.StringIO()
+        out.write = writes.append
+        return text_observer(out, clock), writes
+
+    def test_written_when_the_burst_ends(self):
+        clock = RunningClock()
+        observer, writes = self.observer(clock)
+        log = Logger(namespace="n", observer=observer)
+        with logs.burst:
+            for i in range(3):
+                log.info("line {i}", i=i)
+            self.assertEqual(writes, [])
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(writes[0].count("\n"), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])  # no call left for the turn's end
+
+    def test_the_outermost_burst_writes(self):
+        observer, writes = self.observer(RunningClock())
+        with logs.burst:
+            with logs.burst:
+                observer({"log_format": "inner", "log_time": 0.0})
+            self.assertEqual(writes, [])
+        self.assertEqual(len(writes), 1)
+
+    def test_lines_before_the_burst_keep_their_call(self):
+        clock = RunningClock()
+        observer, writes = self.observer(clock)
+        observer({"log_format": "before", "log_time": 0.0})
+        with logs.burst:
+            observer({"log_format": "during", "log_time": 0.0})
+        self.assertEqual(writes, [])  # both wait for the turn's end, as before
+        clock.advance(0)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(writes[0].count("\n"), 2)
+
+    def test_an_observer_that_fails_costs_the_others_nothing(self):
+        class Broken(io.StringIO):
+            def write(self, text):
+                raise RuntimeError("not a write error")
+
+        broken = text_observer(Broken(), RunningClock())
+        observer, writes = self.observer(RunningClock())
+        with self.assertRaises(RuntimeError), logs.burst:
+            broken({"log_format": "lost", "log_time": 0.0})
+            observer({"log_format": "kept", "log_time": 0.0})
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(logs.burst.depth, 0)
+
+    def test_a_line_from_another_thread_does_not_join(self):
+        # Only the reactor's thread ends its bursts.
+        clock = FromThreadClock()
+        out = io.StringIO()
+        observer = BatchingObserver(out, lambda event: event["text"], clock)
+        self.patch(threadable, "ioThread", threading.get_ident())
+        with logs.burst:
+            thread = threading.Thread(target=observer, args=({"text": "from a thread\n"},))
+            thread.start()
+            thread.join(10)
+            self.assertEqual(logs.burst.waiting, [])
+        self.assertEqual(len(clock.from_threads), 1)
+
+
 class FastLoggerTests(SynchronousTestCase):
     """FastLogger's events are Twisted's Logger's, field for field."""
 

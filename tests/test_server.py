@@ -2,6 +2,8 @@
 GreetProtocol and GreetFactory, driven through StringTransport.
 """
 
+import io
+
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.ssl import PrivateCertificate
@@ -11,7 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpgreet import greeting, server
+from tcpgreet import greeting, logs, server
 from tcpgreet.greeting import Clock
 from tcpgreet.limits import ConnectionLimits
 from tcpgreet.server import (
@@ -24,6 +26,7 @@ from tcpgreet.server import (
 )
 
 from .certificates import make_certificate
+from .test_logs import RunningClock
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40001)
 
@@ -116,6 +119,17 @@ class LogTests(SynchronousTestCase):
             theirs.pop("log_logger")
             self.assertLess(abs(ours.pop("log_time") - theirs.pop("log_time")), 60)
             self.assertEqual(list(ours.items()), list(theirs.items()))
+
+    def test_durations_are_rounded_to_the_nearest_microsecond(self):
+        for seconds in (0.0, 4e-7, 6e-7, 0.0012345, 0.1, 1.9999996, 299.9999994,
+                        86400.0004):
+            event = server._greeted_event("::1", 5, 26, seconds, False)
+            self.assertEqual(event["duration_ms"], round(seconds * 1000, 3), seconds)
+        # A tie goes to the even microsecond (round(ms, 3) would follow the
+        # binary value of ms, which is not the tie).
+        for seconds, ms in ((5e-7, 0.0), (1.5e-6, 0.002), (2.5e-6, 0.002)):
+            event = server._greeted_event("::1", 5, 26, seconds, False)
+            self.assertEqual(event["duration_ms"], ms, seconds)
 
     def test_the_duration_is_the_reactors_time(self):
         # From connectionMade to connectionLost, as the reactor's clock
@@ -554,6 +568,22 @@ class StaticGreetingTests(SynchronousTestCase):
         fields = ("log_format", "log_level", "log_namespace", "peer", "port", "outcome",
                   "bytes", "reason", "tls")
         self.assertEqual(*[{key: line[key] for key in fields} for line in events])
+
+    def test_what_the_port_served_is_written_when_it_is_logged(self):
+        # The pass is over when static_finished is called: its lines are
+        # written then, not at the end of the reactor's turn.
+        clock = RunningClock()
+        out = io.StringIO()
+        observer = logs.text_observer(out, clock)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.factory(quiet=False).static_finished([(("192.0.2.7", 40001), 0.001),
+                                                   (("192.0.2.8", 40002), 0.002)])
+        lines = out.getvalue().splitlines()
+        self.assertEqual([line.split("] ", 1)[1] for line in lines],
+                         ["192.0.2.7 port 40001: greeted, 7 bytes in 1.0 ms",
+                          "192.0.2.8 port 40002: greeted, 7 bytes in 2.0 ms"])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_a_resumed_protocol_sends_only_the_rest(self):
         factory = self.factory()
