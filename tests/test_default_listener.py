@@ -11,7 +11,10 @@ holds that port here.
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import struct
+import time
 import urllib.request
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -50,14 +53,40 @@ def listeners_text(port: int) -> str:
     return f"listening on tcp:{port} (0.0.0.0:{port}), tcp6:{port} ([::]:{port}, IPv6 only)"
 
 
-def hold(testcase, source: str, port: int) -> socket.socket:
-    """A connection that has said something, so the server waits for its end."""
+# struct tcp_info, up to tcpi_unacked: the segments the peer has not acknowledged.
+_TCP_INFO_HEAD = struct.Struct("=B7xIIIII")
+
+
+def _unacknowledged(skt: socket.socket) -> int:
+    info = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
+    return _TCP_INFO_HEAD.unpack_from(info)[-1]
+
+
+def hold(testcase, server: Server, source: str, port: int) -> socket.socket:
+    """
+    A connection that has said something, so the server waits for its end.
+
+    Its bytes must reach the server before the server greets it: a server
+    that finds nothing to hear closes at once.  So the server is stopped
+    while the client connects and speaks, until the server's kernel has
+    acknowledged the bytes; on a busy machine the client could otherwise be
+    slower than the greeting.
+    """
     held = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
     testcase.addCleanup(held.close)
     held.settimeout(10)
     held.bind((source, 0))
-    held.connect((source, port))
-    held.sendall(b"hold\r\n")
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        held.connect((source, port))
+        held.sendall(b"hold\r\n")
+        deadline = time.monotonic() + 10
+        while _unacknowledged(held):
+            if time.monotonic() > deadline:
+                testcase.fail("the server's kernel never acknowledged the held client's bytes")
+            time.sleep(0.001)  # polling the condition above, with its deadline
+    finally:
+        server.process.send_signal(signal.SIGCONT)
     held.recv(100)
     return held
 
@@ -79,7 +108,7 @@ class DefaultListenerTests(SynchronousTestCase):
         server.wait_for(r"\] ::1 port \d+: greeted, 5 bytes")
         # --max-per-ip counts the IPv4 client under its own address, apart
         # from the IPv6 one.
-        hold(self, "127.0.0.1", port)
+        hold(self, server, "127.0.0.1", port)
         self.assertEqual(fetch("127.0.0.1", port), b"")
         server.wait_for(r"by --max-per-ip \(latest from 127\.0\.0\.1\)")
         self.assertEqual(fetch("::1", port), b"::1\r\n")
